@@ -1,0 +1,73 @@
+"""The evaluator contract: how good a candidate is, at a token budget."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from evocomp.registry import Registry
+
+
+class Evaluator(ABC):
+    """Scores the model as it is now (a genome already applied) on a fixed token set.
+
+    ``evaluate(model, budget_tokens)`` uses the first ``ceil(budget / seq_len)``
+    sequences, so every evaluator is multi-fidelity and results at one budget are
+    comparable across candidates. Lower ``metric`` is better.
+    """
+
+    name: ClassVar[str]
+    metric: ClassVar[str]
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        batch_size: int = Field(4, ge=1, description="sequences per forward pass")
+
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        params: Params,
+        *,
+        cache_path: Path | None = None,
+        progress: bool = True,
+    ) -> Evaluator:
+        """Build the evaluator for ``tokens``; evaluators that compare against
+        the dense model compute (or load from ``cache_path``) its outputs here."""
+        return cls(tokens, batch_size=params.batch_size)
+
+    def __init__(self, tokens: torch.Tensor, *, batch_size: int = 4) -> None:
+        if tokens.ndim != 2 or tokens.shape[0] == 0:
+            raise ValueError("tokens must be a non-empty [sequences, seq_len] tensor")
+        self.tokens = tokens
+        self.batch_size = batch_size
+
+    @property
+    def max_tokens(self) -> int:
+        return self.tokens.numel()
+
+    def sequences_for(self, budget_tokens: int | None) -> int:
+        n, seq_len = self.tokens.shape
+        if budget_tokens is None:
+            return n
+        return max(1, min(n, math.ceil(budget_tokens / seq_len)))
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, budget_tokens: int | None = None) -> dict[str, float]:
+        """Metrics of ``model`` on the first sequences covering ``budget_tokens``."""
+
+
+def forward_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Float32 logits ``[batch, seq, vocab]`` of a causal LM, without a KV cache."""
+    device = next(model.parameters()).device
+    return model(batch.to(device), use_cache=False).logits.float()
+
+
+EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator")

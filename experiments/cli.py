@@ -1,0 +1,93 @@
+"""The ``evocomp`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from evocomp.errors import EvocompError
+
+log = logging.getLogger("evocomp")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evocomp",
+        description="Search where to compress a causal LM under a budget.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "config", nargs="?", help="YAML file or built-in config name (e.g. quickstart)"
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set search.generations=10 (repeatable)",
+        )
+
+    p = sub.add_parser("search", help="search a compressed model (builds what it needs)")
+    with_config(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
+
+    p = sub.add_parser("database", help="variant database commands")
+    dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    with_config(dbsub.add_parser("build", help="build the variant database for a config"))
+
+    p = sub.add_parser("eval", help="held-out perplexity: dense vs uniform vs searched")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("export", help="save the searched model as a Hugging Face directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="output directory")
+
+    sub.add_parser("configs", help="list the built-in configs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _dispatch(args)
+    except EvocompError as err:
+        print(f"evocomp: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evocomp: interrupted; every finished evaluation is saved", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from evocomp import commands
+
+    progress = not args.quiet
+    if args.command == "search":
+        if args.resume and args.config:
+            raise EvocompError("give either a config or --resume RUN_DIR, not both")
+        return commands.search(
+            args.config, args.overrides, resume=args.resume, final=not args.no_eval,
+            progress=progress,
+        )
+    if args.command == "database":
+        return commands.database_build(args.config, args.overrides, progress=progress)
+    if args.command == "eval":
+        return commands.evaluate(Path(args.run_dir), progress=progress)
+    if args.command == "export":
+        return commands.export(Path(args.run_dir), Path(args.out), progress=progress)
+    if args.command == "configs":
+        return commands.list_configs()
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""What each ``evocomp`` subcommand does (the CLI only parses arguments)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from evocomp.config import BUILTIN_CONFIGS, load_config
+from evocomp.errors import EvocompError
+from evocomp.runner import (
+    Experiment,
+    RunDir,
+    final_eval,
+    load_best,
+    load_run_config,
+    prepare_run_dir,
+    run_search,
+)
+
+log = logging.getLogger("evocomp")
+
+
+@contextmanager
+def _logging_to(path: Path) -> Iterator[None]:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def search(
+    config: str | None,
+    overrides: list[str],
+    *,
+    resume: str | None = None,
+    final: bool = True,
+    progress: bool = True,
+) -> int:
+    if resume:
+        cfg, _ = load_run_config(resume)
+        if overrides:
+            raise EvocompError("--set cannot change a run being resumed; start a new run")
+    else:
+        cfg = load_config(config or "quickstart", overrides)
+    run = prepare_run_dir(cfg, resume=bool(resume))
+    with _logging_to(run.log):
+        log.info("run directory: %s", run.path)
+        exp = Experiment(cfg, progress=progress)
+        result = run_search(exp, run)
+        print(f"best genome and per-layer levels: {run.best}")
+        if final and cfg.final_eval.enabled:
+            report = final_eval(exp, run, result.best)
+            print(_table(report))
+    return 0
+
+
+def _table(report: dict[str, Any]) -> str:
+    rows = [f"held-out perplexity ({report['heldout_tokens']} tokens)"]
+    for name, ppl in report["ppl"].items():
+        rows.append(f"  {name:<9} {ppl:10.3f}")
+    return "\n".join(rows)
+
+
+def database_build(config: str | None, overrides: list[str], *, progress: bool = True) -> int:
+    cfg = load_config(config or "quickstart", overrides)
+    exp = Experiment(cfg, progress=progress)
+    db = exp.database
+    if db is None:
+        print(f"space {cfg.space.name!r} needs no variant database")
+    else:
+        print(f"variant database ready: {db.root}")
+    return 0
+
+
+def evaluate(run_dir: Path, *, progress: bool = True) -> int:
+    cfg, run = load_run_config(run_dir)
+    best = load_best(run)
+    with _logging_to(run.log):
+        report = final_eval(Experiment(cfg, progress=progress), run, best)
+    print(_table(report))
+    return 0
+
+
+def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
+    """Write the searched model so plain ``from_pretrained(out)`` loads it."""
+    cfg, run = load_run_config(run_dir)
+    best = load_best(run)
+    if out.exists() and any(out.iterdir()):
+        raise EvocompError(f"{out} exists and is not empty; choose a new --out directory")
+    exp = Experiment(cfg, progress=progress)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with exp.applied(best) as model:
+        model.save_pretrained(tmp)
+    exp.loaded.tokenizer.save_pretrained(tmp)
+    (tmp / "evocomp.json").write_text(
+        json.dumps(
+            {
+                "source_model": exp.loaded.source,
+                "space": cfg.space.dump(),
+                "compressor": cfg.compressor.dump(),
+                "genome": list(best),
+                "layers": exp.space.describe(best),
+            },
+            indent=2,
+        )
+    )
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    print(f"exported to {out}")
+    return 0
+
+
+def list_configs() -> int:
+    for path in sorted(BUILTIN_CONFIGS.glob("*.yaml")):
+        print(path.stem)
+    return 0
+
+
+__all__ = ["RunDir", "database_build", "evaluate", "export", "list_configs", "search"]

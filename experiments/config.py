@@ -1,0 +1,220 @@
+"""The experiment config: YAML validated by pydantic, errors that name the bad
+field and the allowed values, and ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from evocomp.errors import EvocompError, choices
+from evocomp.evaluators import EVALUATORS
+from evocomp.evaluators.data import DataConfig
+from evocomp.registry import Registry
+from evocomp.search import OPTIMIZERS
+from evocomp.spaces import SPACES
+from evocomp.supernet import COMPRESSORS
+from evocomp.supernet.models import ModelConfig
+
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
+
+
+class Component(BaseModel):
+    """``{name: <registered name>, <that component's options>...}``.
+
+    The options are validated by the registered class's own ``Params`` model, so
+    a misspelled option is reported with the options that component accepts.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    registry: ClassVar[Registry[Any]]
+    name: str
+    _params: BaseModel = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Component:
+        if self.name not in self.registry:
+            raise ValueError(
+                f"unknown {self.registry.kind} {self.name!r}; allowed: "
+                f"{choices(self.registry.names())}"
+            )
+        params_cls = self.registry.get(self.name).Params
+        try:
+            self._params = params_cls(**(self.model_extra or {}))
+        except ValidationError as err:
+            raise ValueError(
+                f"bad options for {self.registry.kind} {self.name!r}: "
+                + "; ".join(_format_error(e, params_cls) for e in err.errors())
+            ) from None
+        return self
+
+    @property
+    def params(self) -> BaseModel:
+        return self._params
+
+    def dump(self) -> dict[str, Any]:
+        """Name plus every option with defaults filled in (for run dirs and keys)."""
+        return {"name": self.name, **self._params.model_dump(mode="json")}
+
+
+class CompressorSpec(Component):
+    registry = COMPRESSORS
+
+
+class SpaceSpec(Component):
+    registry = SPACES
+
+
+class OptimizerSpec(Component):
+    registry = OPTIMIZERS
+
+
+class EvaluatorSpec(Component):
+    registry = EVALUATORS
+
+
+class UnitsConfig(BaseModel):
+    """Which linear layers are searched. Patterns match a module name or a dotted
+    suffix of it (``down_proj``); ``re:`` patterns are regexes over the full name."""
+
+    model_config = ConfigDict(extra="forbid")
+    targets: list[str] = Field(default_factory=list, description="empty: every block linear")
+    ignore: list[str] = Field(default_factory=list)
+
+
+class DatabaseConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = Field(None, description="default: <cache>/databases/<key>")
+    batch_size: int = Field(4, ge=1, description="calibration sequences per forward")
+    cache_gb: float = Field(8.0, gt=0, description="variants kept in memory (LRU)")
+
+
+class StoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    storage: str = Field(
+        "sqlite", description="sqlite | journal | journal:PATH | an SQLAlchemy URL"
+    )
+    study: str | None = Field(None, description="study name; default: the experiment name")
+
+
+class FinalEvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    batch_size: int = Field(4, ge=1)
+
+
+class Config(BaseModel):
+    """A whole experiment. Every section has defaults; see experiments/configs/."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "evocomp"
+    seed: int = 0
+    run_dir: str | None = Field(None, description="default: runs/<name>")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    units: UnitsConfig = Field(default_factory=UnitsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    compressor: CompressorSpec = Field(default_factory=lambda: CompressorSpec(name="sparsegpt"))
+    space: SpaceSpec = Field(default_factory=lambda: SpaceSpec(name="sparsity"))
+    evaluator: EvaluatorSpec = Field(default_factory=lambda: EvaluatorSpec(name="kl"))
+    search: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(name="evopress"))
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    final_eval: FinalEvalConfig = Field(default_factory=FinalEvalConfig)
+
+    def dump(self) -> dict[str, Any]:
+        """The fully resolved config, every default written out."""
+        out = self.model_dump(mode="json")
+        for key in ("compressor", "space", "evaluator", "search"):
+            out[key] = getattr(self, key).dump()
+        return out
+
+
+def _format_error(err: Any, root: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        allowed = _fields_at(root, err["loc"][:-1])
+        if allowed:
+            close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            msg = f"unknown field{hint}; allowed: {choices(allowed)}"
+    elif "input" in err and err["type"] not in ("missing",) and not isinstance(
+        err["input"], dict
+    ):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel] = Config) -> str:
+    return "\n".join(f"  {_format_error(e, root)}" for e in err.errors())
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["search.generations=5", "data.corpus=books"]`` -> nested dict; values are
+    parsed as YAML so numbers, booleans and lists work."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise EvocompError(f"--set expects key=value, got {pair!r}")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise EvocompError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(
+            merged.get(k), dict
+        ) else v
+    return merged
+
+
+def resolve_config_path(spec: str) -> Path:
+    """A YAML path, or the name of a built-in config (``quickstart``)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    builtin = BUILTIN_CONFIGS / f"{spec}.yaml"
+    if builtin.exists():
+        return builtin
+    names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+    raise EvocompError(f"config {spec!r} is not a file or a built-in config ({choices(names)})")
+
+
+def load_config(spec: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a config file (or built-in name), apply ``--set`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if spec is not None:
+        path = resolve_config_path(str(spec))
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise EvocompError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise EvocompError(f"{path} must hold a mapping of config sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        where = f" in {spec}" if spec else ""
+        raise EvocompError(f"invalid config{where}:\n{format_validation_error(err)}") from None

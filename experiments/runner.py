@@ -1,0 +1,383 @@
+"""Runs experiments: builds what a config needs (once), searches, evaluates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from evocomp.config import Config
+from evocomp.errors import EvocompError
+from evocomp.evaluators.base import EVALUATORS, Evaluator
+from evocomp.evaluators.data import TokenSplits, load_splits
+from evocomp.evaluators.metrics import PerplexityEvaluator
+from evocomp.evaluators.reference import reference_key
+from evocomp.paths import cache_dir
+from evocomp.search.base import OPTIMIZERS, Optimizer
+from evocomp.search.store import Record, TrialStore, storage_url
+from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.supernet.database import (
+    DatabaseSpec,
+    VariantDatabase,
+    build_database,
+    open_database,
+)
+from evocomp.supernet.models import LoadedModel, load_model
+from evocomp.supernet.swap import Swapper
+from evocomp.supernet.units import Unit, find_linear_units
+
+log = logging.getLogger("evocomp")
+
+
+class Experiment:
+    """Everything one config needs, each piece built lazily and once: the model,
+    its units, the search space, the token splits, the variant database, the
+    evaluator and the swapper."""
+
+    def __init__(self, cfg: Config, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+
+    @cached_property
+    def loaded(self) -> LoadedModel:
+        log.info("loading model %s", self.cfg.model.name)
+        return load_model(self.cfg.model)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    @cached_property
+    def units(self) -> list[Unit]:
+        return find_linear_units(self.model, self.cfg.units.targets, self.cfg.units.ignore)
+
+    @cached_property
+    def space(self) -> SearchSpace:
+        spec = self.cfg.space
+        space = SPACES.get(spec.name)(self.units, spec.params)
+        space.check_movable()
+        self._check_nm(space)
+        return space
+
+    def _check_nm(self, space: SearchSpace) -> None:
+        m = getattr(self.cfg.compressor.params, "nm_group", None)
+        if m is None:
+            return
+        variants = space.variants()
+        if any(k * m % u.numel for u in space.units for k in variants.get(u.name, [])):
+            raise EvocompError(
+                f"compressor.nm_group={m} needs space levels that are multiples of 1/{m} "
+                f"(set space.target and space.step to multiples of {1 / m:g})"
+            )
+
+    @cached_property
+    def splits(self) -> TokenSplits:
+        return load_splits(self.cfg.data, self.loaded.tokenizer)
+
+    def database_spec(self) -> DatabaseSpec:
+        return DatabaseSpec(
+            model_fingerprint=self.loaded.fingerprint,
+            compressor=self.cfg.compressor.name,
+            compressor_params=self.cfg.compressor.params.model_dump(mode="json"),
+            calibration_fingerprint=self.splits.fingerprint("calibration"),
+            dtype=self.cfg.model.dtype,
+            variants=self.space.variants(),
+        )
+
+    def database_root(self, spec: DatabaseSpec) -> Path:
+        if self.cfg.database.path:
+            return Path(self.cfg.database.path).expanduser()
+        return cache_dir() / "databases" / f"{self.cfg.compressor.name}-{spec.key[:16]}"
+
+    @cached_property
+    def database(self) -> VariantDatabase | None:
+        """The variant database, built first if it is missing or unfinished."""
+        spec = self.database_spec()
+        if not spec.variants:
+            return None
+        root = self.database_root(spec)
+        started = time.perf_counter()
+        built = False
+        manifest = root / "manifest.json"
+        if not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):
+            log.info("building variant database at %s", root)
+            build_database(
+                self.model,
+                [u for u in self.units if u.name in spec.variants],
+                spec,
+                root,
+                self.splits.calibration,
+                params=self.cfg.compressor.params,
+                batch_size=self.cfg.database.batch_size,
+                progress=self.progress,
+            )
+            built = True
+        db = open_database(root, spec, cache_gb=self.cfg.database.cache_gb)
+        if built:
+            log.info("database built in %.1f s", time.perf_counter() - started)
+        else:
+            log.info("reusing variant database at %s", root)
+        return db
+
+    @cached_property
+    def swapper(self) -> Swapper:
+        return Swapper(self.model, self.space, self.database)
+
+    @cached_property
+    def evaluator(self) -> Evaluator:
+        spec = self.cfg.evaluator
+        tokens = self.splits.search
+        key = reference_key(
+            self.loaded.fingerprint,
+            self.splits.fingerprint("search"),
+            getattr(spec.params, "topk", None),
+        )
+        return EVALUATORS.get(spec.name).create(
+            self.model,
+            tokens,
+            spec.params,
+            cache_path=cache_dir() / "references" / f"{key}.safetensors",
+            progress=self.progress,
+        )
+
+    def evaluate(self, genome: Genome, tokens: int | None) -> tuple[dict[str, float], float]:
+        """Metrics of ``genome`` on the search tokens, and the seconds it took."""
+        started = time.perf_counter()
+        with self.swapper.apply(genome) as model:
+            metrics = self.evaluator.evaluate(model, tokens)
+        return metrics, time.perf_counter() - started
+
+    @contextmanager
+    def applied(self, genome: Genome | None) -> Iterator[torch.nn.Module]:
+        """The model with ``genome`` applied (``None``: the dense model)."""
+        if genome is None:
+            yield self.model
+        else:
+            with self.swapper.apply(genome) as model:
+                yield model
+
+    def heldout(self, genomes: dict[str, Genome | None]) -> dict[str, dict[str, float]]:
+        """Held-out perplexity for each named genome (``None`` = dense)."""
+        if self.splits.heldout.shape[0] == 0:
+            raise EvocompError("data.heldout is 0; held-out evaluation needs sequences")
+        ev = PerplexityEvaluator(self.splits.heldout, batch_size=self.cfg.final_eval.batch_size)
+        out = {}
+        for name, genome in tqdm(genomes.items(), desc="held-out", disable=not self.progress):
+            with self.applied(genome) as model:
+                out[name] = ev.evaluate(model)
+            log.info("held-out ppl %-9s %.3f", name, out[name]["ppl"])
+        return out
+
+
+# -- run directories ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one search run."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.json"
+
+    @property
+    def trials(self) -> Path:
+        return self.path / "trials.parquet"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "search.log"
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path(cfg.run_dir or Path("runs") / cfg.name)
+
+
+def prepare_run_dir(cfg: Config, *, resume: bool) -> RunDir:
+    """Create the run dir and write the resolved config; an existing run is
+    only reused by ``--resume`` (never silently overwritten)."""
+    run = RunDir(default_run_dir(cfg))
+    if run.config.exists() and not resume:
+        raise EvocompError(
+            f"run directory {run.path} already holds a run; resume it with "
+            f"`evocomp search --resume {run.path}` or choose another run_dir / name"
+        )
+    run.path.mkdir(parents=True, exist_ok=True)
+    if not run.config.exists():
+        run.config.write_text(yaml.safe_dump(cfg.dump(), sort_keys=False))
+    return run
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+# -- search ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The outcome of a search: best genome, its fitness, and what it cost to find."""
+
+    best: Genome
+    fitness: float
+    evaluations: int
+    reused: int
+    seconds: float
+
+
+def run_search(exp: Experiment, run: RunDir) -> SearchResult:
+    """Run (or resume) the configured optimizer, recording every evaluation.
+
+    Evaluations already in the trial store are not repeated: the optimizer is
+    replayed from its seed and takes stored results, so a killed search resumes
+    exactly where it stopped.
+    """
+    cfg = exp.cfg
+    space = exp.space
+    # Build everything up front so the search's progress bar measures search alone.
+    _ = exp.database, exp.swapper
+    metric = type(exp.evaluator).metric
+    store = TrialStore(
+        storage_url(cfg.store.storage, run.path),
+        cfg.store.study or cfg.name,
+        unit_names=space.param_names(),
+        metric=metric,
+    )
+    optimizer: Optimizer = OPTIMIZERS.get(cfg.search.name)(
+        space, cfg.search.params, seed=cfg.seed
+    )
+    started = time.perf_counter()
+    evaluated = reused = 0
+    uniform = space.uniform()
+    done, total = optimizer.progress
+    bar = tqdm(total=total, initial=done, desc="search", unit="gen", disable=not exp.progress)
+    try:
+        while requests := optimizer.ask():
+            fitness = []
+            for req in requests:
+                rec = store.lookup(req.genome, req.tokens)
+                if rec is None:
+                    if not space.is_feasible(req.genome):
+                        raise RuntimeError(f"{optimizer.name} asked for an infeasible genome")
+                    metrics, seconds = exp.evaluate(req.genome, req.tokens)
+                    rec = store.add(
+                        Record(
+                            genome=req.genome,
+                            tokens=req.tokens,
+                            fitness=metrics[metric],
+                            metrics=metrics,
+                            cost=space.cost(req.genome),
+                            seconds=seconds,
+                            role="baseline" if req.genome == uniform else "candidate",
+                        )
+                    )
+                    evaluated += 1
+                else:
+                    reused += 1
+                fitness.append(rec.fitness)
+            optimizer.tell(fitness)
+            if optimizer.progress[0] != bar.n:
+                bar.update(optimizer.progress[0] - bar.n)
+                bar.set_postfix({metric: f"{optimizer.best_fitness:.4f}"})
+                _write_best(run, exp, optimizer)
+    finally:
+        bar.close()
+        store.to_dataframe().to_parquet(run.trials)
+    assert optimizer.best_genome is not None
+    _write_best(run, exp, optimizer)
+    result = SearchResult(
+        best=optimizer.best_genome,
+        fitness=optimizer.best_fitness,
+        evaluations=evaluated,
+        reused=reused,
+        seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "search done: best %s %.5f (uniform %.5f), %d evaluations (%d reused) in %.0f s",
+        metric,
+        result.fitness,
+        _uniform_fitness(store, uniform),
+        evaluated,
+        reused,
+        result.seconds,
+    )
+    return result
+
+
+def _uniform_fitness(store: TrialStore, uniform: Genome) -> float:
+    recs = [r for r in store.records() if r.genome == uniform]
+    return max(recs, key=lambda r: r.tokens).fitness if recs else math.nan
+
+
+def _write_best(run: RunDir, exp: Experiment, optimizer: Optimizer) -> None:
+    genome = optimizer.best_genome
+    if genome is None:
+        return
+    space = exp.space
+    _write_json(
+        run.best,
+        {
+            "genome": list(genome),
+            "fitness": optimizer.best_fitness,
+            "metric": type(exp.evaluator).metric,
+            "space": exp.cfg.space.name,
+            "cost": space.cost(genome),
+            "budget": space.budget,
+            "progress": list(optimizer.progress),
+            "layers": space.describe(genome),
+        },
+    )
+
+
+def load_best(run: RunDir) -> Genome:
+    if not run.best.exists():
+        raise EvocompError(f"{run.path} has no best.json yet; has the search run?")
+    return tuple(json.loads(run.best.read_text())["genome"])
+
+
+def load_run_config(run_dir: str | Path) -> tuple[Config, RunDir]:
+    """The config a run was started with."""
+    from evocomp.config import load_config
+
+    run = RunDir(Path(run_dir))
+    if not run.config.exists():
+        raise EvocompError(f"{run.path} is not a run directory (no config.yaml)")
+    cfg = load_config(run.config)
+    return cfg.model_copy(update={"run_dir": str(run.path)}), run
+
+
+def final_eval(exp: Experiment, run: RunDir, best: Genome) -> dict[str, Any]:
+    """Held-out perplexity of dense, uniform and searched; written to eval.json."""
+    ppl = exp.heldout({"dense": None, "uniform": exp.space.uniform(), "searched": best})
+    result = {
+        "heldout_tokens": int(exp.splits.heldout.numel()),
+        "ppl": {k: v["ppl"] for k, v in ppl.items()},
+        "cost": {"uniform": exp.space.cost(exp.space.uniform()), "searched": exp.space.cost(best)},
+        "budget": exp.space.budget,
+    }
+    _write_json(run.eval, result)
+    return result

@@ -1,0 +1,16 @@
+"""evocomp.search: WHICH candidate to try next, and the record of every try."""
+
+from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Optimizer, Request
+from evocomp.search.evopress import EvoPress, Stage
+from evocomp.search.store import Record, TrialStore
+
+__all__ = [
+    "OPTIMIZERS",
+    "EvoPress",
+    "GeneratorOptimizer",
+    "Optimizer",
+    "Record",
+    "Request",
+    "Stage",
+    "TrialStore",
+]

@@ -1,0 +1,88 @@
+"""The optimizer contract: ask for genomes (at a token budget), tell their fitness."""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from evocomp.registry import Registry
+from evocomp.spaces.base import Genome, SearchSpace
+
+
+@dataclass(frozen=True)
+class Request:
+    """Evaluate ``genome`` on the first ``tokens`` evaluation tokens."""
+
+    genome: Genome
+    tokens: int
+
+
+class Optimizer(ABC):
+    """Ask/tell over genomes; lower fitness is better.
+
+    ``ask()`` returns the next batch of requests (empty when the search is
+    over); ``tell()`` takes one fitness per request of the last batch, in order.
+    Given the same seed and the same fitness values an optimizer makes the same
+    requests, which is what lets a killed search resume from its trial store.
+    """
+
+    name: ClassVar[str]
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
+        self.space = space
+        self.params = params
+        self.rng = random.Random(seed)
+        self.best_genome: Genome | None = None
+        self.best_fitness = float("inf")
+
+    @abstractmethod
+    def ask(self) -> list[Request]: ...
+
+    @abstractmethod
+    def tell(self, fitness: list[float]) -> None: ...
+
+    @property
+    @abstractmethod
+    def progress(self) -> tuple[int, int]:
+        """(steps done, steps planned), for progress bars."""
+
+
+class GeneratorOptimizer(Optimizer):
+    """An optimizer written as a plain loop: ``run()`` yields batches of
+    requests and receives their fitness values."""
+
+    def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
+        super().__init__(space, params, seed=seed)
+        self._loop = self.run()
+        self._pending: list[Request] | None = next(self._loop, None)
+
+    @abstractmethod
+    def run(self) -> Generator[list[Request], list[float], None]: ...
+
+    def ask(self) -> list[Request]:
+        return list(self._pending or [])
+
+    def tell(self, fitness: list[float]) -> None:
+        if self._pending is None:
+            raise RuntimeError("the search is over; nothing was asked")
+        if len(fitness) != len(self._pending):
+            raise ValueError(f"expected {len(self._pending)} fitness values, got {len(fitness)}")
+        try:
+            self._pending = self._loop.send(fitness)
+        except StopIteration:
+            self._pending = None
+
+    def consider(self, genome: Genome, fitness: float) -> None:
+        if fitness < self.best_fitness:
+            self.best_genome, self.best_fitness = genome, fitness
+
+
+OPTIMIZERS: Registry[type[Optimizer]] = Registry("optimizer")

@@ -1,0 +1,6 @@
+"""evocomp.spaces: WHAT can be searched — genomes, levels, costs and budgets."""
+
+from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.spaces.sparsity import SparsitySpace
+
+__all__ = ["SPACES", "Genome", "SearchSpace", "SparsitySpace"]

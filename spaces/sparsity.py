@@ -1,0 +1,87 @@
+"""Per-layer unstructured (or N:M) sparsity around a target, EvoPress style."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from evocomp.errors import EvocompError
+from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.supernet.units import Unit
+
+
+@SPACES.register("sparsity")
+class SparsitySpace(SearchSpace):
+    """Each linear layer picks a sparsity ``target + k * step`` for
+    ``k in -levels .. levels``; the budget is the uniform total of nonzeros.
+
+    Zero counts are ``round(target * n) + k * round(step * n)`` for a layer of
+    ``n`` weights, so layers of equal size have identical cost tables and a switch
+    between them keeps the total number of nonzeros exactly on budget.
+    """
+
+    name = "sparsity"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        target: float = Field(0.5, gt=0.0, lt=1.0, description="average sparsity")
+        step: float = Field(0.05, gt=0.0, lt=1.0, description="sparsity between levels")
+        levels: int = Field(4, ge=1, le=64, description="levels on each side of target")
+
+        @model_validator(mode="after")
+        def _levels_fit(self) -> SparsitySpace.Params:
+            lo = self.target - self.levels * self.step
+            hi = self.target + self.levels * self.step
+            if lo < -1e-9 or hi > 1 + 1e-9:
+                fit = int(min(self.target, 1 - self.target) / self.step + 1e-9)
+                raise ValueError(
+                    f"levels={self.levels} with step={self.step} around target={self.target} "
+                    f"reaches sparsity {lo:.3g}..{hi:.3g}, outside [0, 1]; at most {fit} "
+                    "levels fit on each side"
+                )
+            return self
+
+    def __init__(self, units: Sequence[Unit], params: Params) -> None:
+        super().__init__(units)
+        if any(u.kind != "linear" for u in units):
+            raise EvocompError("the sparsity space applies to linear units only")
+        self.params = params
+        self._center = params.levels
+        self._zeros = [
+            [self._zeros_at(u.numel, k) for k in range(-params.levels, params.levels + 1)]
+            for u in self.units
+        ]
+        self._budget = self.cost(self.uniform())
+
+    def _zeros_at(self, numel: int, k: int) -> int:
+        base = round(self.params.target * numel)
+        return min(numel, max(0, base + k * round(self.params.step * numel)))
+
+    def n_levels(self, gene: int) -> int:
+        return 2 * self.params.levels + 1
+
+    def level_cost(self, gene: int, level: int) -> int:
+        return self.units[gene].numel - self._zeros[gene][level]
+
+    @property
+    def budget(self) -> int:
+        return self._budget
+
+    def uniform(self) -> Genome:
+        return (self._center,) * len(self)
+
+    def variant(self, gene: int, level: int) -> int | None:
+        zeros = self._zeros[gene][level]
+        return zeros if zeros > 0 else None
+
+    def describe_level(self, gene: int, level: int) -> dict[str, Any]:
+        numel = self.units[gene].numel
+        zeros = self._zeros[gene][level]
+        return {"sparsity": round(zeros / numel, 6), "nonzeros": numel - zeros}
+
+    def sparsity(self, genome: Genome) -> float:
+        """Overall sparsity of the searched units."""
+        total = sum(u.numel for u in self.units)
+        return 1 - self.cost(genome) / total

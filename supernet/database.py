@@ -1,0 +1,311 @@
+"""The variant database: for each (unit, level) the compressed weight, computed
+once from calibration activations and stored on disk as safetensors.
+
+Layout of a database directory::
+
+    manifest.json          key parts, units, variants, finished blocks
+    block_000.safetensors  tensors named "<unit name>@<variant key>"
+    ...
+
+Builds go block by block with the calibration inputs propagated through the
+dense model, so peak memory is the model plus one block's activations; every
+finished block is written atomically and recorded, so an interrupted build
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from evocomp.errors import EvocompError
+from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor
+from evocomp.supernet.units import Unit, find_blocks
+
+log = logging.getLogger("evocomp")
+
+FORMAT_VERSION = 1
+
+
+def database_key(parts: dict[str, Any]) -> str:
+    """A stable digest of everything that determines the stored weights."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class DatabaseSpec:
+    """What a database must contain; its ``key`` names it."""
+
+    model_fingerprint: str
+    compressor: str
+    compressor_params: dict[str, Any]
+    calibration_fingerprint: str
+    dtype: str
+    variants: dict[str, list[int]]  # unit name -> variant keys (e.g. zero counts)
+
+    def parts(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "model": self.model_fingerprint,
+            "compressor": self.compressor,
+            "compressor_params": self.compressor_params,
+            "calibration": self.calibration_fingerprint,
+            "dtype": self.dtype,
+            "variants": hashlib.sha256(
+                json.dumps(self.variants, sort_keys=True).encode()
+            ).hexdigest(),
+        }
+
+    @property
+    def key(self) -> str:
+        return database_key(self.parts())
+
+
+class VariantDatabase:
+    """Read access to a finished database; tensors are loaded lazily from the
+    memory-mapped block files and kept in a bounded LRU cache."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], *, cache_bytes: int) -> None:
+        self.root = root
+        self.manifest = manifest
+        self._block_of: dict[str, int] = {
+            name: info["block"] for name, info in manifest["units"].items()
+        }
+        self._cache: OrderedDict[tuple[str, int, str], torch.Tensor] = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._cached = 0
+
+    @property
+    def key(self) -> str:
+        return str(self.manifest["key"])
+
+    def get(self, unit: str, variant: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The stored weight of ``unit`` at ``variant`` (module layout), on ``device``."""
+        ck = (unit, variant, str(device))
+        hit = self._cache.get(ck)
+        if hit is not None:
+            self._cache.move_to_end(ck)
+            return hit
+        if unit not in self._block_of:
+            raise EvocompError(f"database {self.root} has no unit {unit!r}")
+        path = self.root / _block_file(self._block_of[unit])
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                tensor = f.get_tensor(f"{unit}@{variant}")
+        except (SafetensorError, OSError) as err:
+            raise EvocompError(
+                f"database file {path} is corrupt or unreadable ({err}); delete {self.root} "
+                "and run `evocomp database build` again"
+            ) from None
+        except Exception as err:  # safetensors raises plain errors for missing names
+            raise EvocompError(
+                f"database {self.root} has no variant {variant} of {unit!r} ({err})"
+            ) from None
+        self._cache[ck] = tensor
+        self._cached += tensor.numel() * tensor.element_size()
+        while self._cached > self._cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= old.numel() * old.element_size()
+        return tensor
+
+
+def _block_file(block: int) -> str:
+    return f"block_{block:03d}.safetensors"
+
+
+def open_database(root: Path, spec: DatabaseSpec, *, cache_gb: float = 8.0) -> VariantDatabase:
+    """Open a finished database, refusing one built from other inputs."""
+    manifest = _read_manifest(root)
+    if manifest is None or not manifest.get("complete"):
+        raise EvocompError(f"no finished variant database at {root}; run `evocomp database build`")
+    _check_same(root, manifest, spec)
+    for block in sorted({info["block"] for info in manifest["units"].values()}):
+        _verify_block_file(root / _block_file(block))
+    return VariantDatabase(root, manifest, cache_bytes=int(cache_gb * 2**30))
+
+
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise EvocompError(f"database manifest {path} is corrupt ({err}); delete {root}") from None
+
+
+def _check_same(root: Path, manifest: dict[str, Any], spec: DatabaseSpec) -> None:
+    if manifest.get("key") == spec.key:
+        return
+    theirs = manifest.get("parts", {})
+    differ = sorted(k for k, v in spec.parts().items() if theirs.get(k) != v) or ["key"]
+    raise EvocompError(
+        f"the variant database at {root} was built from different inputs (differs in: "
+        f"{', '.join(differ)}); point database.path elsewhere or delete it to rebuild"
+    )
+
+
+def _verify_block_file(path: Path) -> None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, Exception) as err:
+        raise EvocompError(
+            f"database file {path} is missing or corrupt ({err}); run `evocomp database build` "
+            "to rebuild the missing blocks"
+        ) from None
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture_block_inputs(
+    model: nn.Module, tokens: torch.Tensor, batch_size: int
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Run the model up to its first block and keep what the block receives:
+    hidden states and keyword arguments (masks, rotary embeddings), per batch."""
+    _, blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in tokens.split(batch_size):
+            with suppress(_StopForward):
+                model(batch.to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def build_database(
+    model: nn.Module,
+    units: Sequence[Unit],
+    spec: DatabaseSpec,
+    root: Path,
+    calibration: torch.Tensor,
+    *,
+    params: Any = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    on_block: Callable[[int], None] | None = None,
+) -> None:
+    """Compute and store every variant in ``spec``, block by block.
+
+    Resumes a partial build of the same spec; refuses a directory holding a
+    database of another spec.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(root)
+    if manifest is not None:
+        _check_same(root, manifest, spec)
+        if manifest.get("complete"):
+            return
+    else:
+        manifest = {
+            "key": spec.key,
+            "parts": spec.parts(),
+            "units": {
+                u.name: {
+                    "block": u.block,
+                    "shape": list(u.shape),
+                    "variants": spec.variants[u.name],
+                }
+                for u in units
+            },
+            "done_blocks": [],
+            "complete": False,
+        }
+        _atomic_write_json(root / "manifest.json", manifest)
+
+    compressor_cls = COMPRESSORS.get(spec.compressor)
+    by_block: dict[int, list[Unit]] = {}
+    for u in units:
+        by_block.setdefault(u.block, []).append(u)
+    _, blocks = find_blocks(model)
+    done = set(manifest["done_blocks"])
+    # Only blocks up to the last one with units need the calibration forward.
+    last = max(by_block)
+    with torch.inference_mode():
+        inputs = capture_block_inputs(model, calibration, batch_size)
+        bar = tqdm(range(last + 1), desc="database", unit="block", disable=not progress)
+        for b in bar:
+            block_units = by_block.get(b, [])
+            todo = [u for u in block_units if b not in done]
+            compressors = _attach(model, todo, compressor_cls, params)
+            try:
+                inputs = [
+                    (_block_output(blocks[b](hidden, **kw)), kw) for hidden, kw in inputs
+                ]
+            finally:
+                for _, handle in compressors.values():
+                    handle.remove()
+            if todo:
+                tensors: dict[str, torch.Tensor] = {}
+                for u in todo:
+                    comp, _ = compressors[u.name]
+                    weight = model.get_submodule(u.name).weight
+                    for key in spec.variants[u.name]:
+                        w = comp.compress(key)
+                        tensors[f"{u.name}@{key}"] = (w.T if u.transposed else w).to(
+                            weight.dtype
+                        ).contiguous().cpu()
+                del compressors
+                tmp = root / (_block_file(b) + ".tmp")
+                save_file(tensors, str(tmp))
+                os.replace(tmp, root / _block_file(b))
+                manifest["done_blocks"] = sorted(done | {b})
+                done.add(b)
+                _atomic_write_json(root / "manifest.json", manifest)
+            if on_block is not None:
+                on_block(b)
+    manifest["complete"] = True
+    _atomic_write_json(root / "manifest.json", manifest)
+
+
+def _attach(
+    model: nn.Module, units: Iterable[Unit], cls: type[LayerCompressor], params: Any
+) -> dict[str, tuple[LayerCompressor, torch.utils.hooks.RemovableHandle]]:
+    """A compressor per unit, fed the unit's inputs by a forward hook."""
+    attached = {}
+    for u in units:
+        module = model.get_submodule(u.name)
+        weight = module.weight.detach()
+        comp = cls(weight.T if u.transposed else weight, params)
+
+        def feed(_m: nn.Module, args: tuple, _out: Any, comp: LayerCompressor = comp) -> None:
+            comp.add_batch(args[0])
+
+        attached[u.name] = (comp, module.register_forward_hook(feed))
+    return attached

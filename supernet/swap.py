@@ -1,0 +1,58 @@
+"""Applying a genome: swap weight tensors in place, restore them on exit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from evocomp.spaces.base import Genome, SearchSpace
+from evocomp.supernet.database import VariantDatabase
+
+
+class Swapper:
+    """Assembles candidates from the variant database without copying the model.
+
+    ``apply(genome)`` points each affected module's ``weight.data`` at a stored
+    variant (moved once to the model's device and dtype, then cached by the
+    database), and points it back at the original tensor on exit, so the dense
+    model is restored bit for bit. Units whose level leaves them dense are not
+    touched.
+    """
+
+    def __init__(self, model: nn.Module, space: SearchSpace, database: VariantDatabase | None):
+        self.model = model
+        self.space = space
+        self.database = database
+        self._modules = [model.get_submodule(u.name) for u in space.units]
+        self._active = False
+
+    @contextmanager
+    def apply(self, genome: Genome) -> Iterator[nn.Module]:
+        if self._active:
+            raise RuntimeError("Swapper.apply is not re-entrant")
+        if len(genome) != len(self.space):
+            raise ValueError(f"genome has {len(genome)} genes, space has {len(self.space)}")
+        swapped: list[tuple[nn.Module, torch.Tensor]] = []
+        self._active = True
+        try:
+            for i, level in enumerate(genome):
+                key = self.space.variant(i, level)
+                if key is None:
+                    continue
+                if self.database is None:
+                    raise RuntimeError("this space needs a variant database")
+                module = self._modules[i]
+                original = module.weight.data
+                variant = self.database.get(self.space.units[i].name, key, device=original.device)
+                if variant.dtype != original.dtype:
+                    variant = variant.to(original.dtype)
+                module.weight.data = variant
+                swapped.append((module, original))
+            yield self.model
+        finally:
+            for module, original in reversed(swapped):
+                module.weight.data = original
+            self._active = False

@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+from evocomp.evaluators import (
+    EVALUATORS,
+    KLEvaluator,
+    PerplexityEvaluator,
+    compute_reference,
+    kl_divergence,
+)
+
+
+def _tokens(n=4, seq=24):
+    return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(1))
+
+
+def _perturbed(model, scale=0.5):
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(scale)
+    return model
+
+
+def test_kl_of_the_dense_model_to_itself_is_zero(tiny_model):
+    tokens = _tokens()
+    ev = KLEvaluator.create(tiny_model, tokens, KLEvaluator.Params(), progress=False)
+    m = ev.evaluate(tiny_model)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m["tokens"] == tokens.numel()
+
+
+def test_kl_matches_a_direct_computation_and_grows_with_damage(tiny_model):
+    tokens = _tokens()
+    ev = KLEvaluator.create(tiny_model, tokens, KLEvaluator.Params(batch_size=3), progress=False)
+    with torch.no_grad():
+        p = torch.log_softmax(tiny_model(tokens).logits, -1)
+    small = ev.evaluate(_perturbed(tiny_model, 0.8))["kl"]
+    with torch.no_grad():
+        q = torch.log_softmax(tiny_model(tokens).logits, -1)
+    direct = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean()
+    assert small == pytest.approx(direct.item(), rel=1e-2)
+    large = ev.evaluate(_perturbed(tiny_model, 0.1))["kl"]
+    assert large > small > 0
+
+
+def test_topk_kl_is_between_zero_and_the_full_kl():
+    g = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(10, 50, generator=g) * 3, -1)
+    q = torch.log_softmax(torch.randn(10, 50, generator=g) * 3, -1)
+    full = kl_divergence(p, None, q)
+    for k in (1, 5, 20, 49):
+        v, ix = p.topk(k, -1)
+        approx = kl_divergence(v, ix, q)
+        assert (approx >= -1e-6).all() and (approx <= full + 1e-5).all()
+    v, ix = p.topk(50, -1)
+    assert torch.allclose(kl_divergence(v, ix, q), full, atol=1e-4)
+
+
+def test_token_budget_selects_leading_sequences(tiny_model):
+    tokens = _tokens(n=4, seq=10)
+    ev = PerplexityEvaluator(tokens, batch_size=2)
+    assert ev.evaluate(tiny_model, 10)["tokens"] == 10
+    assert ev.evaluate(tiny_model, 11)["tokens"] == 20
+    assert ev.evaluate(tiny_model, 10**6)["tokens"] == 40
+    one = ev.evaluate(tiny_model, 10)["ppl"]
+    solo = PerplexityEvaluator(tokens[:1]).evaluate(tiny_model)["ppl"]
+    assert one == pytest.approx(solo, rel=1e-6)
+
+
+def test_perplexity_is_exp_of_mean_next_token_nll(tiny_model):
+    tokens = _tokens(n=3, seq=16)
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_model(tokens).logits[:, :-1], -1)
+    nll = -logp.gather(-1, tokens[:, 1:, None]).mean()
+    assert PerplexityEvaluator(tokens).evaluate(tiny_model)["ppl"] == pytest.approx(
+        math.exp(nll.item()), rel=1e-5
+    )
+    # The KL evaluator reports the same perplexity as a by-product.
+    kl = KLEvaluator.create(tiny_model, tokens, KLEvaluator.Params(), progress=False)
+    assert kl.evaluate(tiny_model)["ppl"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+
+
+def test_reference_is_cached_on_disk(tiny_model, tmp_path):
+    tokens = _tokens()
+    path = tmp_path / "ref.safetensors"
+    first = compute_reference(tiny_model, tokens, topk=8, cache_path=path, progress=False)
+    assert path.exists()
+    _perturbed(tiny_model, 0.1)  # a cache hit must not recompute
+    second = compute_reference(tiny_model, tokens, topk=8, cache_path=path, progress=False)
+    assert torch.equal(first.logprobs, second.logprobs)
+    assert torch.equal(first.indices, second.indices)
+
+
+def test_evaluators_are_registered():
+    assert EVALUATORS.get("kl") is KLEvaluator
+    assert EVALUATORS.get("ppl") is PerplexityEvaluator

@@ -1,0 +1,181 @@
+import json
+import math
+
+import pandas as pd
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from evocomp import runner
+from evocomp.cli import main
+from evocomp.evaluators import PerplexityEvaluator
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOCOMP_CACHE", str(tmp_path / "cache"))
+
+
+def _config(tmp_path, model_dir, name="tiny", **sections) -> str:
+    cfg = {
+        "name": name,
+        "run_dir": str(tmp_path / "runs" / name),
+        "model": {"name": str(model_dir)},
+        "data": {"corpus": "wiki", "seq_len": 64, "calibration": 8, "search": 4, "heldout": 8},
+        "compressor": {"name": "sparsegpt"},
+        "space": {"name": "sparsity", "target": 0.5, "step": 0.1, "levels": 2},
+        "search": {
+            "name": "evopress",
+            "generations": 4,
+            "offspring": 4,
+            "stages": [{"tokens": 64, "keep": 2}, {"tokens": 256, "keep": 1}],
+        },
+        "database": {"path": str(tmp_path / "db")},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_search_eval_export_reload(tmp_path, tiny_model_dir, capsys):
+    cfg = _config(tmp_path, tiny_model_dir)
+    assert main(["-q", "search", cfg]) == 0
+    run = tmp_path / "runs" / "tiny"
+    for name in ("config.yaml", "trials.db", "trials.parquet", "best.json", "eval.json",
+                 "search.log"):
+        assert (run / name).exists(), name
+    best = json.loads((run / "best.json").read_text())
+    assert best["cost"] == best["budget"]
+    levels = (0.3, 0.4, 0.5, 0.6, 0.7)
+    assert all(min(abs(r["sparsity"] - lv) for lv in levels) < 1e-3 for r in best["layers"])
+    trials = pd.read_parquet(run / "trials.parquet")
+    assert len(trials) > 10 and {"genome", "tokens", "fitness", "metric.kl", "seconds"} <= set(
+        trials.columns
+    )
+    assert set(trials["tokens"]) == {64, 256}
+    report = json.loads((run / "eval.json").read_text())
+    assert set(report["ppl"]) == {"dense", "uniform", "searched"}
+    out = capsys.readouterr().out
+    assert "held-out perplexity" in out and "searched" in out
+
+    assert main(["-q", "eval", str(run)]) == 0
+    assert json.loads((run / "eval.json").read_text())["ppl"] == pytest.approx(report["ppl"])
+
+    export = tmp_path / "exported"
+    assert main(["-q", "export", str(run), "--out", str(export)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    cfg_obj, _ = runner.load_run_config(run)
+    heldout = runner.Experiment(cfg_obj, progress=False).splits.heldout
+    ppl = PerplexityEvaluator(heldout).evaluate(model)["ppl"]
+    assert ppl == pytest.approx(report["ppl"]["searched"], rel=1e-5)
+    layers = json.loads((export / "evocomp.json").read_text())["layers"]
+    for row in layers:
+        w = model.get_submodule(row["unit"]).weight
+        assert int((w == 0).sum()) == w.numel() - row["nonzeros"]
+
+
+def test_search_beats_uniform_on_a_model_with_uneven_layers(tmp_path, uneven_model_dir):
+    cfg = _config(
+        tmp_path,
+        uneven_model_dir,
+        space={"target": 0.6, "step": 0.1, "levels": 3},
+        search={"generations": 12, "offspring": 6},
+        data={"search": 8, "heldout": 16},
+    )
+    assert main(["-q", "search", cfg]) == 0
+    run = tmp_path / "runs" / "tiny"
+    trials = pd.read_parquet(run / "trials.parquet")
+    best = json.loads((run / "best.json").read_text())
+    uniform = trials[(trials.role == "baseline") & (trials.tokens == 256)].fitness.min()
+    assert best["fitness"] < 0.9 * uniform
+    ppl = json.loads((run / "eval.json").read_text())["ppl"]
+    assert ppl["searched"] < ppl["uniform"]
+    by_block = {}
+    for row in best["layers"]:
+        by_block.setdefault(row["block"], []).append(row["sparsity"])
+    mean = {b: sum(v) / len(v) for b, v in by_block.items()}
+    assert mean[0] < mean[3]  # the sensitive first block keeps more weights
+
+
+def test_resume_after_a_kill_reevaluates_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = _config(tmp_path, tiny_model_dir, final_eval={"enabled": False})
+    full = _config(tmp_path, tiny_model_dir, name="full", final_eval={"enabled": False})
+    calls = {"n": 0}
+    original = runner.Experiment.evaluate
+
+    def dying(self, genome, tokens):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return original(self, genome, tokens)
+
+    monkeypatch.setattr(runner.Experiment, "evaluate", dying)
+    assert main(["-q", "search", cfg]) == 130
+    monkeypatch.setattr(runner.Experiment, "evaluate", original)
+    run = tmp_path / "runs" / "tiny"
+
+    assert len(pd.read_parquet(run / "trials.parquet")) == 8
+    assert main(["-q", "search", "--resume", str(run)]) == 0
+    assert main(["-q", "search", full]) == 0
+    resumed = pd.read_parquet(run / "trials.parquet")
+    uninterrupted = pd.read_parquet(tmp_path / "runs" / "full" / "trials.parquet")
+    assert len(resumed) == len(uninterrupted)
+    assert resumed.genome.tolist() == uninterrupted.genome.tolist()
+    best = json.loads((run / "best.json").read_text())
+    assert best["genome"] == json.loads((tmp_path / "runs/full/best.json").read_text())["genome"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=/no/such/model"], "does not exist"),
+        (["compressor.name=obs"], "allowed: 'magnitude', 'sparsegpt', 'wanda'"),
+        (["space.target=1.3"], "space: "),
+        (["space.levels=9"], "at most 5 levels fit"),
+        (["serch.generations=3"], "did you mean 'search'"),
+        (["search.generation=3"], "did you mean 'generations'"),
+        (["search.name=cmaes"], "allowed: 'evopress'"),
+        (["data.corpus=nope"], "allowed:"),
+        (["model.dtype=float8"], "model.dtype"),
+        (["data.search=100000"], "has 5024 sequences of 64 tokens"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_model_dir, capsys, overrides,
+                                                message):
+    cfg = _config(tmp_path, tiny_model_dir)
+    args = ["-q", "search", cfg]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_existing_run_is_never_overwritten(tmp_path, tiny_model_dir, capsys):
+    cfg = _config(tmp_path, tiny_model_dir, search={"generations": 1})
+    assert main(["-q", "search", cfg, "--no-eval"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    before = (run / "trials.parquet").read_bytes()
+    assert main(["-q", "search", cfg]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "trials.parquet").read_bytes() == before
+
+
+def test_corrupt_database_is_reported(tmp_path, tiny_model_dir, capsys):
+    cfg = _config(tmp_path, tiny_model_dir)
+    assert main(["-q", "database", "build", cfg]) == 0
+    (tmp_path / "db" / "block_001.safetensors").write_bytes(b"garbage")
+    assert main(["-q", "search", cfg]) == 2
+    assert "block_001.safetensors is missing or corrupt" in capsys.readouterr().err
+
+
+def test_database_is_built_once_and_reused(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir)
+    assert main(["-q", "database", "build", cfg]) == 0
+    stamp = (tmp_path / "db" / "block_000.safetensors").stat().st_mtime_ns
+    assert main(["-q", "search", cfg, "--no-eval", "--set", "search.generations=1"]) == 0
+    assert (tmp_path / "db" / "block_000.safetensors").stat().st_mtime_ns == stamp
+    assert not math.isnan(json.loads((tmp_path / "runs/tiny/best.json").read_text())["fitness"])

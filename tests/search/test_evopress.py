@@ -1,0 +1,91 @@
+import pytest
+from pydantic import ValidationError
+
+from evocomp.search import OPTIMIZERS, EvoPress, Stage
+from evocomp.spaces import SparsitySpace
+from evocomp.supernet.units import Unit
+
+# A synthetic landscape: layer i hurts in proportion to weight[i] * sparsity^2,
+# so the optimum moves sparsity from sensitive layers to robust ones.
+WEIGHTS = [8.0, 8.0, 4.0, 4.0, 1.0, 1.0, 0.5, 0.5, 0.1, 0.1]
+
+
+def _space() -> SparsitySpace:
+    units = [Unit(f"l{i}", "linear", i, (16, 16)) for i in range(len(WEIGHTS))]
+    return SparsitySpace(units, SparsitySpace.Params(target=0.5, step=0.1, levels=4))
+
+
+def _loss(space: SparsitySpace, genome, tokens: int) -> float:
+    rows = space.describe(genome)
+    # Fewer tokens = a noisier estimate, as with real token budgets.
+    noise = 0.02 * ((hash((genome, tokens)) % 1000) / 1000 - 0.5) * (1024 / tokens)
+    return sum(w * r["sparsity"] ** 2 for w, r in zip(WEIGHTS, rows, strict=True)) + noise
+
+
+def _run(seed: int, **params):
+    space = _space()
+    opt = EvoPress(space, EvoPress.Params(**params), seed=seed)
+    asked = []
+    while requests := opt.ask():
+        for r in requests:
+            assert space.cost(r.genome) == space.budget
+        asked += requests
+        opt.tell([_loss(space, r.genome, r.tokens) for r in requests])
+    return space, opt, asked
+
+
+def test_evopress_beats_uniform_and_moves_sparsity_to_robust_layers():
+    space, opt, _ = _run(0, generations=60, offspring=8)
+    uniform = _loss(space, space.uniform(), 4096)
+    assert opt.best_fitness < 0.8 * uniform
+    sparsity = [r["sparsity"] for r in space.describe(opt.best_genome)]
+    assert sum(sparsity[:2]) < sum(sparsity[-2:])
+    assert space.cost(opt.best_genome) == space.budget
+
+
+def test_same_seed_same_search_other_seed_other_path():
+    _, a, asked_a = _run(3, generations=10, offspring=4)
+    _, b, asked_b = _run(3, generations=10, offspring=4)
+    _, _, asked_c = _run(4, generations=10, offspring=4)
+    assert asked_a == asked_b and a.best_genome == b.best_genome
+    assert asked_a != asked_c
+
+
+def test_stages_sieve_offspring_with_growing_budgets():
+    _, opt, asked = _run(
+        0, generations=2, offspring=6, stages=[{"tokens": 64, "keep": 3}, {"tokens": 512, "keep": 1}]
+    )
+    per_budget = {}
+    for r in asked:
+        per_budget[r.tokens] = per_budget.get(r.tokens, 0) + 1
+    # First the uniform parent at the final budget, then each generation asks
+    # parent + 6 children at 64 tokens and the 3 survivors at 512.
+    assert per_budget == {512: 1 + 2 * 3, 64: 2 * 7}
+    assert opt.progress == (2, 2)
+
+
+def test_parent_is_kept_when_no_child_is_better():
+    space = _space()
+    opt = EvoPress(space, EvoPress.Params(generations=3, offspring=4), seed=0)
+    while requests := opt.ask():
+        opt.tell([0.0 if r.genome == space.uniform() else 1.0 for r in requests])
+    assert opt.best_genome == space.uniform()
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ([], "at least one"),
+        ([{"tokens": 512, "keep": 2}], "shrink to 1"),
+        ([{"tokens": 512, "keep": 2}, {"tokens": 64, "keep": 1}], "must grow"),
+        ([{"tokens": 0, "keep": 1}], "greater than 0"),
+    ],
+)
+def test_bad_stage_lists_are_rejected(stages, message):
+    with pytest.raises(ValidationError, match=message):
+        EvoPress.Params(stages=stages)
+
+
+def test_registered_by_name():
+    assert OPTIMIZERS.get("evopress") is EvoPress
+    assert Stage(tokens=8, keep=1).keep == 1

@@ -1,0 +1,139 @@
+import json
+import random
+
+import pytest
+import torch
+
+from evocomp.errors import EvocompError
+from evocomp.spaces import SparsitySpace
+from evocomp.supernet.compressors import COMPRESSORS
+from evocomp.supernet.database import (
+    DatabaseSpec,
+    build_database,
+    capture_block_inputs,
+    open_database,
+)
+from evocomp.supernet.models import model_fingerprint
+from evocomp.supernet.swap import Swapper
+from evocomp.supernet.units import find_linear_units
+
+
+def _calibration(n: int = 4, seq: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _setup(model, compressor="sparsegpt", **space_kw):
+    units = find_linear_units(model)
+    space = SparsitySpace(units, SparsitySpace.Params(target=0.5, step=0.1, levels=2, **space_kw))
+    params = COMPRESSORS.get(compressor).Params()
+    spec = DatabaseSpec(
+        model_fingerprint=model_fingerprint(model),
+        compressor=compressor,
+        compressor_params=params.model_dump(mode="json"),
+        calibration_fingerprint="calib-0",
+        dtype="float32",
+        variants=space.variants(),
+    )
+    return units, space, spec, params
+
+
+@pytest.fixture
+def built(tiny_model, tmp_path):
+    units, space, spec, params = _setup(tiny_model)
+    build_database(tiny_model, units, spec, tmp_path, _calibration(), params=params, progress=False)
+    return tiny_model, units, space, spec, tmp_path
+
+
+def test_every_variant_has_the_exact_zero_count(built):
+    model, units, space, spec, root = built
+    db = open_database(root, spec)
+    for unit in units:
+        for zeros in spec.variants[unit.name]:
+            w = db.get(unit.name, zeros)
+            assert w.shape == model.get_submodule(unit.name).weight.shape
+            assert int((w == 0).sum()) == zeros
+
+
+def test_stored_weights_equal_a_direct_compression_of_block_zero(built):
+    model, units, _, spec, root = built
+    db = open_database(root, spec)
+    unit = units[0]  # block 0 sees the embeddings, easy to recompute directly
+    comp = COMPRESSORS.get("sparsegpt")(model.get_submodule(unit.name).weight.detach())
+    layer = model.get_submodule(unit.name)
+    handle = layer.register_forward_hook(lambda _m, a, _o: comp.add_batch(a[0]))
+    with torch.inference_mode():
+        for hidden, kw in capture_block_inputs(model, _calibration(), 4):
+            model.model.layers[0](hidden, **kw)
+    handle.remove()
+    zeros = spec.variants[unit.name][0]
+    assert torch.equal(db.get(unit.name, zeros), comp.compress(zeros))
+
+
+def test_reopening_with_other_inputs_names_what_differs(built):
+    _, _, _, spec, root = built
+    other = DatabaseSpec(**{**spec.__dict__, "compressor": "wanda"})
+    with pytest.raises(EvocompError, match="differs in: compressor"):
+        open_database(root, other)
+    other = DatabaseSpec(**{**spec.__dict__, "calibration_fingerprint": "calib-1"})
+    with pytest.raises(EvocompError, match="differs in: calibration"):
+        open_database(root, other)
+
+
+def test_corrupt_block_file_is_reported(built):
+    _, _, _, spec, root = built
+    (root / "block_002.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(EvocompError, match="block_002.safetensors is missing or corrupt"):
+        open_database(root, spec)
+
+
+def test_interrupted_build_resumes_without_redoing_finished_blocks(tiny_model, tmp_path):
+    units, _, spec, params = _setup(tiny_model)
+
+    def crash_after_block_1(block: int) -> None:
+        if block == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_database(tiny_model, units, spec, tmp_path, _calibration(), params=params,
+                       progress=False, on_block=crash_after_block_1)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["done_blocks"] == [0, 1] and not manifest["complete"]
+    before = {b: (tmp_path / f"block_00{b}.safetensors").stat().st_mtime_ns for b in (0, 1)}
+    with pytest.raises(EvocompError, match="no finished variant database"):
+        open_database(tmp_path, spec)
+    build_database(tiny_model, units, spec, tmp_path, _calibration(), params=params,
+                   progress=False)
+    after = {b: (tmp_path / f"block_00{b}.safetensors").stat().st_mtime_ns for b in (0, 1)}
+    assert before == after
+    db = open_database(tmp_path, spec)
+    assert int((db.get(units[-1].name, spec.variants[units[-1].name][0]) == 0).sum()) > 0
+
+
+def test_apply_swaps_in_place_and_restores_bit_for_bit(built):
+    model, units, space, spec, root = built
+    swapper = Swapper(model, space, open_database(root, spec))
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = {u.name: model.get_submodule(u.name).weight.data_ptr() for u in units}
+    x = torch.randint(0, 256, (1, 16))
+    rng = random.Random(0)
+    for _ in range(5):
+        genome = space.random(rng, steps=30)
+        with swapper.apply(genome) as m:
+            assert m is model
+            for i, unit in enumerate(units):
+                w = model.get_submodule(unit.name).weight
+                assert int((w == 0).sum()) == space.units[i].numel - space.level_cost(i, genome[i])
+            sparse_out = model(x).logits
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, dense[k]), k
+        assert ids == {u.name: model.get_submodule(u.name).weight.data_ptr() for u in units}
+        assert not torch.equal(sparse_out, model(x).logits)
+
+
+def test_apply_restores_after_an_exception(built):
+    model, _, space, spec, root = built
+    swapper = Swapper(model, space, open_database(root, spec))
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"), swapper.apply(space.uniform()):
+        raise RuntimeError("boom")
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
