@@ -53,7 +53,10 @@ def test_same_seed_same_search_other_seed_other_path():
 
 def test_stages_sieve_offspring_with_growing_budgets():
     _, opt, asked = _run(
-        0, generations=2, offspring=6, stages=[{"tokens": 64, "keep": 3}, {"tokens": 512, "keep": 1}]
+        0,
+        generations=2,
+        offspring=6,
+        stages=[{"tokens": 64, "keep": 3}, {"tokens": 512, "keep": 1}],
     )
     per_budget = {}
     for r in asked:
