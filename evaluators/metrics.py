@@ -16,21 +16,40 @@ from evocomp.evaluators.reference import DenseReference, compute_reference
 def kl_divergence(
     ref_logprobs: torch.Tensor, ref_indices: torch.Tensor | None, logq: torch.Tensor
 ) -> torch.Tensor:
-    """Per-position KL(dense || candidate) in nats.
+    """Per-position KL(dense ‖ candidate) in nats, from log-probabilities.
 
-    With top-k references the distributions are compared on the k kept tokens
-    plus one bucket for the rest: an exact KL between those coarsened
-    distributions, never negative and never above the full KL.
+    With top-k references (``ref_indices`` given) the distributions are compared
+    on the k kept tokens plus one bucket for the rest: an exact KL between those
+    coarsened distributions, never negative and never above the full KL.
     """
     if ref_indices is None:
-        p = ref_logprobs.exp()
-        return (p * (ref_logprobs - logq)).sum(-1)
+        return (ref_logprobs.exp() * (ref_logprobs - logq)).sum(-1)
     logq_k = logq.gather(-1, ref_indices)
     p_k = ref_logprobs.exp()
     kl = (p_k * (ref_logprobs - logq_k)).sum(-1)
     tail_p = (1 - p_k.sum(-1)).clamp_min(1e-12)
     tail_q = (1 - logq_k.exp().sum(-1)).clamp_min(1e-12)
     return kl + tail_p * (tail_p.log() - tail_q.log())
+
+
+def _kl_and_nll(
+    ref: DenseReference, row: int, logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[float, float]:
+    """Summed KL over positions and summed next-token NLL for one sequence.
+
+    Works on raw logits: log q = logits − logsumexp(logits), so the full-vocabulary
+    case needs one reduction and one dot product per position (this is the hot
+    path of every candidate evaluation).
+    """
+    lse = torch.logsumexp(logits, dim=-1)
+    nll = (lse[:-1] - logits[:-1].gather(-1, targets[:, None]).squeeze(-1)).sum()
+    if ref.indices is None:
+        assert ref.neg_entropy is not None
+        cross = torch.einsum("sv,sv->s", ref.probs[row], logits)
+        kl = (ref.neg_entropy[row] - cross + lse).sum()
+    else:
+        kl = kl_divergence(ref.probs[row], ref.indices[row], logits - lse[:, None]).sum()
+    return kl.item(), nll.item()
 
 
 @EVALUATORS.register("kl")
@@ -66,13 +85,14 @@ class KLEvaluator(Evaluator):
             cache_path=cache_path,
             progress=progress,
         )
-        return cls(tokens, reference, batch_size=params.batch_size)
+        device = next(model.parameters()).device
+        return cls(tokens, reference.to(device), batch_size=params.batch_size)
 
     def __init__(
         self, tokens: torch.Tensor, reference: DenseReference, *, batch_size: int = 4
     ) -> None:
         super().__init__(tokens, batch_size=batch_size)
-        if reference.logprobs.shape[:2] != tokens.shape:
+        if reference.probs.shape[:2] != tokens.shape:
             raise ValueError("reference does not match the evaluation tokens")
         self.reference = reference
 
@@ -82,14 +102,12 @@ class KLEvaluator(Evaluator):
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 batch = self.tokens[start : min(n, start + self.batch_size)]
-                logq = torch.log_softmax(forward_logits(model, batch), dim=-1)
-                batch = batch.to(logq.device)
+                logits = forward_logits(model, batch)
+                batch = batch.to(logits.device)
                 for row in range(batch.shape[0]):
-                    ref, idx = self.reference.sequence(start + row)
-                    ref = ref.to(logq.device)
-                    idx = None if idx is None else idx.to(logq.device)
-                    kl_sum += kl_divergence(ref, idx, logq[row]).sum().item()
-                    nll_sum += -logq[row, :-1].gather(-1, batch[row, 1:, None]).sum().item()
+                    kl, nll = _kl_and_nll(self.reference, start + row, logits[row], batch[row, 1:])
+                    kl_sum += kl
+                    nll_sum += nll
                 count += batch.numel()
         n_pred = count - n  # the last position of each sequence predicts nothing we hold
         return {

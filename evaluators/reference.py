@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,32 +14,36 @@ from tqdm.auto import tqdm
 
 from evocomp.evaluators.base import forward_logits
 
-log = logging.getLogger("evocomp")
-
 
 @dataclass
 class DenseReference:
-    """Dense next-token log-probabilities for every position of ``tokens``.
+    """The dense model's next-token distribution at every position of ``tokens``,
+    stored in the form KL evaluation needs.
 
-    With ``topk`` set only the k most likely tokens are kept (values and
-    indices) — what large vocabularies need; otherwise the full distribution is
-    kept in float32.
+    Full: ``probs`` [n, seq, vocab] and ``neg_entropy`` = Σ p log p [n, seq], so
+    KL(p‖q) = neg_entropy − Σ p·logits + logsumexp(logits) costs one reduction
+    and one dot product per position. With ``topk``: the k most likely tokens'
+    log-probs and ``indices`` [n, seq, k] — what large vocabularies need.
+    All float32: float16 rounding is as large as a mildly compressed model's KL.
     """
 
-    logprobs: torch.Tensor  # [n, seq, vocab], or [n, seq, k] with topk; float32
-    indices: torch.Tensor | None  # [n, seq, k] int64 with topk
+    probs: torch.Tensor  # full: [n, seq, vocab] probabilities; topk: [n, seq, k] log-probs
+    neg_entropy: torch.Tensor | None  # [n, seq], full only
+    indices: torch.Tensor | None  # [n, seq, k], topk only
 
     @property
     def topk(self) -> int | None:
-        return None if self.indices is None else self.logprobs.shape[-1]
+        return None if self.indices is None else self.probs.shape[-1]
 
-    def sequence(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = None if self.indices is None else self.indices[i]
-        return self.logprobs[i].float(), idx
+    def to(self, device: torch.device | str) -> DenseReference:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return DenseReference(self.probs.to(device), move(self.neg_entropy), move(self.indices))
 
 
 def reference_key(model_fingerprint: str, tokens_fingerprint: str, topk: int | None) -> str:
-    blob = f"{model_fingerprint}|{tokens_fingerprint}|{topk}".encode()
+    blob = f"v2|{model_fingerprint}|{tokens_fingerprint}|{topk}".encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
@@ -53,26 +56,34 @@ def compute_reference(
     cache_path: Path | None = None,
     progress: bool = True,
 ) -> DenseReference:
-    """Dense log-probs of ``model`` on ``tokens``, read from ``cache_path`` if there."""
+    """Dense outputs of ``model`` on ``tokens``, read from ``cache_path`` if there."""
     if cache_path is not None and cache_path.exists():
         data = load_file(str(cache_path))
-        return DenseReference(data["logprobs"], data.get("indices"))
-    values, indices = [], []
+        return DenseReference(data["probs"], data.get("neg_entropy"), data.get("indices"))
+    probs, neg_entropy, indices = [], [], []
     with torch.inference_mode():
         for batch in tqdm(tokens.split(batch_size), desc="dense reference", disable=not progress):
             logp = torch.log_softmax(forward_logits(model, batch), dim=-1).cpu()
             if topk:
                 v, ix = logp.topk(topk, dim=-1)
-                values.append(v)
+                probs.append(v)
                 indices.append(ix)
             else:
-                values.append(logp)
-    ref = DenseReference(torch.cat(values), torch.cat(indices) if topk else None)
+                p = logp.exp()
+                probs.append(p)
+                neg_entropy.append((p * logp).sum(-1))
+    ref = DenseReference(
+        torch.cat(probs),
+        None if topk else torch.cat(neg_entropy),
+        torch.cat(indices) if topk else None,
+    )
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"logprobs": ref.logprobs.contiguous()}
-        if ref.indices is not None:
-            tensors["indices"] = ref.indices.contiguous()
+        tensors = {"probs": ref.probs.contiguous()}
+        for name in ("neg_entropy", "indices"):
+            value = getattr(ref, name)
+            if value is not None:
+                tensors[name] = value.contiguous()
         tmp = cache_path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, cache_path)

@@ -69,19 +69,18 @@ def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path: Path) -> Path:
-    """A tiny model + tokenizer saved as a plain Hugging Face directory."""
-    out = tmp_path / "tiny-llama"
-    tiny_llama().save_pretrained(out)
+def _saved(model: LlamaForCausalLM, out: Path) -> Path:
+    """Save ``model`` with the byte tokenizer as a plain Hugging Face directory."""
+    model.save_pretrained(out)
     byte_tokenizer().save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    return _saved(tiny_llama(), tmp_path / "tiny-llama")
 
 
 @pytest.fixture
 def uneven_model_dir(tmp_path: Path) -> Path:
-    """``uneven_llama`` saved as a plain Hugging Face directory."""
-    out = tmp_path / "uneven-llama"
-    uneven_llama().save_pretrained(out)
-    byte_tokenizer().save_pretrained(out)
-    return out
+    return _saved(uneven_llama(), tmp_path / "uneven-llama")

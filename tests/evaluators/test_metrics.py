@@ -58,6 +58,19 @@ def test_topk_kl_is_between_zero_and_the_full_kl():
     assert torch.allclose(kl_divergence(v, ix, q), full, atol=1e-4)
 
 
+def test_topk_over_the_whole_vocabulary_equals_the_full_kl(tiny_model):
+    tokens = _tokens()
+    full = KLEvaluator.create(tiny_model, tokens, KLEvaluator.Params(), progress=False)
+    topk = KLEvaluator.create(tiny_model, tokens, KLEvaluator.Params(topk=258), progress=False)
+    few = KLEvaluator.create(tiny_model, tokens, KLEvaluator.Params(topk=4), progress=False)
+    damaged = _perturbed(tiny_model, 0.3)
+    a, b, c = (ev.evaluate(damaged) for ev in (full, topk, few))
+    # With k = vocabulary the tail bucket holds only float32 rounding (~1e-7 mass).
+    assert b["kl"] == pytest.approx(a["kl"], abs=2e-6)
+    assert 0 < c["kl"] <= a["kl"]
+    assert a["ppl"] == pytest.approx(c["ppl"], rel=1e-6)
+
+
 def test_token_budget_selects_leading_sequences(tiny_model):
     tokens = _tokens(n=4, seq=10)
     ev = PerplexityEvaluator(tokens, batch_size=2)
@@ -89,7 +102,7 @@ def test_reference_is_cached_on_disk(tiny_model, tmp_path):
     assert path.exists()
     _perturbed(tiny_model, 0.1)  # a cache hit must not recompute
     second = compute_reference(tiny_model, tokens, topk=8, cache_path=path, progress=False)
-    assert torch.equal(first.logprobs, second.logprobs)
+    assert torch.equal(first.probs, second.probs)
     assert torch.equal(first.indices, second.indices)
 
 

@@ -179,3 +179,15 @@ def test_database_is_built_once_and_reused(tmp_path, tiny_model_dir):
     assert main(["-q", "search", cfg, "--no-eval", "--set", "search.generations=1"]) == 0
     assert (tmp_path / "db" / "block_000.safetensors").stat().st_mtime_ns == stamp
     assert not math.isnan(json.loads((tmp_path / "runs/tiny/best.json").read_text())["fitness"])
+
+
+def test_database_built_for_other_inputs_is_refused_not_overwritten(tmp_path, tiny_model_dir,
+                                                                     capsys):
+    cfg = _config(tmp_path, tiny_model_dir)
+    assert main(["-q", "database", "build", cfg]) == 0
+    manifest = (tmp_path / "db" / "manifest.json").read_bytes()
+    assert main(["-q", "search", cfg, "--set", "compressor.name=wanda"]) == 2
+    err = capsys.readouterr().err
+    assert "built from different inputs (differs in: compressor, compressor_params)" in err
+    assert (tmp_path / "db" / "manifest.json").read_bytes() == manifest
+    assert not (tmp_path / "runs" / "tiny" / "trials.parquet").exists()
