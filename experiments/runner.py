@@ -107,27 +107,23 @@ class Experiment:
         if not spec.variants:
             return None
         root = self.database_root(spec)
+        log.info("variant database: %s", root)
         started = time.perf_counter()
-        built = False
-        manifest = root / "manifest.json"
-        if not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):
-            log.info("building variant database at %s", root)
-            build_database(
-                self.model,
-                [u for u in self.units if u.name in spec.variants],
-                spec,
-                root,
-                self.splits.calibration,
-                params=self.cfg.compressor.params,
-                batch_size=self.cfg.database.batch_size,
-                progress=self.progress,
-            )
-            built = True
+        built = build_database(
+            self.model,
+            [u for u in self.units if u.name in spec.variants],
+            spec,
+            root,
+            self.splits.calibration,
+            params=self.cfg.compressor.params,
+            batch_size=self.cfg.database.batch_size,
+            progress=self.progress,
+        )
         db = open_database(root, spec, cache_gb=self.cfg.database.cache_gb)
         if built:
-            log.info("database built in %.1f s", time.perf_counter() - started)
+            log.info("variant database built in %.1f s: %s", time.perf_counter() - started, root)
         else:
-            log.info("reusing variant database at %s", root)
+            log.info("reusing variant database %s", root)
         return db
 
     @cached_property

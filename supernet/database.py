@@ -223,18 +223,18 @@ def build_database(
     batch_size: int = 4,
     progress: bool = True,
     on_block: Callable[[int], None] | None = None,
-) -> None:
+) -> bool:
     """Compute and store every variant in ``spec``, block by block.
 
     Resumes a partial build of the same spec; refuses a directory holding a
-    database of another spec.
+    database of another spec. Returns False when the database was already complete.
     """
     root.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(root)
     if manifest is not None:
         _check_same(root, manifest, spec)
         if manifest.get("complete"):
-            return
+            return False
     else:
         manifest = {
             "key": spec.key,
@@ -295,6 +295,7 @@ def build_database(
                 on_block(b)
     manifest["complete"] = True
     _atomic_write_json(root / "manifest.json", manifest)
+    return True
 
 
 def _attach(

@@ -1,0 +1,51 @@
+import pytest
+
+from evocomp.config import Config, load_config, parse_overrides
+from evocomp.errors import EvocompError
+from evocomp.search import EvoPress
+from evocomp.supernet.compressors import SparseGPT
+
+
+def test_builtin_quickstart_loads_and_resolves_component_options():
+    cfg = load_config("quickstart")
+    assert cfg.model.name == "smollm2-135m"
+    assert isinstance(cfg.compressor.params, SparseGPT.Params)
+    assert isinstance(cfg.search.params, EvoPress.Params)
+    dumped = cfg.dump()
+    assert dumped["compressor"] == {"name": "sparsegpt", "nm_group": None, "dampening": 0.01,
+                                    "blocksize": 128}
+    assert Config.model_validate(dumped).dump() == dumped  # the run dir's config round-trips
+
+
+def test_overrides_are_yaml_values_in_nested_sections():
+    assert parse_overrides(["search.generations=5", "units.ignore=[down_proj]", "a.b.c=true"]) == {
+        "search": {"generations": 5},
+        "units": {"ignore": ["down_proj"]},
+        "a": {"b": {"c": True}},
+    }
+    cfg = load_config("quickstart", ["search.stages=[{tokens: 64, keep: 1}]", "seed=7"])
+    assert cfg.search.params.stages[0].tokens == 64 and cfg.seed == 7
+    with pytest.raises(EvocompError, match="key=value"):
+        parse_overrides(["generations"])
+
+
+def test_unknown_component_options_name_the_allowed_ones():
+    with pytest.raises(EvocompError) as err:
+        load_config("quickstart", ["compressor.block_size=64"])
+    assert "compressor" in str(err.value)
+    assert "'blocksize', 'dampening', 'nm_group'" in str(err.value)
+
+
+def test_unknown_builtin_config_lists_the_builtin_ones():
+    with pytest.raises(EvocompError, match="'quickstart'"):
+        load_config("quickstrat")
+
+
+def test_bad_yaml_and_non_mapping_files_are_reported(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(EvocompError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list")
+    with pytest.raises(EvocompError, match="mapping"):
+        load_config(bad)
