@@ -18,7 +18,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from evocomp.config import Config
-from evocomp.errors import EvocompError
+from evocomp.errors import EvocompError, choices
 from evocomp.evaluators.base import EVALUATORS, Evaluator
 from evocomp.evaluators.data import TokenSplits, load_splits
 from evocomp.evaluators.metrics import PerplexityEvaluator
@@ -27,6 +27,7 @@ from evocomp.paths import cache_dir
 from evocomp.search.base import OPTIMIZERS, Optimizer
 from evocomp.search.store import Record, TrialStore, storage_url
 from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.supernet.compressors import COMPRESSORS
 from evocomp.supernet.database import (
     DatabaseSpec,
     VariantDatabase,
@@ -65,7 +66,17 @@ class Experiment:
     @cached_property
     def space(self) -> SearchSpace:
         spec = self.cfg.space
-        space = SPACES.get(spec.name)(self.units, spec.params)
+        space_cls = SPACES.get(spec.name)
+        wanted = space_cls.compressor_kind
+        if wanted is not None:
+            have = COMPRESSORS.get(self.cfg.compressor.name).kind
+            if have != wanted:
+                allowed = [n for n in COMPRESSORS.names() if COMPRESSORS.get(n).kind == wanted]
+                raise EvocompError(
+                    f"space {spec.name!r} needs a {wanted} compressor ({choices(allowed)}), "
+                    f"not compressor.name={self.cfg.compressor.name!r}"
+                )
+        space = space_cls(self.units, spec.params)
         space.check_movable()
         self._check_nm(space)
         return space
@@ -313,9 +324,10 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
         seconds=time.perf_counter() - started,
     )
     log.info(
-        "search done: best %s %.5f (uniform %.5f), %d evaluations (%d reused) in %.0f s",
+        "search done: best %s %.5f (%s %.5f), %d evaluations (%d reused) in %.0f s",
         metric,
         result.fitness,
+        space.baseline_name,
         _uniform_fitness(store, uniform),
         evaluated,
         reused,
@@ -368,11 +380,13 @@ def load_run_config(run_dir: str | Path) -> tuple[Config, RunDir]:
 
 def final_eval(exp: Experiment, run: RunDir, best: Genome) -> dict[str, Any]:
     """Held-out perplexity of dense, uniform and searched; written to eval.json."""
-    ppl = exp.heldout({"dense": None, "uniform": exp.space.uniform(), "searched": best})
+    space = exp.space
+    base = space.baseline_name
+    ppl = exp.heldout({"dense": None, base: space.uniform(), "searched": best})
     result = {
         "heldout_tokens": int(exp.splits.heldout.numel()),
         "ppl": {k: v["ppl"] for k, v in ppl.items()},
-        "cost": {"uniform": exp.space.cost(exp.space.uniform()), "searched": exp.space.cost(best)},
+        "cost": {base: space.cost(space.uniform()), "searched": space.cost(best)},
         "budget": exp.space.budget,
     }
     _write_json(run.eval, result)

@@ -2,6 +2,7 @@
 
 from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Optimizer, Request
 from evocomp.search.evopress import EvoPress, Stage
+from evocomp.search.random_search import RandomSearch
 from evocomp.search.store import Record, TrialStore
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "EvoPress",
     "GeneratorOptimizer",
     "Optimizer",
+    "RandomSearch",
     "Record",
     "Request",
     "Stage",

@@ -33,6 +33,9 @@ class EvoPress(GeneratorOptimizer):
         generations: int = Field(50, ge=0)
         offspring: int = Field(16, ge=1)
         max_switches: int = Field(3, ge=1)
+        init_samples: int = Field(
+            0, ge=0, description="start from the best of uniform + N random feasible genomes"
+        )
         stages: list[Stage] = Field(
             default_factory=lambda: [Stage(tokens=1024, keep=4), Stage(tokens=4096, keep=1)]
         )
@@ -62,9 +65,13 @@ class EvoPress(GeneratorOptimizer):
     def run(self) -> Generator[list[Request], list[float], None]:
         p = self.params
         final = p.stages[-1].tokens
-        parent = self.space.uniform()
-        (fit,) = yield [Request(parent, final)]
-        self.consider(parent, fit)
+        starts = [self.space.uniform()] + [
+            self.space.random(self.rng) for _ in range(p.init_samples)
+        ]
+        scores = yield [Request(g, final) for g in starts]
+        best = min(range(len(starts)), key=scores.__getitem__)
+        parent = starts[best]
+        self.consider(parent, scores[best])
         for gen in range(p.generations):
             pool = [parent] + [
                 self.space.mutate(parent, self.rng, switches=self.rng.randint(1, p.max_switches))

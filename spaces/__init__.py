@@ -1,6 +1,7 @@
 """evocomp.spaces: WHAT can be searched — genomes, levels, costs and budgets."""
 
 from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.spaces.bits import BitsSpace
 from evocomp.spaces.sparsity import SparsitySpace
 
-__all__ = ["SPACES", "Genome", "SearchSpace", "SparsitySpace"]
+__all__ = ["SPACES", "BitsSpace", "Genome", "SearchSpace", "SparsitySpace"]

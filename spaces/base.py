@@ -28,6 +28,8 @@ class SearchSpace(ABC):
     """Units × levels plus a budget. Subclasses define the levels and their costs."""
 
     name: ClassVar[str]
+    compressor_kind: ClassVar[str | None] = None
+    """The kind of compressor whose variants the levels name (None: no database)."""
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -115,6 +117,44 @@ class SearchSpace(ABC):
         j, lj = rng.choice(partners)
         g[i], g[j] = li, lj
         return True
+
+    def repair(self, genome: Genome, rng: random.Random) -> Genome:
+        """Bring any genome under the budget, then spend what is left: lower
+        random genes one level until feasible, then raise random genes one level
+        while the budget allows. Used after crossover, and for targets that no
+        uniform genome meets."""
+        g = [min(max(0, x), self.n_levels(i) - 1) for i, x in enumerate(genome)]
+        cost = sum(self.level_cost(i, x) for i, x in enumerate(g))
+        order = list(range(len(g)))
+        while cost > self.budget:
+            i = rng.choice(order)
+            # Levels are ordered by cost, but not always downwards: pick the cheaper side.
+            options = [x for x in (g[i] - 1, g[i] + 1) if 0 <= x < self.n_levels(i)]
+            x = min(options, key=lambda lv: self.level_cost(i, lv))
+            if self.level_cost(i, x) < self.level_cost(i, g[i]):
+                cost += self.level_cost(i, x) - self.level_cost(i, g[i])
+                g[i] = x
+            elif all(
+                min(self.level_cost(j, lv) for lv in range(self.n_levels(j)))
+                == self.level_cost(j, g[j])
+                for j in order
+            ):
+                raise EvocompError(f"space {self.name!r}: the budget is below its cheapest genome")
+        rng.shuffle(order)
+        for i in order:
+            for x in (g[i] + 1, g[i] - 1):
+                if 0 <= x < self.n_levels(i):
+                    extra = self.level_cost(i, x) - self.level_cost(i, g[i])
+                    if extra > 0 and cost + extra <= self.budget:
+                        g[i] = x
+                        cost += extra
+                        break
+        return tuple(g)
+
+    @property
+    def baseline_name(self) -> str:
+        """What :meth:`uniform` is, in reports."""
+        return "uniform"
 
     def check_movable(self) -> None:
         """Fail early when no level switch exists from the uniform genome (a search

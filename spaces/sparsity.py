@@ -23,6 +23,7 @@ class SparsitySpace(SearchSpace):
     """
 
     name = "sparsity"
+    compressor_kind = "sparsity"
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -92,3 +92,25 @@ def test_bad_stage_lists_are_rejected(stages, message):
 def test_registered_by_name():
     assert OPTIMIZERS.get("evopress") is EvoPress
     assert Stage(tokens=8, keep=1).keep == 1
+
+
+def test_best_of_random_start_is_at_least_as_good_as_uniform():
+    space = _space()
+    opt = EvoPress(space, EvoPress.Params(generations=0, init_samples=12), seed=0)
+    first = opt.ask()
+    assert len(first) == 13 and first[0].genome == space.uniform()
+    opt.tell([_loss(space, r.genome, r.tokens) for r in first])
+    assert opt.ask() == []
+    assert opt.best_fitness == min(_loss(space, r.genome, r.tokens) for r in first)
+
+
+def test_evopress_beats_random_search_at_equal_evaluations():
+    from evocomp.search import RandomSearch
+
+    _, evo, asked = _run(0, generations=30, offspring=8)
+    space = _space()
+    rnd = RandomSearch(space, RandomSearch.Params(samples=len(asked), tokens=4096), seed=0)
+    while requests := rnd.ask():
+        rnd.tell([_loss(space, r.genome, r.tokens) for r in requests])
+    assert rnd.progress == (len(asked), len(asked))
+    assert evo.best_fitness < rnd.best_fitness
