@@ -39,8 +39,8 @@ class BitsSpace(SearchSpace):
         @field_validator("bits")
         @classmethod
         def _sorted_unique(cls, bits: list[int]) -> list[int]:
-            if not bits or any(b < 1 or b > 16 for b in bits):
-                raise ValueError("bits must be a non-empty list of bitwidths in 1..16")
+            if not bits or any(b < 2 or b > 16 for b in bits):
+                raise ValueError("bits must be a non-empty list of bitwidths in 2..16")
             return sorted(set(bits))
 
         @model_validator(mode="after")

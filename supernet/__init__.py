@@ -1,6 +1,17 @@
 """evocomp.supernet: the model, its units and their precomputed variants."""
 
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor, Pruner
+from evocomp.supernet.quantizers import GPTQ, RTN, Quantizer
 from evocomp.supernet.units import Unit, find_blocks, find_linear_units
 
-__all__ = ["COMPRESSORS", "LayerCompressor", "Pruner", "Unit", "find_blocks", "find_linear_units"]
+__all__ = [
+    "COMPRESSORS",
+    "GPTQ",
+    "RTN",
+    "LayerCompressor",
+    "Pruner",
+    "Quantizer",
+    "Unit",
+    "find_blocks",
+    "find_linear_units",
+]

@@ -33,7 +33,9 @@ def _config(tmp_path, model_dir, name="tiny", **sections) -> str:
         "database": {"path": str(tmp_path / "db")},
     }
     for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+        # A section naming a (new) component replaces the default one wholesale.
+        merge = isinstance(value, dict) and "name" not in value
+        cfg[key] = {**cfg.get(key, {}), **value} if merge else value
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -131,7 +133,7 @@ def test_resume_after_a_kill_reevaluates_nothing(tmp_path, tiny_model_dir, monke
     "overrides, message",
     [
         (["model.name=/no/such/model"], "does not exist"),
-        (["compressor.name=obs"], "allowed: 'magnitude', 'sparsegpt', 'wanda'"),
+        (["compressor.name=obs"], "allowed: 'gptq', 'magnitude', 'rtn', 'sparsegpt', 'wanda'"),
         (["space.target=1.3"], "space: "),
         (["space.levels=9"], "at most 5 levels fit"),
         (["serch.generations=3"], "did you mean 'search'"),
@@ -191,3 +193,36 @@ def test_database_built_for_other_inputs_is_refused_not_overwritten(tmp_path, ti
     assert "built from different inputs (differs in: compressor, compressor_params)" in err
     assert (tmp_path / "db" / "manifest.json").read_bytes() == manifest
     assert not (tmp_path / "runs" / "tiny" / "trials.parquet").exists()
+
+
+def test_bits_search_exports_a_model_on_the_searched_grids(tmp_path, uneven_model_dir):
+    cfg = _config(
+        tmp_path,
+        uneven_model_dir,
+        compressor={"name": "gptq", "group_size": 64},
+        space={"name": "bits", "target": 3.0, "bits": [2, 3, 4, 8]},
+        search={"generations": 6},
+    )
+    assert main(["-q", "search", cfg]) == 0
+    run = tmp_path / "runs" / "tiny"
+    best = json.loads((run / "best.json").read_text())
+    assert best["cost"] <= best["budget"] and {r["bits"] for r in best["layers"]} <= {2, 3, 4, 8}
+    report = json.loads((run / "eval.json").read_text())
+    assert set(report["ppl"]) == {"dense", "uniform", "searched"}
+    export = tmp_path / "exported"
+    assert main(["-q", "export", str(run), "--out", str(export)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    for row in json.loads((export / "evocomp.json").read_text())["layers"]:
+        w = model.get_submodule(row["unit"]).weight
+        for group in w.reshape(w.shape[0], -1, 64).unbind(1):
+            assert max(len(r.unique()) for r in group) <= 2 ** row["bits"]
+    cfg_obj, _ = runner.load_run_config(run)
+    heldout = runner.Experiment(cfg_obj, progress=False).splits.heldout
+    ppl = PerplexityEvaluator(heldout).evaluate(model)["ppl"]
+    assert ppl == pytest.approx(report["ppl"]["searched"], rel=1e-5)
+
+
+def test_space_and_compressor_kinds_must_match(tmp_path, tiny_model_dir, capsys):
+    cfg = _config(tmp_path, tiny_model_dir, space={"name": "bits", "target": 3.0})
+    assert main(["-q", "search", cfg]) == 2
+    assert "space 'bits' needs a bits compressor ('gptq', 'rtn')" in capsys.readouterr().err

@@ -69,6 +69,6 @@ def test_variants_are_bitwidths_and_16_bits_means_dense(tiny_model):
 def test_bad_targets_are_rejected():
     with pytest.raises(ValidationError, match="outside the allowed bitwidths"):
         BitsSpace.Params(target=1.5)
-    with pytest.raises(ValidationError, match="1..16"):
-        BitsSpace.Params(bits=[0, 4])
+    with pytest.raises(ValidationError, match="2..16"):
+        BitsSpace.Params(bits=[1, 4])
     assert SPACES.get("bits") is BitsSpace

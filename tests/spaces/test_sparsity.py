@@ -70,7 +70,7 @@ def test_space_without_tradeable_units_fails_early():
 
 def test_registered_by_name():
     assert SPACES.get("sparsity") is SparsitySpace
-    with pytest.raises(EvocompError, match="allowed: 'bits', 'sparsity'"):
+    with pytest.raises(EvocompError, match="unknown space 'sparsty'; allowed: .*'sparsity'"):
         SPACES.get("sparsty")
 
 

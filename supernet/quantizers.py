@@ -1,0 +1,315 @@
+"""Per-layer weight quantizers: round-to-nearest (RTN) and GPTQ.
+
+A quantizer's ``level`` is a bitwidth. Weights are quantized to an asymmetric
+uniform grid per group of ``group_size`` consecutive input columns of each output
+row (one group per row when ``group_size`` is None):
+``ŵ = scale · (q − zero)`` with integer codes ``q ∈ [0, 2^bits − 1]`` and an
+integer zero point, the layout of GPTQ / AutoGPTQ checkpoints, so a result can
+later be packed into real low-bit kernels. ``compress(level)`` returns the
+dequantized weight (what the model sees); ``quantize(level)`` also returns the
+codes and the grid.
+"""
+
+from __future__ import annotations
+
+import operator
+from abc import abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+
+from evocomp.errors import EvocompError
+from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor, inverse_hessian_cholesky
+
+__all__ = [
+    "GPTQ",
+    "RTN",
+    "QuantizedWeight",
+    "Quantizer",
+    "quantize_dequantize",
+]
+
+MIN_BITS, MAX_BITS = 2, 16
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized ``[out, in]`` weight: ``scale · (codes − zero)`` per group.
+
+    ``codes`` are int32 in ``[0, 2^bits − 1]``; ``scale`` and ``zero`` are float32
+    ``[out, in / group_size]`` (``zero`` holds integers); group ``k`` of a row
+    covers input columns ``k·group_size .. (k+1)·group_size − 1``.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the model sees, ``[out, in]`` in ``dtype``."""
+        rows, columns = self.codes.shape
+        codes = self.codes.reshape(rows, -1, self.group_size).to(torch.float32)
+        weight = _dequantize(codes, self.scale[..., None], self.zero[..., None])
+        return weight.reshape(rows, columns).to(dtype)
+
+
+def quantize_dequantize(
+    weight: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False
+) -> torch.Tensor:
+    """Round-to-nearest quantize ``weight`` (``[out, in]``) and return it dequantized.
+
+    Grid per group of ``group_size`` input columns of each row (None = whole row);
+    computed in float32, returned as a new tensor in ``weight``'s dtype.
+    """
+    bits = _check_bits(bits)
+    group_size = _check_group_size(weight.shape[-1], group_size)
+    return _round_to_nearest(weight.float(), bits, group_size, symmetric).dequantize(weight.dtype)
+
+
+class Quantizer(LayerCompressor):
+    """A compressor whose level is the bitwidth (``2..16``) of every weight of the layer.
+
+    Asymmetric grids span ``[min(w, 0), max(w, 0)]`` of each group, as in GPTQ, so
+    zero is always exactly representable and the zero point is an integer code.
+    Symmetric grids (``symmetric=True``) fix the zero point at ``2^(bits−1)`` and
+    scale by ``max|w|``.
+    """
+
+    kind = "bits"
+
+    class Params(LayerCompressor.Params):
+        # 64, not the customary 128: 128 does not divide common widths such as
+        # SmolLM2's 576, while 64 divides 576, 1536, 4096, 11008 and 14336.
+        group_size: int | None = Field(
+            default=64, ge=1, description="input columns per scale/zero; None = per row"
+        )
+        symmetric: bool = Field(default=False, description="zero point fixed at mid-grid")
+
+    params: Quantizer.Params
+
+    def __init__(self, weight: torch.Tensor, params: Quantizer.Params | None = None) -> None:
+        super().__init__(weight, params)
+        # Known at construction, so a bad group size fails before any calibration work.
+        self.group_size = _check_group_size(self.columns, self.params.group_size)
+
+    def compress(self, level: int) -> torch.Tensor:
+        """Return a new weight quantized to ``level`` bits and dequantized (original dtype)."""
+        return self.quantize(level).dequantize(self.dtype)
+
+    def quantize(self, level: int) -> QuantizedWeight:
+        """Quantize to ``level`` bits; codes and grid in the original column order."""
+        bits = _check_bits(level)
+        self._require_calibration()
+        return self._quantize(bits)
+
+    @abstractmethod
+    def _quantize(self, bits: int) -> QuantizedWeight:
+        """Quantize ``self.weight`` (float32) to ``bits``; ``bits`` is already valid."""
+
+
+@COMPRESSORS.register("rtn")
+class RTN(Quantizer):
+    """Round-to-nearest onto each group's min-max grid; needs no calibration."""
+
+    needs_calibration = False
+
+    def _quantize(self, bits: int) -> QuantizedWeight:
+        return _round_to_nearest(self.weight, bits, self.group_size, self.params.symmetric)
+
+
+@COMPRESSORS.register("gptq")
+class GPTQ(Quantizer):
+    """GPTQ (Frantar et al. 2023): column-by-column quantization with error feedback.
+
+    Hessian ``H = 2/n Σ xᵀx`` is a running mean over calibration tokens. Columns are
+    quantized in order; each column's rounding error, scaled by the Cholesky
+    factor of ``H⁻¹``, is pushed onto the columns not yet quantized (lazily, one
+    ``blocksize`` block at a time). A group's grid is taken from the group's
+    *updated* weights when its first column is reached, as in the reference;
+    blocks are cut at group boundaries so that every column of the group has
+    received all earlier updates by then.
+
+    With ``act_order`` columns go in order of decreasing ``diag(H)`` (the most
+    active inputs first, while many columns remain to absorb their error). Groups
+    still cover the ORIGINAL consecutive columns, so that the result keeps the
+    ordinary grouped layout; since a group's columns are then scattered over the
+    order, all grids are computed up front from the original weight ("static
+    groups" of the reference). The permutation and the Cholesky factor are cached,
+    so quantizing at several bitwidths costs one factorisation.
+
+    Inputs that were always zero keep their weights (rounded to nearest): they do
+    not affect the calibration loss, but may be active at inference.
+    """
+
+    needs_calibration = True
+
+    class Params(Quantizer.Params):
+        dampening: float = Field(default=0.01, gt=0, description="fraction of mean diag(H)")
+        blocksize: int = Field(default=128, ge=1, description="columns per lazy-update block")
+        act_order: bool = Field(default=False, description="quantize by decreasing diag(H)")
+
+    params: GPTQ.Params
+
+    def __init__(self, weight: torch.Tensor, params: GPTQ.Params | None = None) -> None:
+        super().__init__(weight, params)
+        self._hessian = torch.zeros(self.columns, self.columns, device=self.device)
+        # (permutation or None, upper Cholesky factor of the permuted H⁻¹)
+        self._factor: tuple[torch.Tensor | None, torch.Tensor] | None = None
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The accumulated ``2/n Σ xᵀx`` (float32, ``[in, in]``); read-only by convention."""
+        return self._hessian
+
+    def _accumulate(self, x: torch.Tensor) -> None:
+        total = self.nsamples + x.shape[0]
+        self._hessian.mul_(self.nsamples / total)
+        self._hessian.addmm_(x.T, x, alpha=2 / total)
+        self._factor = None
+
+    def _factorise(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if self._factor is None:
+            h, perm = self._hessian, None
+            if self.params.act_order:
+                # Stable, so that ties (e.g. dead inputs) keep a reproducible order.
+                perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+                h = h[perm][:, perm]
+            hinv, _ = inverse_hessian_cholesky(h, self.params.dampening)
+            self._factor = (perm, hinv)
+        return self._factor
+
+    def _quantize(self, bits: int) -> QuantizedWeight:
+        perm, hinv = self._factorise()
+        maxq, g, sym = 2**bits - 1, self.group_size, self.params.symmetric
+        n_groups = self.columns // g
+        lazy_grids = g < self.columns and perm is None
+        if lazy_grids:
+            scale_t = torch.empty(n_groups, self.rows, device=self.device)
+            zero_t = torch.empty_like(scale_t)
+        else:  # one grid per row, or static groups: all grids from the original weight
+            scale, zero = _grid(self.weight.reshape(self.rows, n_groups, g), maxq, sym)
+            scale_t, zero_t = scale[..., 0].T.contiguous(), zero[..., 0].T.contiguous()
+        order = torch.arange(self.columns) if perm is None else perm.cpu()
+        group_of = (order // g).tolist()  # group of the i-th processed column
+
+        # Work on Wᵀ so that each input column is a contiguous row: the per-column
+        # rank-1 updates are then much faster on CPU.
+        wt = (self.weight if perm is None else self.weight[:, perm]).T.contiguous()
+        codes_t = torch.empty_like(wt)
+        for i1, i2 in _blocks(self.columns, self.params.blocksize, g if lazy_grids else None):
+            w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]  # views: updates land in wt
+            d = h1.diagonal()
+            err = torch.empty_like(w1)
+            for j in range(i2 - i1):
+                i = i1 + j
+                if lazy_grids and i % g == 0:
+                    s, z = _grid(wt[i : i + g], maxq, sym, dim=0)
+                    scale_t[i // g], zero_t[i // g] = s[0], z[0]
+                s, z = scale_t[group_of[i]], zero_t[group_of[i]]
+                col = w1[j]
+                q = _codes(col, s, z, maxq)
+                codes_t[i] = q
+                e = (col - _dequantize(q, s, z)) / d[j]
+                w1[j + 1 :].addr_(h1[j, j + 1 :], e, alpha=-1)
+                err[j] = e
+            wt[i2:].addmm_(hinv[i1:i2, i2:].T, err, alpha=-1)
+
+        codes = codes_t.T if perm is None else torch.empty_like(codes_t.T)
+        if perm is not None:
+            codes[:, perm] = codes_t.T
+        return QuantizedWeight(
+            codes=codes.to(torch.int32).contiguous(),
+            scale=scale_t.T.contiguous(),
+            zero=zero_t.T.contiguous(),
+            bits=bits,
+            group_size=g,
+        )
+
+
+# --- shared maths: RTN and GPTQ use the same grid and rounding ---------------------
+
+
+def _grid(
+    w: torch.Tensor, maxq: int, symmetric: bool, dim: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of the min-max grid of ``w`` along ``dim`` (kept)."""
+    lo = w.amin(dim, keepdim=True).clamp(max=0)
+    hi = w.amax(dim, keepdim=True).clamp(min=0)
+    if symmetric:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    # An all-zero group would give scale 0; any grid represents it exactly.
+    empty = (lo == 0) & (hi == 0)
+    lo, hi = lo.masked_fill(empty, -1.0), hi.masked_fill(empty, 1.0)
+    scale = (hi - lo) / maxq
+    zero = torch.full_like(scale, (maxq + 1) // 2) if symmetric else torch.round(-lo / scale)
+    return scale, zero
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Nearest integer codes (as float32) of ``w`` on the grid, clamped to ``[0, maxq]``."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    # One formula everywhere, so GPTQ's error feedback sees exactly the returned weight.
+    return scale * (codes - zero)
+
+
+def _round_to_nearest(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> QuantizedWeight:
+    rows, columns = w.shape
+    groups = w.reshape(rows, columns // group_size, group_size)
+    maxq = 2**bits - 1
+    scale, zero = _grid(groups, maxq, symmetric)
+    codes = _codes(groups, scale, zero, maxq)
+    return QuantizedWeight(
+        codes=codes.reshape(rows, columns).to(torch.int32),
+        scale=scale[..., 0],
+        zero=zero[..., 0],
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+def _blocks(columns: int, blocksize: int, group_size: int | None) -> Iterator[tuple[int, int]]:
+    """Lazy-update blocks ``[i1, i2)``; with ``group_size``, no group straddles two
+    blocks unless it starts one, so a group's columns are up to date at its start."""
+    i1 = 0
+    while i1 < columns:
+        i2 = min(i1 + blocksize, columns)
+        if group_size is not None:
+            if group_size <= blocksize:
+                i2 = min(columns, (i1 + blocksize) // group_size * group_size)
+            else:
+                i2 = min(i2, (i1 // group_size + 1) * group_size)
+        yield i1, i2
+        i1 = i2
+
+
+def _check_bits(level: object) -> int:
+    try:
+        bits = operator.index(level)  # type: ignore[arg-type]
+    except TypeError:
+        raise EvocompError(f"bitwidth must be an integer, got {level!r}") from None
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise EvocompError(f"bitwidth {level!r} is outside {MIN_BITS}..{MAX_BITS}")
+    return bits
+
+
+def _check_group_size(columns: int, group_size: int | None) -> int:
+    """The effective group size (``columns`` for None); must divide ``columns``."""
+    if group_size is None:
+        return columns
+    if group_size < 1 or columns % group_size:
+        valid = ", ".join(str(d) for d in range(1, columns + 1) if columns % d == 0)
+        raise EvocompError(
+            f"group_size {group_size} does not divide the {columns} input features; "
+            f"valid choices: None (one group per output row), {valid}"
+        )
+    return group_size
