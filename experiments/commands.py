@@ -99,7 +99,7 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
     exp = Experiment(cfg, progress=progress)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with exp.applied(best) as model:
+    with exp.applied(best, export=True) as model:
         model.save_pretrained(tmp)
     exp.loaded.tokenizer.save_pretrained(tmp)
     (tmp / "evocomp.json").write_text(

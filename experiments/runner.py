@@ -36,7 +36,7 @@ from evocomp.supernet.database import (
 )
 from evocomp.supernet.models import LoadedModel, load_model
 from evocomp.supernet.swap import Swapper
-from evocomp.supernet.units import Unit, find_linear_units
+from evocomp.supernet.units import Unit
 
 log = logging.getLogger("evocomp")
 
@@ -61,7 +61,8 @@ class Experiment:
 
     @cached_property
     def units(self) -> list[Unit]:
-        return find_linear_units(self.model, self.cfg.units.targets, self.cfg.units.ignore)
+        space_cls = SPACES.get(self.cfg.space.name)
+        return space_cls.find_units(self.model, self.cfg.units.targets, self.cfg.units.ignore)
 
     @cached_property
     def space(self) -> SearchSpace:
@@ -166,12 +167,15 @@ class Experiment:
         return metrics, time.perf_counter() - started
 
     @contextmanager
-    def applied(self, genome: Genome | None) -> Iterator[torch.nn.Module]:
-        """The model with ``genome`` applied (``None``: the dense model)."""
+    def applied(
+        self, genome: Genome | None, *, export: bool = False
+    ) -> Iterator[torch.nn.Module]:
+        """The model with ``genome`` applied (``None``: the dense model); ``export``
+        makes removed sublayers survive ``save_pretrained``."""
         if genome is None:
             yield self.model
         else:
-            with self.swapper.apply(genome) as model:
+            with self.swapper.apply(genome, export=export) as model:
                 yield model
 
     def heldout(self, genomes: dict[str, Genome | None]) -> dict[str, dict[str, float]]:
@@ -277,6 +281,7 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
     optimizer: Optimizer = OPTIMIZERS.get(cfg.search.name)(
         space, cfg.search.params, seed=cfg.seed
     )
+    optimizer.prepare(exp.model, exp.splits.calibration)
     started = time.perf_counter()
     evaluated = reused = 0
     uniform = space.uniform()

@@ -1,18 +1,22 @@
 """evocomp.search: WHICH candidate to try next, and the record of every try."""
 
 from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Optimizer, Request
+from evocomp.search.baselines import SLEB, DropLast, ShortGPT
 from evocomp.search.evopress import EvoPress, Stage
 from evocomp.search.random_search import RandomSearch
 from evocomp.search.store import Record, TrialStore
 
 __all__ = [
     "OPTIMIZERS",
+    "SLEB",
+    "DropLast",
     "EvoPress",
     "GeneratorOptimizer",
     "Optimizer",
     "RandomSearch",
     "Record",
     "Request",
+    "ShortGPT",
     "Stage",
     "TrialStore",
 ]

@@ -8,7 +8,9 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
 from evocomp.registry import Registry
 from evocomp.spaces.base import Genome, SearchSpace
@@ -42,6 +44,12 @@ class Optimizer(ABC):
         self.rng = random.Random(seed)
         self.best_genome: Genome | None = None
         self.best_fitness = float("inf")
+
+    def prepare(self, model: nn.Module, calibration_tokens: torch.Tensor) -> None:
+        """Called once by the runner before the first ``ask()`` with the dense model
+        and the calibration tokens; optimizers that measure the model first
+        (``shortgpt``) override it. Must be deterministic (resume replays it)."""
+        return None  # most optimizers need nothing from the model
 
     @abstractmethod
     def ask(self) -> list[Request]: ...

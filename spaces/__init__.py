@@ -2,6 +2,7 @@
 
 from evocomp.spaces.base import SPACES, Genome, SearchSpace
 from evocomp.spaces.bits import BitsSpace
+from evocomp.spaces.depth import DepthSpace
 from evocomp.spaces.sparsity import SparsitySpace
 
-__all__ = ["SPACES", "BitsSpace", "Genome", "SearchSpace", "SparsitySpace"]
+__all__ = ["SPACES", "BitsSpace", "DepthSpace", "Genome", "SearchSpace", "SparsitySpace"]

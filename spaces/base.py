@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
 from evocomp.errors import EvocompError
 from evocomp.registry import Registry
-from evocomp.supernet.units import Unit
+from evocomp.supernet.units import Unit, find_linear_units
 
 Genome = tuple[int, ...]
 
@@ -36,6 +37,13 @@ class SearchSpace(ABC):
 
     def __init__(self, units: Sequence[Unit]) -> None:
         self.units: tuple[Unit, ...] = tuple(units)
+
+    @classmethod
+    def find_units(
+        cls, model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
+    ) -> list[Unit]:
+        """The units this space searches in ``model`` (default: block linears)."""
+        return find_linear_units(model, targets, ignore)
 
     # -- what subclasses provide -------------------------------------------------
     @abstractmethod

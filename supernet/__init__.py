@@ -2,6 +2,13 @@
 
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor, Pruner
 from evocomp.supernet.quantizers import GPTQ, RTN, Quantizer
+from evocomp.supernet.sublayers import (
+    find_sublayer_units,
+    skip,
+    span_importance,
+    sublayer_importance,
+    zeroed,
+)
 from evocomp.supernet.units import Unit, find_blocks, find_linear_units
 
 __all__ = [
@@ -14,4 +21,9 @@ __all__ = [
     "Unit",
     "find_blocks",
     "find_linear_units",
+    "find_sublayer_units",
+    "skip",
+    "span_importance",
+    "sublayer_importance",
+    "zeroed",
 ]

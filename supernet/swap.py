@@ -10,6 +10,8 @@ from torch import nn
 
 from evocomp.spaces.base import Genome, SearchSpace
 from evocomp.supernet.database import VariantDatabase
+from evocomp.supernet.sublayers import SUBLAYER_KINDS, skip, zeroed
+from evocomp.supernet.units import Unit
 
 
 class Swapper:
@@ -30,17 +32,21 @@ class Swapper:
         self._active = False
 
     @contextmanager
-    def apply(self, genome: Genome) -> Iterator[nn.Module]:
+    def apply(self, genome: Genome, *, export: bool = False) -> Iterator[nn.Module]:
         if self._active:
             raise RuntimeError("Swapper.apply is not re-entrant")
         if len(genome) != len(self.space):
             raise ValueError(f"genome has {len(genome)} genes, space has {len(self.space)}")
         swapped: list[tuple[nn.Module, torch.Tensor]] = []
+        removed: list[Unit] = []
         self._active = True
         try:
             for i, level in enumerate(genome):
                 key = self.space.variant(i, level)
                 if key is None:
+                    continue
+                if self.space.units[i].kind in SUBLAYER_KINDS:
+                    removed.append(self.space.units[i])  # depth: skipped, no database
                     continue
                 if self.database is None:
                     raise RuntimeError("this space needs a variant database")
@@ -51,7 +57,10 @@ class Swapper:
                     variant = variant.to(original.dtype)
                 module.weight.data = variant
                 swapped.append((module, original))
-            yield self.model
+            # Export zeroes removed sublayers' parameters so save_pretrained keeps the
+            # removal; scoring skips their forward (no compute).
+            with (zeroed if export else skip)(self.model, removed):
+                yield self.model
         finally:
             for module, original in reversed(swapped):
                 module.weight.data = original

@@ -1,0 +1,290 @@
+"""Sublayers for depth search: find a model's attention and MLP sublayers, skip them
+without copying weights, and score how much each one changes the residual stream.
+
+A decoder block adds two sublayers to the residual stream: ``h -> h + attn(norm(h))``
+and then ``h -> h + mlp(norm(h))``. Removing a sublayer means its contribution
+becomes zero, which is what :func:`skip` does by replacing the module's ``forward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evocomp.errors import EvocompError
+from evocomp.supernet.units import Unit, _matches, find_blocks
+
+SUBLAYER_KINDS = ("attn", "mlp")
+
+# Attribute names of the two sublayers inside a decoder block, per kind, tried in
+# order: self_attn (Llama, Mistral, Qwen2, Phi-3, Gemma, OPT), attn (GPT-2),
+# attention (GPT-NeoX); mlp everywhere except OPT, whose MLP is fc1/fc2 directly
+# on the block and so cannot be skipped as one module.
+_ATTRS: dict[str, tuple[str, ...]] = {"attn": ("self_attn", "attn", "attention"), "mlp": ("mlp",)}
+_SUPPORTED = (
+    "Llama, Mistral, Qwen2, Phi-3, Gemma (self_attn + mlp), GPT-2 (attn + mlp), "
+    "GPT-NeoX (attention + mlp)"
+)
+
+
+def _sublayer(block: nn.Module, kind: str) -> tuple[str, nn.Module] | None:
+    for attr in _ATTRS[kind]:
+        module = getattr(block, attr, None)
+        if isinstance(module, nn.Module):
+            return attr, module
+    return None
+
+
+def find_sublayer_units(
+    model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
+) -> list[Unit]:
+    """The attention and MLP sublayer of every decoder block, in execution order
+    (``attn`` of block 0, ``mlp`` of block 0, ``attn`` of block 1, ...).
+
+    ``Unit.name`` is the sublayer's dotted path (``model.layers.3.self_attn``),
+    ``Unit.kind`` is ``"attn"`` or ``"mlp"``, and ``Unit.shape`` is
+    ``(parameters of the sublayer, 1)`` so that ``Unit.numel`` is its parameter
+    count (biases included). ``targets`` / ``ignore`` filter by name exactly as for
+    linear units (``self_attn``, ``re:model\\.layers\\.0\\..*``).
+    """
+    path, blocks = find_blocks(model)
+    units: list[Unit] = []
+    for b, block in enumerate(blocks):
+        for kind in SUBLAYER_KINDS:
+            found = _sublayer(block, kind)
+            if found is None:
+                raise EvocompError(
+                    f"block {path}.{b} ({type(block).__name__}) has no {kind} sublayer module "
+                    f"(looked for {', '.join(_ATTRS[kind])}); depth search supports {_SUPPORTED}"
+                )
+            attr, module = found
+            params = sum(p.numel() for p in module.parameters())
+            units.append(Unit(f"{path}.{b}.{attr}", kind, b, (params, 1)))
+    selected = [
+        u
+        for u in units
+        if (not targets or any(_matches(u.name, p) for p in targets))
+        and not any(_matches(u.name, p) for p in ignore or [])
+    ]
+    if not selected:
+        raise EvocompError(
+            f"units.targets={targets} / units.ignore={ignore} select no sublayer; "
+            f"names look like: {', '.join(u.name for u in units[:4])}"
+        )
+    return selected
+
+
+# -- skipping ------------------------------------------------------------------------
+
+# How each sublayer class returns its output, learnt once per class by running the
+# real forward on its first skipped call: ``None`` for a plain tensor, ``n`` for a
+# tuple of ``n`` items whose first is the output (Llama / GPT-2 attention return
+# ``(attn_output, attn_weights)``). Output structure is a property of the code, not of
+# the weights, so one probe per class and process is enough, and every later call
+# skips the compute entirely.
+_STRUCTURE: dict[type[nn.Module], int | None] = {}
+
+
+def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    hidden = kwargs.get("hidden_states")
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise EvocompError("cannot find the hidden-states input of a skipped sublayer")
+
+
+def _structure(
+    module: nn.Module, original: Callable[..., Any], args: Any, kwargs: Any
+) -> int | None:
+    cls = type(module)
+    if cls not in _STRUCTURE:
+        with torch.no_grad():
+            out = original(*args, **kwargs)
+        hidden = _hidden_input(args, kwargs)
+        first = out[0] if isinstance(out, tuple) and out else out
+        if not isinstance(first, torch.Tensor) or first.shape != hidden.shape:
+            raise EvocompError(
+                f"cannot skip {cls.__name__}: its forward returns {type(out).__name__}, "
+                "not a tensor (or tuple starting with one) shaped like its input"
+            )
+        _STRUCTURE[cls] = len(out) if isinstance(out, tuple) else None
+    return _STRUCTURE[cls]
+
+
+def _zero_forward(module: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        n = _structure(module, original, args, kwargs)
+        zeros = torch.zeros_like(_hidden_input(args, kwargs))
+        # Extra tuple items (attention weights) are None, as when they are not requested.
+        return zeros if n is None else (zeros,) + (None,) * (n - 1)
+
+    return forward
+
+
+@contextmanager
+def skip(model: nn.Module, units: Sequence[Unit]) -> Iterator[nn.Module]:
+    """While active, each sublayer in ``units`` adds nothing to the residual stream
+    and its compute is skipped: the module's instance ``forward`` returns zeros
+    shaped like its input, in the structure the module normally returns. No weight
+    is copied or changed, and on exit (also after an exception) each module's
+    instance ``__dict__`` is put back exactly, so the model is bit-identical.
+
+    Meant for scoring full sequences (what the evaluators do): a skipped attention
+    writes nothing into a KV cache, so generation with a cache is not supported
+    while skipping (export removes the modules instead).
+    """
+    saved: list[tuple[nn.Module, Any]] = []
+    missing = object()
+    try:
+        for unit in units:
+            module = model.get_submodule(unit.name)
+            # A forward may already live on the instance (accelerate's hooks put one
+            # there); keep it to restore, and delegate the one-time probe to it.
+            previous = module.__dict__.get("forward", missing)
+            saved.append((module, previous))
+            original = module.forward
+            module.forward = _zero_forward(module, original)
+        yield model
+    finally:
+        for module, previous in reversed(saved):
+            if previous is missing:
+                del module.forward
+            else:
+                module.forward = previous
+
+
+@contextmanager
+def zeroed(model: nn.Module, units: Sequence[Unit]) -> Iterator[nn.Module]:
+    """While active, every parameter of each sublayer in ``units`` points at zeros,
+    so the sublayer outputs exactly zero (all weights and biases zero: MLPs give
+    ``act(0) * 0``, attention averages zero values) and ``save_pretrained`` writes a
+    model in which plain ``from_pretrained`` has those sublayers removed in effect.
+    For export; to score candidates use :func:`skip`, which also skips the compute.
+    The original tensors are pointed back at on exit, bit for bit."""
+    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    try:
+        for unit in units:
+            for param in model.get_submodule(unit.name).parameters():
+                saved.append((param, param.data))
+                param.data = torch.zeros_like(param.data)
+        yield model
+    finally:
+        for param, data in reversed(saved):
+            param.data = data
+
+
+# -- importance ----------------------------------------------------------------------
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def span_importance(
+    model: nn.Module, tokens: torch.Tensor, spans: Sequence[Sequence[Unit]], batch_size: int = 4
+) -> list[float]:
+    """For each span of sublayers (consecutive in execution order, e.g. one block),
+    ``1 - mean cosine similarity`` between the residual stream before its first and
+    after its last sublayer, over every token of ``tokens`` (``[sequences, length]``).
+
+    For a one-sublayer span this is ShortGPT's Block Influence for that sublayer,
+    ``1 - cos(h, h + out)``; for a whole block it is ShortGPT's Block Influence.
+    Values lie in ``[0, 2]``; larger means the span changes the stream more.
+
+    The residual after each sublayer is rebuilt from hooks as ``h + out`` (block
+    input plus the sublayer outputs), which is exact for pre-norm blocks (Llama
+    family, GPT-2); for blocks that normalise the output again before adding it
+    (Gemma 2's post-norms) the contribution is taken before that norm.
+    """
+    all_units = find_sublayer_units(model)
+    pos = {u.name: i for i, u in enumerate(all_units)}
+    bounds: list[tuple[int, int]] = []
+    for span in spans:
+        if not span:
+            raise ValueError("an importance span needs at least one sublayer")
+        idx = sorted(pos[u.name] for u in span)
+        bounds.append((idx[0], idx[-1] + 1))
+    # Boundary t is the residual before sublayer t (t = len(all_units): after the last).
+    ending: dict[int, list[int]] = {}
+    for k, (_, end) in enumerate(bounds):
+        ending.setdefault(end, []).append(k)
+    starts = {s for s, _ in bounds}
+    sums = [0.0] * len(bounds)
+    count = 0
+    kept: dict[int, torch.Tensor] = {}
+    pending: dict[int, int] = {}
+
+    def reach(t: int, state: torch.Tensor, *, end: bool, start: bool) -> None:
+        if end:
+            for k in ending.get(t, []):
+                s = bounds[k][0]
+                cos = F.cosine_similarity(kept[s], state, dim=-1)
+                sums[k] += cos.sum().item()
+                pending[s] -= 1
+                if pending[s] == 0:
+                    del kept[s]  # free activations as soon as no span needs them
+        if start and t in starts:
+            kept[t] = state.detach()
+
+    _, blocks = find_blocks(model)
+    block_input: dict[int, torch.Tensor] = {}
+    mid: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def first(out: Any) -> torch.Tensor:
+        return out[0] if isinstance(out, tuple) else out
+
+    for b, block in enumerate(blocks):
+        t_attn, t_mlp = 2 * b, 2 * b + 1  # every block has both (find_sublayer_units)
+
+        def pre(_m: nn.Module, args: Any, kwargs: Any, b: int = b, t: int = t_attn) -> None:
+            # float64: a small contribution must not vanish in h + out (bf16 models)
+            x = _hidden_input(args, kwargs).double()
+            block_input[b] = x
+            reach(t, x, end=False, start=True)  # ends here are reached by the previous mlp
+
+        def after_attn(_m: nn.Module, _a: Any, out: Any, b: int = b, t: int = t_mlp) -> None:
+            mid[b] = block_input.pop(b) + first(out).double()
+            reach(t, mid[b], end=True, start=True)
+
+        def after_mlp(_m: nn.Module, _a: Any, out: Any, b: int = b, t: int = t_mlp + 1) -> None:
+            reach(t, mid.pop(b) + first(out).double(), end=True, start=False)
+
+        _, attn = _sublayer(block, "attn")  # type: ignore[misc]
+        _, mlp = _sublayer(block, "mlp")  # type: ignore[misc]
+        handles += [
+            block.register_forward_pre_hook(pre, with_kwargs=True),
+            attn.register_forward_hook(after_attn),
+            mlp.register_forward_hook(after_mlp),
+        ]
+    try:
+        device = _device(model)
+        with torch.no_grad():
+            for i in range(0, tokens.shape[0], batch_size):
+                batch = tokens[i : i + batch_size].to(device)
+                pending.update({s: sum(1 for b0, _ in bounds if b0 == s) for s in starts})
+                kept.clear()
+                model(batch, use_cache=False)
+                count += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    if count == 0:
+        raise EvocompError("importance needs at least one calibration sequence")
+    return [1.0 - s / count for s in sums]
+
+
+def sublayer_importance(
+    model: nn.Module, tokens: torch.Tensor, units: Sequence[Unit], batch_size: int = 4
+) -> dict[str, float]:
+    """ShortGPT-style importance of each sublayer: ``1 - mean cos(h, h + out)``
+    between the residual stream before and after it, over every calibration token.
+    In ``[0, 2]``; sublayers that barely change the stream score near 0."""
+    scores = span_importance(model, tokens, [(u,) for u in units], batch_size)
+    return {u.name: s for u, s in zip(units, scores, strict=True)}

@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+from test_cli import _config
+from transformers import AutoModelForCausalLM
+
+from evocomp.cli import main
+from evocomp.supernet.sublayers import find_sublayer_units, skip
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOCOMP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(
+    "search",
+    [
+        {"name": "drop-last", "tokens": 128},
+        {"name": "sleb", "tokens": 128},
+        {"name": "shortgpt", "tokens": 128, "batch_size": 2},
+        {
+            "name": "evopress",
+            "generations": 3,
+            "offspring": 4,
+            "stages": [{"tokens": 64, "keep": 2}, {"tokens": 128, "keep": 1}],
+        },
+        {"name": "random", "samples": 4, "tokens": 128},
+    ],
+)
+def test_depth_search_and_export(tmp_path, uneven_model_dir, search):
+    cfg = _config(
+        tmp_path,
+        uneven_model_dir,
+        name=search["name"],
+        space={"name": "depth", "remove": 3},
+        search=search,
+    )
+    assert main(["-q", "search", cfg]) == 0
+    run = tmp_path / "runs" / search["name"]
+    best = json.loads((run / "best.json").read_text())
+    assert best["cost"] == best["budget"] == 3
+    ev = json.loads((run / "eval.json").read_text())
+    print(search["name"], best["genome"], ev["ppl"])
+    assert set(ev["ppl"]) == {"dense", "drop-last", "searched"}
+    # resume: nothing re-evaluated
+    assert main(["-q", "search", "--resume", str(run), "--no-eval"]) == 0
+    out = tmp_path / "export"
+    assert main(["-q", "export", str(run), "--out", str(out)]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    dense = AutoModelForCausalLM.from_pretrained(uneven_model_dir).eval()
+    units = find_sublayer_units(dense)
+    removed = [u for u, g in zip(units, best["genome"], strict=True) if g]
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad(), skip(dense, removed):
+        want = dense(x, use_cache=False).logits
+    with torch.no_grad():
+        got = exported(x, use_cache=False).logits
+    assert torch.allclose(got, want, atol=1e-5)
