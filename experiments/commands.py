@@ -21,6 +21,11 @@ from evocomp.runner import (
     prepare_run_dir,
     run_search,
 )
+from evocomp.supernet.sublayers import (
+    SUBLAYER_KINDS,
+    find_sublayer_units,
+    without_blocks,
+)
 
 log = logging.getLogger("evocomp")
 
@@ -99,7 +104,8 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
     exp = Experiment(cfg, progress=progress)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with exp.applied(best, export=True) as model:
+    empty = _fully_removed_blocks(exp, best)
+    with exp.applied(best, export=True) as model, without_blocks(model, empty):
         model.save_pretrained(tmp)
     exp.loaded.tokenizer.save_pretrained(tmp)
     (tmp / "evocomp.json").write_text(
@@ -109,6 +115,7 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
                 "space": cfg.space.dump(),
                 "compressor": cfg.compressor.dump(),
                 "genome": list(best),
+                "removed_blocks": sorted(empty),
                 "layers": exp.space.describe(best),
             },
             indent=2,
@@ -119,6 +126,21 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
     tmp.rename(out)
     print(f"exported to {out}")
     return 0
+
+
+def _fully_removed_blocks(exp: Experiment, genome: tuple[int, ...]) -> set[int]:
+    """Blocks whose every sublayer the genome removes: export leaves them out."""
+    removed = {
+        u.name
+        for i, u in enumerate(exp.space.units)
+        if u.kind in SUBLAYER_KINDS and exp.space.variant(i, genome[i]) is not None
+    }
+    if not removed:
+        return set()
+    by_block: dict[int, list[str]] = {}
+    for u in find_sublayer_units(exp.model):
+        by_block.setdefault(u.block, []).append(u.name)
+    return {b for b, names in by_block.items() if set(names) <= removed}
 
 
 def list_configs() -> int:

@@ -288,3 +288,38 @@ def sublayer_importance(
     In ``[0, 2]``; sublayers that barely change the stream score near 0."""
     scores = span_importance(model, tokens, [(u,) for u in units], batch_size)
     return {u.name: s for u, s in zip(units, scores, strict=True)}
+
+
+@contextmanager
+def without_blocks(model: nn.Module, blocks: set[int]) -> Iterator[nn.Module]:
+    """Physically drop whole decoder blocks (for export): the block list, the
+    config's layer count and per-layer lists, and the attention modules' cache
+    indices are rewritten so ``save_pretrained`` writes a smaller model that
+    plain transformers loads; all of it is restored on exit."""
+    path, layers = find_blocks(model)
+    if not blocks:
+        yield model
+        return
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    kept = [layer for i, layer in enumerate(layers) if i not in blocks]
+    config = model.config
+    saved = {k: getattr(config, k) for k in ("num_hidden_layers", "layer_types")
+             if getattr(config, k, None) is not None}
+    indices = [(m, m.layer_idx) for m in model.modules() if hasattr(m, "layer_idx")]
+    setattr(parent, attr, nn.ModuleList(kept))
+    config.num_hidden_layers = len(kept)
+    if "layer_types" in saved:
+        config.layer_types = [t for i, t in enumerate(saved["layer_types"]) if i not in blocks]
+    for new_index, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    try:
+        yield model
+    finally:
+        setattr(parent, attr, layers)
+        for key, value in saved.items():
+            setattr(config, key, value)
+        for module, index in indices:
+            module.layer_idx = index

@@ -58,3 +58,30 @@ def test_depth_search_and_export(tmp_path, uneven_model_dir, search):
     with torch.no_grad():
         got = exported(x, use_cache=False).logits
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_whole_removed_blocks_leave_the_exported_model(tmp_path, uneven_model_dir):
+    cfg = _config(
+        tmp_path,
+        uneven_model_dir,
+        space={"name": "depth", "remove": 4, "granularity": "block"},
+        search={"name": "sleb", "tokens": 128},
+    )
+    assert main(["-q", "search", cfg]) == 0
+    run = tmp_path / "runs" / "tiny"
+    best = json.loads((run / "best.json").read_text())
+    out = tmp_path / "export"
+    assert main(["-q", "export", str(run), "--out", str(out)]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert exported.config.num_hidden_layers == 2 and len(exported.model.layers) == 2
+    assert len(json.loads((out / "evocomp.json").read_text())["removed_blocks"]) == 2
+    dense = AutoModelForCausalLM.from_pretrained(uneven_model_dir).eval()
+    removed = [u for u, g in zip(find_sublayer_units(dense), best["genome"], strict=True) if g]
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad(), skip(dense, removed):
+        want = dense(x, use_cache=False).logits
+    with torch.no_grad():
+        got = exported(x, use_cache=False).logits
+        # The smaller model also generates with a KV cache (layer indices rewritten).
+        exported.generate(x[:1, :4], max_new_tokens=3, do_sample=False)
+    assert torch.allclose(got, want, atol=1e-5)
