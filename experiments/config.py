@@ -141,9 +141,7 @@ def _format_error(err: Any, root: type[BaseModel]) -> str:
             close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             msg = f"unknown field{hint}; allowed: {choices(allowed)}"
-    elif "input" in err and err["type"] not in ("missing",) and not isinstance(
-        err["input"], dict
-    ):
+    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
         msg = f"{msg} (got {err['input']!r})"
     return f"{loc}: {msg}" if loc else msg
 
@@ -181,11 +179,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``over`` into ``base``; a section that names another component
+    (``search.name=sleb``) replaces the old one, whose options would not fit."""
     merged = dict(base)
     for k, v in over.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(
-            merged.get(k), dict
-        ) else v
+        old = merged.get(k)
+        if (
+            isinstance(v, dict)
+            and isinstance(old, dict)
+            and v.get("name", old.get("name")) == old.get("name")
+        ):
+            merged[k] = _merge(old, v)
+        else:
+            merged[k] = v
     return merged
 
 

@@ -49,3 +49,13 @@ def test_bad_yaml_and_non_mapping_files_are_reported(tmp_path):
     bad.write_text("- a list")
     with pytest.raises(EvocompError, match="mapping"):
         load_config(bad)
+
+
+def test_naming_another_component_replaces_its_section():
+    cfg = load_config("depth", ["search.name=sleb"])
+    assert cfg.search.name == "sleb" and cfg.search.dump() == {"name": "sleb", "tokens": 2048}
+    cfg = load_config("depth", ["search={name: drop-last, tokens: 512}"])
+    assert cfg.search.params.tokens == 512
+    # Same component: options merge with the file's.
+    cfg = load_config("depth", ["search.name=evopress", "search.offspring=3"])
+    assert cfg.search.params.offspring == 3 and cfg.search.params.generations == 20
