@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evocomp.errors import EvocompError
-from evocomp.supernet.units import Unit, _matches, find_blocks
+from evocomp.supernet.units import Unit, matches, find_blocks
 
 SUBLAYER_KINDS = ("attn", "mlp")
 
@@ -68,8 +68,8 @@ def find_sublayer_units(
     selected = [
         u
         for u in units
-        if (not targets or any(_matches(u.name, p) for p in targets))
-        and not any(_matches(u.name, p) for p in ignore or [])
+        if (not targets or any(matches(u.name, p) for p in targets))
+        and not any(matches(u.name, p) for p in ignore or [])
     ]
     if not selected:
         raise EvocompError(

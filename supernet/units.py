@@ -51,7 +51,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
     """``re:<regex>`` is matched against the whole name; a plain pattern matches the
     name itself or any dotted suffix of it (``down_proj``, ``mlp.down_proj``)."""
     if pattern.startswith("re:"):
@@ -88,8 +88,8 @@ def find_linear_units(
     units = [
         u
         for u in found
-        if (not targets or any(_matches(u.name, p) for p in targets))
-        and not any(_matches(u.name, p) for p in ignore or [])
+        if (not targets or any(matches(u.name, p) for p in targets))
+        and not any(matches(u.name, p) for p in ignore or [])
     ]
     if not units:
         examples = ", ".join(u.name for u in found[:4])
