@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evocomp.errors import EvocompError
-from evocomp.supernet.units import Unit, matches, find_blocks
+from evocomp.supernet.units import Unit, find_blocks, select_units
 
 SUBLAYER_KINDS = ("attn", "mlp")
 
@@ -65,18 +65,7 @@ def find_sublayer_units(
             attr, module = found
             params = sum(p.numel() for p in module.parameters())
             units.append(Unit(f"{path}.{b}.{attr}", kind, b, (params, 1)))
-    selected = [
-        u
-        for u in units
-        if (not targets or any(matches(u.name, p) for p in targets))
-        and not any(matches(u.name, p) for p in ignore or [])
-    ]
-    if not selected:
-        raise EvocompError(
-            f"units.targets={targets} / units.ignore={ignore} select no sublayer; "
-            f"names look like: {', '.join(u.name for u in units[:4])}"
-        )
-    return selected
+    return select_units(units, targets, ignore, what="sublayer")
 
 
 # -- skipping ------------------------------------------------------------------------

@@ -85,19 +85,27 @@ def find_linear_units(
                 continue
             shape, transposed = info
             found.append(Unit(f"{path}.{b}.{sub}", "linear", b, shape, transposed))
-    units = [
+    return select_units(found, targets, ignore, what="linear layer")
+
+
+def select_units(
+    units: list[Unit], targets: list[str] | None, ignore: list[str] | None, *, what: str
+) -> list[Unit]:
+    """The units matching any of ``targets`` (all when empty) and none of ``ignore``;
+    selecting nothing is an error that shows what names look like."""
+    selected = [
         u
-        for u in found
+        for u in units
         if (not targets or any(matches(u.name, p) for p in targets))
         and not any(matches(u.name, p) for p in ignore or [])
     ]
-    if not units:
-        examples = ", ".join(u.name for u in found[:4])
+    if not selected:
+        examples = ", ".join(u.name for u in units[:4])
         raise EvocompError(
-            f"model.targets={targets} / model.ignore={ignore} select no linear layer; "
+            f"units.targets={targets} / units.ignore={ignore} select no {what}; "
             f"names look like: {examples}"
         )
-    return units
+    return selected
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
