@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -289,8 +289,30 @@ def inverse_hessian_cholesky(
     )
 
 
+class HessianCompressor(LayerCompressor):
+    """Second-order compressors (SparseGPT, GPTQ): accumulate ``H = 2/n Σ xᵀx`` as
+    a running mean, and drop any cached factorisation when more data arrives.
+    Put it first among the bases (``class SparseGPT(HessianCompressor, Pruner)``)."""
+
+    def __init__(self, weight: torch.Tensor, params: LayerCompressor.Params | None = None) -> None:
+        super().__init__(weight, params)
+        self._hessian = torch.zeros(self.columns, self.columns, device=self.device)
+        self._factor: Any = None  # the subclass's cached factorisation of H
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The accumulated ``2/n Σ xᵀx`` (float32, ``[in, in]``); read-only by convention."""
+        return self._hessian
+
+    def _accumulate(self, x: torch.Tensor) -> None:
+        total = self.nsamples + x.shape[0]
+        self._hessian.mul_(self.nsamples / total)
+        self._hessian.addmm_(x.T, x, alpha=2 / total)
+        self._factor = None
+
+
 @COMPRESSORS.register("sparsegpt")
-class SparseGPT(Pruner):
+class SparseGPT(HessianCompressor, Pruner):
     """SparseGPT (Frantar & Alistarh 2023): blockwise OBS pruning with lazy updates.
 
     Hessian ``H = 2/n Σ xᵀx`` is a running mean over calibration tokens. Columns
@@ -320,22 +342,6 @@ class SparseGPT(Pruner):
             return self
 
     params: SparseGPT.Params
-
-    def __init__(self, weight: torch.Tensor, params: SparseGPT.Params | None = None) -> None:
-        super().__init__(weight, params)
-        self._hessian = torch.zeros(self.columns, self.columns, device=self.device)
-        self._factor: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        """The accumulated ``2/n Σ xᵀx`` (float32, ``[in, in]``); read-only by convention."""
-        return self._hessian
-
-    def _accumulate(self, x: torch.Tensor) -> None:
-        total = self.nsamples + x.shape[0]
-        self._hessian.mul_(self.nsamples / total)
-        self._hessian.addmm_(x.T, x, alpha=2 / total)
-        self._factor = None
 
     def _prune(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._factor is None:

@@ -21,7 +21,12 @@ import torch
 from pydantic import Field
 
 from evocomp.errors import EvocompError
-from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor, inverse_hessian_cholesky
+from evocomp.supernet.compressors import (
+    COMPRESSORS,
+    HessianCompressor,
+    LayerCompressor,
+    inverse_hessian_cholesky,
+)
 
 __all__ = [
     "GPTQ",
@@ -122,7 +127,7 @@ class RTN(Quantizer):
 
 
 @COMPRESSORS.register("gptq")
-class GPTQ(Quantizer):
+class GPTQ(HessianCompressor, Quantizer):
     """GPTQ (Frantar et al. 2023): column-by-column quantization with error feedback.
 
     Hessian ``H = 2/n Σ xᵀx`` is a running mean over calibration tokens. Columns are
@@ -154,22 +159,7 @@ class GPTQ(Quantizer):
 
     params: GPTQ.Params
 
-    def __init__(self, weight: torch.Tensor, params: GPTQ.Params | None = None) -> None:
-        super().__init__(weight, params)
-        self._hessian = torch.zeros(self.columns, self.columns, device=self.device)
-        # (permutation or None, upper Cholesky factor of the permuted H⁻¹)
-        self._factor: tuple[torch.Tensor | None, torch.Tensor] | None = None
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        """The accumulated ``2/n Σ xᵀx`` (float32, ``[in, in]``); read-only by convention."""
-        return self._hessian
-
-    def _accumulate(self, x: torch.Tensor) -> None:
-        total = self.nsamples + x.shape[0]
-        self._hessian.mul_(self.nsamples / total)
-        self._hessian.addmm_(x.T, x, alpha=2 / total)
-        self._factor = None
+    # self._factor: (permutation or None, upper Cholesky factor of the permuted H⁻¹)
 
     def _factorise(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         if self._factor is None:

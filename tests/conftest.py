@@ -45,6 +45,26 @@ def tiny_llama(
     return model
 
 
+def random_weight(seed: int = 0, rows: int = 24, cols: int = 72) -> torch.Tensor:
+    """A Gaussian weight matrix for per-layer compressor tests."""
+    torch.manual_seed(seed)
+    return torch.randn(rows, cols)
+
+
+def correlated_inputs(
+    tokens: int = 1024, cols: int = 72, outliers: int = 4, seed: int = 1
+) -> torch.Tensor:
+    """LLM-like activations: low-rank correlated columns plus a few large-scale ones."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = (
+        0.3 * torch.eye(cols)
+        + torch.randn(cols, 8, generator=gen) @ torch.randn(8, cols, generator=gen) / 3
+    )
+    x = torch.randn(tokens, cols, generator=gen) @ mix
+    x[:, torch.arange(outliers) * (cols // outliers) + 1] *= 10  # scattered, as in real LLMs
+    return x
+
+
 def uneven_llama(seed: int = 0) -> LlamaForCausalLM:
     """A tiny Llama whose blocks differ in sensitivity: the first blocks write
     strongly into the residual stream, the last ones barely, so pruning the first

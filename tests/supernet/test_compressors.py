@@ -5,6 +5,8 @@ from __future__ import annotations
 import pydantic
 import pytest
 import torch
+from conftest import correlated_inputs as shared_inputs
+from conftest import random_weight
 
 from evocomp.errors import EvocompError
 from evocomp.supernet.compressors import (
@@ -23,22 +25,13 @@ NAMES = ["magnitude", "wanda", "sparsegpt"]
 
 
 def weight(seed: int = 0, rows: int = ROWS, cols: int = COLS) -> torch.Tensor:
-    torch.manual_seed(seed)
-    return torch.randn(rows, cols)
+    return random_weight(seed, rows, cols)
 
 
 def correlated_inputs(
     tokens: int = 1024, cols: int = COLS, outliers: int = 4, seed: int = 1
 ) -> torch.Tensor:
-    """LLM-like activations: low-rank correlated columns plus a few large-scale ones."""
-    gen = torch.Generator().manual_seed(seed)
-    mix = (
-        0.3 * torch.eye(cols)
-        + torch.randn(cols, 8, generator=gen) @ torch.randn(8, cols, generator=gen) / 3
-    )
-    x = torch.randn(tokens, cols, generator=gen) @ mix
-    x[:, torch.arange(outliers) * (cols // outliers) + 1] *= 10  # scattered, as in real LLMs
-    return x
+    return shared_inputs(tokens, cols, outliers, seed)
 
 
 def make(name: str, w: torch.Tensor, x: torch.Tensor | None = None, **params: object) -> Pruner:
