@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from evocomp.evaluators.base import EVALUATORS, Evaluator, forward_logits
-from evocomp.evaluators.reference import DenseReference, compute_reference
+from evocomp.evaluators.reference import DenseReference, compute_reference, logit_terms
 
 
 def kl_divergence(
@@ -45,8 +45,7 @@ def _kl_and_nll(
     nll = (lse[:-1] - logits[:-1].gather(-1, targets[:, None]).squeeze(-1)).sum()
     if ref.indices is None:
         assert ref.neg_entropy is not None
-        cross = torch.einsum("sv,sv->s", ref.probs[row], logits)
-        kl = (ref.neg_entropy[row] - cross + lse).sum()
+        kl = (ref.neg_entropy[row] - logit_terms(ref.probs[row], logits, lse)).sum()
     else:
         kl = kl_divergence(ref.probs[row], ref.indices[row], logits - lse[:, None]).sum()
     return kl.item(), nll.item()
