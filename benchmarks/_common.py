@@ -49,3 +49,21 @@ def write_result(name: str, figures: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
     return path
+
+
+def heldout_metrics(exp: Any, genomes: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Held-out KL to the dense model and perplexity (one pass each) per genome;
+    ``None`` is the dense model."""
+    from evocomp.evaluators import KLEvaluator
+
+    ev = KLEvaluator.create(
+        exp.model, exp.splits.heldout, KLEvaluator.Params(batch_size=1), progress=False
+    )
+    out: dict[str, dict[str, float]] = {"ppl": {}, "kl": {}}
+    for name, genome in genomes.items():
+        with exp.applied(genome) as model:
+            m = ev.evaluate(model)
+        out["ppl"][name] = round(m["ppl"], 4)
+        out["kl"][name] = round(m["kl"], 5)
+        print(f"{name:>14}: ppl {m['ppl']:.3f}  kl {m['kl']:.4f}", flush=True)
+    return out

@@ -1,0 +1,64 @@
+"""Depth pruning: the EvoPress search vs the three baselines, on held-out text.
+
+    python benchmarks/depth.py [--remove-fraction 0.25] [--generations 16] [--sleb-tokens 512]
+
+Removes a fraction of SmolLM2's 60 attention/MLP sublayers: EvoPress,
+drop-last, ShortGPT (Block Influence on calibration text) and SLEB (greedy by
+KL on search tokens). Figures: held-out perplexity and KL to the dense model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+from _common import heldout_metrics, write_result
+
+from evocomp.config import load_config
+from evocomp.runner import Experiment, prepare_run_dir, run_search
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--remove-fraction", type=float, default=0.25)
+    ap.add_argument("--generations", type=int, default=16)
+    ap.add_argument("--sleb-tokens", type=int, default=512)
+    args = ap.parse_args()
+    searches = {
+        "drop-last": ["search={name: drop-last}"],
+        "shortgpt": ["search={name: shortgpt}"],
+        "sleb": [f"search={{name: sleb, tokens: {args.sleb_tokens}}}"],
+        "searched": [f"search.generations={args.generations}"],
+    }
+    genomes, seconds, loaded, exp = {}, {}, None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, overrides in searches.items():
+            cfg = load_config("depth", [
+                f"space.remove_fraction={args.remove_fraction}",
+                f"run_dir={tmp}/{name}",
+                "final_eval.enabled=false",
+                *overrides,
+            ])
+            exp = Experiment(cfg, progress=False)
+            if loaded is not None:
+                exp.loaded = loaded  # one model load for all methods
+            loaded = exp.loaded
+            started = time.perf_counter()
+            genomes[name] = run_search(exp, prepare_run_dir(cfg, resume=False)).best
+            seconds[name] = round(time.perf_counter() - started, 1)
+            print(f"{name}: {seconds[name]} s", flush=True)
+        assert exp is not None
+        figures = heldout_metrics(exp, {"dense": None, **genomes})
+        removed = exp.space.budget
+    write_result("depth", {
+        **figures,
+        "budget": {"removed_sublayers": removed, "of": len(exp.space),
+                   "fraction": args.remove_fraction},
+        "seconds": seconds,
+        "search": {"generations": args.generations, "sleb_tokens": args.sleb_tokens},
+    })
+
+
+if __name__ == "__main__":
+    main()
