@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,19 @@ def heldout_metrics(exp: Any, genomes: dict[str, Any]) -> dict[str, dict[str, fl
         out["kl"][name] = round(m["kl"], 5)
         print(f"{name:>14}: ppl {m['ppl']:.3f}  kl {m['kl']:.4f}", flush=True)
     return out
+
+
+def timed_search(config: str, overrides: list[str], loaded: Any = None) -> tuple[Any, Any, float]:
+    """Run one search of a built-in config in a fresh run dir (given in
+    ``overrides``), reusing an already loaded model; returns the experiment, the
+    search result and the search's wall seconds."""
+    from evocomp.config import load_config
+    from evocomp.runner import Experiment, prepare_run_dir, run_search
+
+    cfg = load_config(config, [*overrides, "final_eval.enabled=false"])
+    exp = Experiment(cfg, progress=False)
+    if loaded is not None:
+        exp.loaded = loaded  # one model load for every search of a benchmark
+    started = time.perf_counter()
+    result = run_search(exp, prepare_run_dir(cfg, resume=False))
+    return exp, result, time.perf_counter() - started

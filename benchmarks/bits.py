@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
-from _common import heldout_metrics, write_result
+from _common import heldout_metrics, timed_search, write_result
 
-from evocomp.config import load_config
-from evocomp.runner import Experiment, prepare_run_dir, run_search
 from evocomp.search import RandomSearch
 
 
@@ -30,20 +27,13 @@ def main() -> None:
     results, loaded = {}, None
     for target in args.targets:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config("bits", [
+            exp, result, search_s = timed_search("bits", [
                 f"space.target={target}",
                 f"search.generations={args.generations}",
                 f"search.init_samples={0 if target == int(target) else 8}",
                 f"run_dir={tmp}/run",
-                "final_eval.enabled=false",
-            ])
-            exp = Experiment(cfg, progress=False)
-            if loaded is not None:
-                exp.loaded = loaded  # one model load for all targets
+            ], loaded)
             loaded = exp.loaded
-            started = time.perf_counter()
-            result = run_search(exp, prepare_run_dir(cfg, resume=False))
-            search_s = time.perf_counter() - started
             rnd = RandomSearch(exp.space, RandomSearch.Params(samples=args.random), seed=1)
             while requests := rnd.ask():
                 rnd.tell([exp.evaluate(r.genome, r.tokens)[0]["kl"] for r in requests])

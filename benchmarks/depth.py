@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
-from _common import heldout_metrics, write_result
-
-from evocomp.config import load_config
-from evocomp.runner import Experiment, prepare_run_dir, run_search
+from _common import heldout_metrics, timed_search, write_result
 
 
 def main() -> None:
@@ -34,19 +30,14 @@ def main() -> None:
     genomes, seconds, loaded, exp = {}, {}, None, None
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in searches.items():
-            cfg = load_config("depth", [
+            exp, result, search_s = timed_search("depth", [
                 f"space.remove_fraction={args.remove_fraction}",
                 f"run_dir={tmp}/{name}",
-                "final_eval.enabled=false",
                 *overrides,
-            ])
-            exp = Experiment(cfg, progress=False)
-            if loaded is not None:
-                exp.loaded = loaded  # one model load for all methods
+            ], loaded)
             loaded = exp.loaded
-            started = time.perf_counter()
-            genomes[name] = run_search(exp, prepare_run_dir(cfg, resume=False)).best
-            seconds[name] = round(time.perf_counter() - started, 1)
+            genomes[name] = result.best
+            seconds[name] = round(search_s, 1)
             print(f"{name}: {seconds[name]} s", flush=True)
         assert exp is not None
         figures = heldout_metrics(exp, {"dense": None, **genomes})
