@@ -14,7 +14,6 @@ from evocomp.config import BUILTIN_CONFIGS, load_config
 from evocomp.errors import EvocompError
 from evocomp.runner import (
     Experiment,
-    RunDir,
     final_eval,
     load_best,
     load_run_config,
@@ -149,4 +148,4 @@ def list_configs() -> int:
     return 0
 
 
-__all__ = ["RunDir", "database_build", "evaluate", "export", "list_configs", "search"]
+__all__ = ["database_build", "evaluate", "export", "list_configs", "search"]

@@ -97,9 +97,9 @@ class TrialStore:
         return self._index.get((genome, tokens))
 
     def add(self, record: Record) -> Record:
-        fitness = record.fitness if math.isfinite(record.fitness) else float("inf")
+        # Optuna rejects non-finite values; a diverged candidate is stored as 1e30.
         trial = optuna.trial.create_trial(
-            value=fitness if math.isfinite(fitness) else 1e30,
+            value=record.fitness if math.isfinite(record.fitness) else 1e30,
             user_attrs={
                 "genome": encode_genome(record.genome),
                 "tokens": record.tokens,
