@@ -1,5 +1,6 @@
 """evocomp.supernet: the model, its units and their precomputed variants."""
 
+from evocomp.supernet.composite import PruneQuantize
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor, Pruner
 from evocomp.supernet.quantizers import GPTQ, RTN, Quantizer
 from evocomp.supernet.sublayers import (
@@ -16,6 +17,7 @@ __all__ = [
     "GPTQ",
     "RTN",
     "LayerCompressor",
+    "PruneQuantize",
     "Pruner",
     "Quantizer",
     "Unit",

@@ -4,7 +4,7 @@ once from calibration activations and stored on disk as safetensors.
 Layout of a database directory::
 
     manifest.json          key parts, units, variants, finished blocks
-    block_000.safetensors  tensors named "<unit name>@<variant key>"
+    block_000.safetensors  tensors named "<unit name>@<variant key>" (see variant_name)
     ...
 
 Builds go block by block with the calibration inputs propagated through the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -39,6 +40,31 @@ from evocomp.supernet.units import Unit, find_blocks
 log = logging.getLogger("evocomp")
 
 FORMAT_VERSION = 1
+
+VariantKey = int | tuple[int, ...]
+"""A stored variant of a unit: a level (e.g. a zero count or a bitwidth), or a tuple
+of levels for composite compressors (e.g. ``(zeros, bits)``)."""
+
+
+def variant_key(key: object) -> VariantKey:
+    """``key`` as a hashable VariantKey: JSON brings tuples back as lists."""
+    try:
+        if isinstance(key, (tuple, list)) and key:
+            return tuple(operator.index(k) for k in key)
+        return operator.index(key)  # type: ignore[call-overload]
+    except TypeError:
+        raise EvocompError(
+            f"a variant key is an int or a non-empty tuple of ints, got {key!r}"
+        ) from None
+
+
+def variant_name(unit: str, key: VariantKey) -> str:
+    """The stored tensor name of ``unit`` at ``key``: ``unit@7`` for an int key (the
+    names of the first databases), ``unit@1024x3`` for a tuple."""
+    key = variant_key(key)
+    if isinstance(key, tuple):
+        return f"{unit}@{'x'.join(str(k) for k in key)}"
+    return f"{unit}@{key}"
 
 
 def database_key(parts: dict[str, Any]) -> str:
@@ -62,7 +88,7 @@ class DatabaseSpec:
     compressor_params: dict[str, Any]
     calibration_fingerprint: str
     dtype: str
-    variants: dict[str, list[int]]  # unit name -> variant keys (e.g. zero counts)
+    variants: dict[str, list[VariantKey]]  # unit name -> variant keys (e.g. zero counts)
 
     def parts(self) -> dict[str, Any]:
         return {
@@ -72,6 +98,8 @@ class DatabaseSpec:
             "compressor_params": self.compressor_params,
             "calibration": self.calibration_fingerprint,
             "dtype": self.dtype,
+            # Tuples serialize as lists, so a spec hashes the same before and after
+            # a JSON round trip.
             "variants": hashlib.sha256(
                 json.dumps(self.variants, sort_keys=True).encode()
             ).hexdigest(),
@@ -92,7 +120,11 @@ class VariantDatabase:
         self._block_of: dict[str, int] = {
             name: info["block"] for name, info in manifest["units"].items()
         }
-        self._cache: OrderedDict[tuple[str, int, str], torch.Tensor] = OrderedDict()
+        self._variants: dict[str, list[VariantKey]] = {
+            name: [variant_key(k) for k in info["variants"]]
+            for name, info in manifest["units"].items()
+        }
+        self._cache: OrderedDict[tuple[str, VariantKey, str], torch.Tensor] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
 
@@ -100,8 +132,17 @@ class VariantDatabase:
     def key(self) -> str:
         return str(self.manifest["key"])
 
-    def get(self, unit: str, variant: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
+    def variants(self, unit: str) -> list[VariantKey]:
+        """The variant keys stored for ``unit`` (tuples again, where JSON made lists)."""
+        if unit not in self._block_of:
+            raise EvocompError(f"database {self.root} has no unit {unit!r}")
+        return list(self._variants[unit])
+
+    def get(
+        self, unit: str, variant: VariantKey, *, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """The stored weight of ``unit`` at ``variant`` (module layout), on ``device``."""
+        variant = variant_key(variant)  # a list would not hash
         ck = (unit, variant, str(device))
         hit = self._cache.get(ck)
         if hit is not None:
@@ -109,21 +150,24 @@ class VariantDatabase:
             return hit
         if unit not in self._block_of:
             raise EvocompError(f"database {self.root} has no unit {unit!r}")
+        # Checked here: safetensors reports a missing name like a corrupt file.
+        if variant not in self._variants[unit]:
+            held = self._variants[unit]
+            raise EvocompError(
+                f"database {self.root} has no variant {variant!r} of {unit!r}; it holds "
+                f"{len(held)}: {', '.join(map(repr, held[:8]))}{', ...' if len(held) > 8 else ''}"
+            )
         path = self.root / _block_file(self._block_of[unit])
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 # A view into the memory-mapped file is misaligned (the header has
                 # arbitrary length), which slowed CPU matmuls ~5% (measured); the
                 # clone is aligned and resident while it stays in the cache.
-                tensor = f.get_tensor(f"{unit}@{variant}").clone()
+                tensor = f.get_tensor(variant_name(unit, variant)).clone()
         except (SafetensorError, OSError) as err:
             raise EvocompError(
                 f"database file {path} is corrupt or unreadable ({err}); delete {self.root} "
                 "and run `evocomp database build` again"
-            ) from None
-        except Exception as err:  # safetensors raises plain errors for missing names
-            raise EvocompError(
-                f"database {self.root} has no variant {variant} of {unit!r} ({err})"
             ) from None
         self._cache[ck] = tensor
         self._cached += tensor.numel() * tensor.element_size()
@@ -131,6 +175,10 @@ class VariantDatabase:
             _, old = self._cache.popitem(last=False)
             self._cached -= old.numel() * old.element_size()
         return tensor
+
+
+def _order(key: VariantKey) -> tuple[int, ...]:
+    return key if isinstance(key, tuple) else (key,)
 
 
 def _block_file(block: int) -> str:
@@ -163,10 +211,24 @@ def _check_same(root: Path, manifest: dict[str, Any], spec: DatabaseSpec) -> Non
         return
     theirs = manifest.get("parts", {})
     differ = sorted(k for k, v in spec.parts().items() if theirs.get(k) != v) or ["key"]
+    if differ == ["variants"] and manifest.get("complete") and _holds(manifest, spec):
+        return  # a finished database with more levels serves any subset of them
     raise EvocompError(
         f"the variant database at {root} was built from different inputs (differs in: "
         f"{', '.join(differ)}); point database.path elsewhere or delete it to rebuild"
     )
+
+
+def _holds(manifest: dict[str, Any], spec: DatabaseSpec) -> bool:
+    """Whether the manifest's units hold every variant ``spec`` asks for."""
+    units = manifest.get("units", {})
+    for name, keys in spec.variants.items():
+        if name not in units:
+            return False
+        stored = {variant_key(k) for k in units[name].get("variants", [])}
+        if not {variant_key(k) for k in keys} <= stored:
+            return False
+    return True
 
 
 def _verify_block_file(path: Path) -> None:
@@ -268,9 +330,7 @@ def build_database(
             todo = [u for u in block_units if b not in done]
             compressors = _attach(model, todo, compressor_cls, params)
             try:
-                inputs = [
-                    (_block_output(blocks[b](hidden, **kw)), kw) for hidden, kw in inputs
-                ]
+                inputs = [(_block_output(blocks[b](hidden, **kw)), kw) for hidden, kw in inputs]
             finally:
                 for _, handle in compressors.values():
                     handle.remove()
@@ -279,11 +339,13 @@ def build_database(
                 for u in todo:
                     comp, _ = compressors[u.name]
                     weight = model.get_submodule(u.name).weight
-                    for key in spec.variants[u.name]:
+                    # Sorted, so that a composite compressor sees every (zeros, bits) of
+                    # one zero count together and can reuse its pruned weight.
+                    for key in sorted(map(variant_key, spec.variants[u.name]), key=_order):
                         w = comp.compress(key)
-                        tensors[f"{u.name}@{key}"] = (w.T if u.transposed else w).to(
-                            weight.dtype
-                        ).contiguous().cpu()
+                        tensors[variant_name(u.name, key)] = (
+                            (w.T if u.transposed else w).to(weight.dtype).contiguous().cpu()
+                        )
                 del compressors
                 tmp = root / (_block_file(b) + ".tmp")
                 save_file(tensors, str(tmp))

@@ -7,7 +7,9 @@ row (one group per row when ``group_size`` is None):
 integer zero point, the layout of GPTQ / AutoGPTQ checkpoints, so a result can
 later be packed into real low-bit kernels. ``compress(level)`` returns the
 dequantized weight (what the model sees); ``quantize(level)`` also returns the
-codes and the grid.
+codes and the grid. ``quantize_weight(weight, level, keep)`` quantizes another
+weight of the layer (e.g. a pruned one) with the same calibration, holding the
+entries outside ``keep`` at exactly zero.
 """
 
 from __future__ import annotations
@@ -111,9 +113,37 @@ class Quantizer(LayerCompressor):
         self._require_calibration()
         return self._quantize(bits)
 
-    @abstractmethod
+    def quantize_weight(
+        self, weight: torch.Tensor, level: int, keep: torch.Tensor | None = None
+    ) -> QuantizedWeight:
+        """Quantize ``weight`` (``[out, in]``, this layer's shape, any dtype) to ``level`` bits
+        with this layer's calibration statistics, e.g. a pruned version of the original.
+
+        ``keep`` (bool, ``[out, in]``) marks the entries that may be nonzero; the others
+        dequantize to exactly 0, and grids span only the kept values (and 0). Kept
+        entries may still round to 0. ``weight`` is not modified.
+        """
+        bits = _check_bits(level)
+        self._require_calibration()
+        if weight.shape != self.weight.shape:
+            raise ValueError(
+                f"weight has shape {tuple(weight.shape)}, the layer {tuple(self.weight.shape)}"
+            )
+        if keep is not None:
+            if keep.shape != weight.shape or keep.dtype != torch.bool:
+                raise ValueError(f"keep must be a bool mask of shape {tuple(weight.shape)}")
+            keep = keep.to(self.device)
+        return self._quantize_weight(weight.to(self.device, torch.float32), bits, keep)
+
     def _quantize(self, bits: int) -> QuantizedWeight:
-        """Quantize ``self.weight`` (float32) to ``bits``; ``bits`` is already valid."""
+        return self._quantize_weight(self.weight, bits)
+
+    @abstractmethod
+    def _quantize_weight(
+        self, weight: torch.Tensor, bits: int, keep: torch.Tensor | None = None
+    ) -> QuantizedWeight:
+        """Quantize ``weight`` (float32, ``[out, in]``, not modified) to ``bits``, entries
+        outside ``keep`` held at 0; ``bits`` is already valid."""
 
 
 @COMPRESSORS.register("rtn")
@@ -122,8 +152,13 @@ class RTN(Quantizer):
 
     needs_calibration = False
 
-    def _quantize(self, bits: int) -> QuantizedWeight:
-        return _round_to_nearest(self.weight, bits, self.group_size, self.params.symmetric)
+    def _quantize_weight(
+        self, weight: torch.Tensor, bits: int, keep: torch.Tensor | None = None
+    ) -> QuantizedWeight:
+        if keep is not None:
+            # 0 is on every grid (see _grid), so the pruned entries come back exactly 0.
+            weight = weight.masked_fill(~keep, 0.0)
+        return _round_to_nearest(weight, bits, self.group_size, self.params.symmetric)
 
 
 @COMPRESSORS.register("gptq")
@@ -148,6 +183,13 @@ class GPTQ(HessianCompressor, Quantizer):
 
     Inputs that were always zero keep their weights (rounded to nearest): they do
     not affect the calibration loss, but may be active at inference.
+
+    With a ``keep`` mask (``quantize_weight``) the entries outside it are
+    constrained to 0: each is set to 0 when its column is reached, and what error
+    feedback it had received up to then is passed on to the later columns like a
+    rounding error (as SparseGPT does when it prunes and quantizes jointly). Grids
+    are computed with those entries at 0. The factorisation does not depend on
+    the mask, so it is shared by every mask and bitwidth.
     """
 
     needs_calibration = True
@@ -172,7 +214,9 @@ class GPTQ(HessianCompressor, Quantizer):
             self._factor = (perm, hinv)
         return self._factor
 
-    def _quantize(self, bits: int) -> QuantizedWeight:
+    def _quantize_weight(
+        self, weight: torch.Tensor, bits: int, keep: torch.Tensor | None = None
+    ) -> QuantizedWeight:
         perm, hinv = self._factorise()
         maxq, g, sym = 2**bits - 1, self.group_size, self.params.symmetric
         n_groups = self.columns // g
@@ -180,15 +224,22 @@ class GPTQ(HessianCompressor, Quantizer):
         if lazy_grids:
             scale_t = torch.empty(n_groups, self.rows, device=self.device)
             zero_t = torch.empty_like(scale_t)
-        else:  # one grid per row, or static groups: all grids from the original weight
-            scale, zero = _grid(self.weight.reshape(self.rows, n_groups, g), maxq, sym)
+        else:  # one grid per row, or static groups: all grids from the given weight
+            start = weight if keep is None else weight.masked_fill(~keep, 0.0)
+            scale, zero = _grid(start.reshape(self.rows, n_groups, g), maxq, sym)
             scale_t, zero_t = scale[..., 0].T.contiguous(), zero[..., 0].T.contiguous()
         order = torch.arange(self.columns) if perm is None else perm.cpu()
         group_of = (order // g).tolist()  # group of the i-th processed column
 
         # Work on Wᵀ so that each input column is a contiguous row: the per-column
-        # rank-1 updates are then much faster on CPU.
-        wt = (self.weight if perm is None else self.weight[:, perm]).T.contiguous()
+        # rank-1 updates are then much faster on CPU. Always a copy (a [1, n] weight's
+        # transpose is already contiguous), so the caller's weight is never updated.
+        wt = (weight if perm is None else weight[:, perm]).T.clone(
+            memory_format=torch.contiguous_format
+        )
+        keep_t = None
+        if keep is not None:
+            keep_t = (keep if perm is None else keep[:, perm]).T.contiguous()
         codes_t = torch.empty_like(wt)
         for i1, i2 in _blocks(self.columns, self.params.blocksize, g if lazy_grids else None):
             w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]  # views: updates land in wt
@@ -197,11 +248,16 @@ class GPTQ(HessianCompressor, Quantizer):
             for j in range(i2 - i1):
                 i = i1 + j
                 if lazy_grids and i % g == 0:
-                    s, z = _grid(wt[i : i + g], maxq, sym, dim=0)
+                    block = wt[i : i + g]
+                    if keep_t is not None:
+                        block = block.masked_fill(~keep_t[i : i + g], 0.0)
+                    s, z = _grid(block, maxq, sym, dim=0)
                     scale_t[i // g], zero_t[i // g] = s[0], z[0]
                 s, z = scale_t[group_of[i]], zero_t[group_of[i]]
                 col = w1[j]
-                q = _codes(col, s, z, maxq)
+                # A pruned entry takes the code of 0, which dequantizes to exactly 0; its
+                # error (the feedback it had received) still flows on through e.
+                q = _codes(col if keep_t is None else col.masked_fill(~keep_t[i], 0.0), s, z, maxq)
                 codes_t[i] = q
                 e = (col - _dequantize(q, s, z)) / d[j]
                 w1[j + 1 :].addr_(h1[j, j + 1 :], e, alpha=-1)
@@ -226,7 +282,12 @@ class GPTQ(HessianCompressor, Quantizer):
 def _grid(
     w: torch.Tensor, maxq: int, symmetric: bool, dim: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point of the min-max grid of ``w`` along ``dim`` (kept)."""
+    """Scale and integer zero point of the min-max grid of ``w`` along ``dim`` (kept).
+
+    Zero is always on the grid: the range includes 0 and the zero point is an
+    integer code in ``[0, maxq]``, so a 0 entry gets code ``zero`` and
+    dequantizes to ``scale · 0 = 0`` exactly (asymmetric and symmetric alike).
+    """
     lo = w.amin(dim, keepdim=True).clamp(max=0)
     hi = w.amax(dim, keepdim=True).clamp(min=0)
     if symmetric:

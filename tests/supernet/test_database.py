@@ -3,15 +3,19 @@ import random
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from evocomp.errors import EvocompError
 from evocomp.spaces import SparsitySpace
+from evocomp.supernet.composite import PruneQuantize
 from evocomp.supernet.compressors import COMPRESSORS
 from evocomp.supernet.database import (
     DatabaseSpec,
     build_database,
     capture_block_inputs,
     open_database,
+    variant_key,
+    variant_name,
 )
 from evocomp.supernet.models import model_fingerprint
 from evocomp.supernet.swap import Swapper
@@ -54,6 +58,70 @@ def test_every_variant_has_the_exact_zero_count(built):
             assert int((w == 0).sum()) == zeros
 
 
+def test_int_keys_keep_the_original_tensor_names(built):
+    _, units, _, spec, root = built
+    assert variant_name("a.b", 7) == "a.b@7" and variant_name("a.b", (1024, 3)) == "a.b@1024x3"
+    blocks = {u.block for u in units}
+    with safe_open(str(root / "block_000.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert len(blocks) > 1
+    assert names == {f"{u.name}@{z}" for u in units if u.block == 0 for z in spec.variants[u.name]}
+
+
+def test_variant_keys_normalise_json_lists_and_reject_others():
+    assert variant_key([3, 4]) == (3, 4) and variant_key(5) == 5
+    for bad in ["7", 2.5, (), [1, "x"], None]:
+        with pytest.raises(EvocompError, match="variant key"):
+            variant_key(bad)
+
+
+def test_tuple_keys_store_and_load_prune_quantize_variants(tiny_model, tmp_path):
+    names = ["model.layers.0.self_attn.k_proj", "model.layers.2.mlp.down_proj"]
+    units = [u for u in find_linear_units(tiny_model) if u.name in names]
+    params = PruneQuantize.Params()  # sparsegpt, then gptq
+    variants = {u.name: [(0, 4), (u.numel // 2, 3)] for u in units}
+    spec = DatabaseSpec(
+        model_fingerprint=model_fingerprint(tiny_model),
+        compressor="prune-quantize",
+        compressor_params=params.model_dump(mode="json"),
+        calibration_fingerprint="calib-0",
+        dtype="float32",
+        variants=variants,  # type: ignore[arg-type]
+    )
+    assert build_database(tiny_model, units, spec, tmp_path, _calibration(), params=params,
+                          progress=False)
+    # What JSON gives back (lists) names the same database.
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    again = DatabaseSpec(**{**spec.__dict__, "variants": {
+        name: info["variants"] for name, info in manifest["units"].items()
+    }})
+    assert again.key == spec.key
+    db = open_database(tmp_path, again)
+    for u in units:
+        assert db.variants(u.name) == [(0, 4), (u.numel // 2, 3)]
+        shape = tiny_model.get_submodule(u.name).weight.shape
+        dense = db.get(u.name, (0, 4))
+        # Unpruned: only the weights within half a 4-bit step of 0 (~13%) are zero.
+        assert dense.shape == shape and int((dense == 0).sum()) < u.numel // 4
+        w = db.get(u.name, [u.numel // 2, 3])  # a key as JSON brings it back
+        assert w.shape == shape and int((w == 0).sum()) >= u.numel // 2
+    with pytest.raises(EvocompError, match=r"no variant \(1, 3\) .* holds 2: \(0, 4\)"):
+        db.get(units[0].name, (1, 3))
+    with safe_open(str(tmp_path / "block_002.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == {f"{names[1]}@0x4", f"{names[1]}@{units[1].numel // 2}x3"}
+
+    # Block 0 sees the embeddings, so its unit is easy to recompute directly.
+    layer = tiny_model.get_submodule(names[0])
+    direct = PruneQuantize(layer.weight.detach(), params)
+    handle = layer.register_forward_hook(lambda _m, a, _o: direct.add_batch(a[0]))
+    with torch.inference_mode():
+        for hidden, kw in capture_block_inputs(tiny_model, _calibration(), 4):
+            tiny_model.model.layers[0](hidden, **kw)
+    handle.remove()
+    for key in variants[names[0]]:
+        assert torch.equal(db.get(names[0], key), direct.compress(key))
+
+
 def test_stored_weights_equal_a_direct_compression_of_block_zero(built):
     model, units, _, spec, root = built
     db = open_database(root, spec)
@@ -77,6 +145,19 @@ def test_reopening_with_other_inputs_names_what_differs(built):
     other = DatabaseSpec(**{**spec.__dict__, "calibration_fingerprint": "calib-1"})
     with pytest.raises(EvocompError, match="differs in: calibration"):
         open_database(root, other)
+
+
+def test_a_finished_database_serves_a_subset_of_its_levels(built):
+    model, units, _, spec, root = built
+    fewer = {name: keys[1:3] for name, keys in spec.variants.items()}
+    subset = DatabaseSpec(**{**spec.__dict__, "variants": fewer})
+    db = open_database(root, subset)
+    name, keys = next(iter(fewer.items()))
+    assert int((db.get(name, keys[0]) == 0).sum()) == keys[0]
+    assert not build_database(model, units, subset, root, _calibration(), progress=False)
+    more = {name: [*keys, 1] for name, keys in spec.variants.items()}
+    with pytest.raises(EvocompError, match="differs in: variants"):
+        open_database(root, DatabaseSpec(**{**spec.__dict__, "variants": more}))
 
 
 def test_corrupt_block_file_is_reported(built):
