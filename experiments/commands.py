@@ -129,11 +129,7 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
 
 def _fully_removed_blocks(exp: Experiment, genome: tuple[int, ...]) -> set[int]:
     """Blocks whose every sublayer the genome removes: export leaves them out."""
-    removed = {
-        u.name
-        for i, u in enumerate(exp.space.units)
-        if u.kind in SUBLAYER_KINDS and exp.space.variant(i, genome[i]) is not None
-    }
+    removed = {u.name for u, _ in exp.space.placements(genome) if u.kind in SUBLAYER_KINDS}
     if not removed:
         return set()
     by_block: dict[int, list[str]] = {}

@@ -67,8 +67,8 @@ class Experiment:
     @cached_property
     def space(self) -> SearchSpace:
         spec = self.cfg.space
-        space_cls = SPACES.get(spec.name)
-        wanted = space_cls.compressor_kind
+        space = SPACES.get(spec.name)(self.units, spec.params)
+        wanted = space.compressor_kind
         if wanted is not None:
             have = COMPRESSORS.get(self.cfg.compressor.name).kind
             if have != wanted:
@@ -77,7 +77,6 @@ class Experiment:
                     f"space {spec.name!r} needs a {wanted} compressor ({choices(allowed)}), "
                     f"not compressor.name={self.cfg.compressor.name!r}"
                 )
-        space = space_cls(self.units, spec.params)
         space.check_movable()
         self._check_nm(space)
         return space
@@ -87,7 +86,12 @@ class Experiment:
         if m is None:
             return
         variants = space.variants()
-        if any(k * m % u.numel for u in space.units for k in variants.get(u.name, [])):
+        zeros = [  # composite keys are (zeros, bits)
+            (u, k if isinstance(k, int) else k[0])
+            for u in space.units
+            for k in variants.get(u.name, [])
+        ]
+        if any(z * m % u.numel for u, z in zeros):
             raise EvocompError(
                 f"compressor.nm_group={m} needs space levels that are multiples of 1/{m} "
                 f"(set space.target and space.step to multiples of {1 / m:g})"

@@ -1,8 +1,18 @@
 """evocomp.spaces: WHAT can be searched — genomes, levels, costs and budgets."""
 
-from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.spaces.base import SPACES, Genome, LevelSpace, SearchSpace
 from evocomp.spaces.bits import BitsSpace
 from evocomp.spaces.depth import DepthSpace
+from evocomp.spaces.joint import JointSpace
 from evocomp.spaces.sparsity import SparsitySpace
 
-__all__ = ["SPACES", "BitsSpace", "DepthSpace", "Genome", "SearchSpace", "SparsitySpace"]
+__all__ = [
+    "SPACES",
+    "BitsSpace",
+    "DepthSpace",
+    "Genome",
+    "JointSpace",
+    "LevelSpace",
+    "SearchSpace",
+    "SparsitySpace",
+]

@@ -1,11 +1,14 @@
 """The search-space contract: what a genome is, what it costs, how it may change.
 
-A genome is a tuple of ints, one level per gene. Every space here is a
-``LevelSpace``: each gene has a small table of integer costs (nonzeros kept,
-bits stored, parameters kept), the cost of a genome is the sum, and the budget
-is a bound on that sum. Integer costs make "exactly on budget" checkable, and
-the EvoPress level switch (one gene up, another down by exactly the same cost)
-is then generic across sparsity, bitwidth and depth spaces.
+A genome is a tuple of ints, one level per gene. :class:`SearchSpace` is the
+contract every space keeps (cost, budget, feasible start, budget-keeping
+mutation, repair, and what a genome puts where in the model).
+:class:`LevelSpace` implements it for spaces whose cost is a sum over genes:
+each gene has a small table of integer costs (nonzeros kept, bits stored,
+sublayers removed), so "exactly on budget" is checkable and the EvoPress level
+switch (one gene up, another down by exactly the same cost) is generic across
+sparsity, bitwidth and depth. Joint spaces (:mod:`evocomp.spaces.joint`) keep
+the contract with a cost that multiplies their parts' size factors instead.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -20,13 +24,19 @@ from torch import nn
 
 from evocomp.errors import EvocompError
 from evocomp.registry import Registry
+from evocomp.supernet.database import VariantKey
 from evocomp.supernet.units import Unit, find_linear_units
 
 Genome = tuple[int, ...]
 
+Step = dict[int, int]
+"""A small valid change of a genome: gene -> new level."""
+
 
 class SearchSpace(ABC):
-    """Units × levels plus a budget. Subclasses define the levels and their costs."""
+    """Units × levels plus a budget: the contract optimizers, the Swapper and the
+    runner rely on. A genome is feasible when it is valid (:meth:`is_valid`) and
+    ``cost(genome) <= budget``."""
 
     name: ClassVar[str]
     compressor_kind: ClassVar[str | None] = None
@@ -45,26 +55,110 @@ class SearchSpace(ABC):
         """The units this space searches in ``model`` (default: block linears)."""
         return find_linear_units(model, targets, ignore)
 
-    # -- what subclasses provide -------------------------------------------------
+    # -- what every space provides -------------------------------------------------
+    def __len__(self) -> int:
+        """The number of genes (one per unit unless a space says otherwise)."""
+        return len(self.units)
+
     @abstractmethod
     def n_levels(self, gene: int) -> int:
         """How many levels gene ``gene`` has (levels are 0 .. n-1)."""
 
     @abstractmethod
-    def level_cost(self, gene: int, level: int) -> int:
-        """The integer cost of gene ``gene`` at ``level``."""
+    def cost(self, genome: Genome) -> int:
+        """The integer cost of ``genome`` (nonzeros, stored bits, removed sublayers...)."""
 
     @property
     @abstractmethod
     def budget(self) -> int:
-        """A genome is feasible when ``cost(genome) <= budget``."""
+        """A valid genome is feasible when ``cost(genome) <= budget``."""
 
     @abstractmethod
     def uniform(self) -> Genome:
-        """The baseline: the same compression everywhere (feasible)."""
+        """The baseline and search start: the same compression everywhere (feasible)."""
 
     @abstractmethod
-    def variant(self, gene: int, level: int) -> int | None:
+    def steps(self, genome: Genome) -> list[Step]:
+        """Every smallest change of ``genome`` that keeps it valid, whatever its cost."""
+
+    @abstractmethod
+    def mutate(self, genome: Genome, rng: random.Random, *, switches: int = 1) -> Genome:
+        """A feasible neighbour of a feasible ``genome`` (``switches`` small moves)."""
+
+    @abstractmethod
+    def repair(self, genome: Genome, rng: random.Random) -> Genome:
+        """Any genome (e.g. after crossover) made feasible and brought up to the budget."""
+
+    @abstractmethod
+    def placements(self, genome: Genome) -> list[tuple[Unit, VariantKey]]:
+        """What ``genome`` puts in the model: ``(unit, database key)`` for every unit
+        that leaves the dense model (sublayer units: removed)."""
+
+    @abstractmethod
+    def variants(self) -> dict[str, list[VariantKey]]:
+        """Every database key each unit may need; units that never leave the dense
+        model are absent (an empty dict means no database is needed)."""
+
+    @abstractmethod
+    def describe(self, genome: Genome) -> list[dict[str, Any]]:
+        """One readable row per unit: name, block, and what the genome does to it."""
+
+    # -- shared behaviour ----------------------------------------------------------
+    def is_valid(self, genome: Genome) -> bool:
+        """Right length and every level in range (budget aside)."""
+        return len(genome) == len(self) and all(
+            0 <= g < self.n_levels(i) for i, g in enumerate(genome)
+        )
+
+    def is_feasible(self, genome: Genome) -> bool:
+        return self.is_valid(genome) and self.cost(genome) <= self.budget
+
+    def random(self, rng: random.Random, *, steps: int | None = None) -> Genome:
+        """A random feasible genome: a random walk of mutations from the start, so it
+        keeps the start's use of the budget."""
+        genome = self.uniform()
+        for _ in range(steps if steps is not None else 4 * len(self)):
+            genome = self.mutate(genome, rng)
+        return genome
+
+    @property
+    def baseline_name(self) -> str:
+        """What :meth:`uniform` is, in reports."""
+        return "uniform"
+
+    def check_movable(self) -> None:
+        """Fail early when no mutation moves the start genome (a search could never move)."""
+        rng = random.Random(0)
+        start = self.uniform()
+        if all(self.mutate(start, rng) == start for _ in range(200)):
+            raise EvocompError(
+                f"space {self.name!r} has no budget-preserving level switch: no two units "
+                "can trade cost (add more units via model.targets, or more levels)"
+            )
+
+    def param_names(self) -> list[str]:
+        """One name per gene, for trial stores and Optuna encodings."""
+        return [u.name for u in self.units]
+
+    def size_factor(self, gene: int, level: int) -> Fraction:
+        """The factor by which ``level`` scales the stored size of the linear weights
+        gene ``gene`` covers (kept fraction, bits per weight, 0 when removed). Joint
+        spaces multiply their parts' factors; a space without one cannot join."""
+        raise EvocompError(f"space {self.name!r} cannot be part of a joint space")
+
+
+class LevelSpace(SearchSpace):
+    """A space whose cost is a sum of per-gene integer cost tables. Subclasses
+    define the levels and their costs; level switches, repair, placements and
+    descriptions follow."""
+
+    # -- what subclasses provide -------------------------------------------------
+    @abstractmethod
+    def level_cost(self, gene: int, level: int) -> int:
+        """The integer cost of gene ``gene`` at ``level``."""
+
+    @abstractmethod
+    def variant(self, gene: int, level: int) -> VariantKey | None:
         """The database key of the compressed weight for this level, or ``None``
         when the level leaves the unit as in the dense model."""
 
@@ -73,26 +167,16 @@ class SearchSpace(ABC):
         """Readable values of one gene's level (e.g. ``{"sparsity": 0.55}``)."""
 
     # -- shared behaviour ----------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.units)
-
     def cost(self, genome: Genome) -> int:
         return sum(self.level_cost(i, g) for i, g in enumerate(genome))
 
-    def is_feasible(self, genome: Genome) -> bool:
-        return (
-            len(genome) == len(self)
-            and all(0 <= g < self.n_levels(i) for i, g in enumerate(genome))
-            and self.cost(genome) <= self.budget
-        )
-
-    def random(self, rng: random.Random, *, steps: int | None = None) -> Genome:
-        """A random feasible genome: a random walk of level switches from uniform,
-        so it sits exactly on the budget."""
-        genome = self.uniform()
-        for _ in range(steps if steps is not None else 4 * len(self)):
-            genome = self.mutate(genome, rng)
-        return genome
+    def steps(self, genome: Genome) -> list[Step]:
+        return [
+            {i: g + s}
+            for i, g in enumerate(genome)
+            for s in (-1, 1)
+            if 0 <= g + s < self.n_levels(i)
+        ]
 
     def mutate(self, genome: Genome, rng: random.Random, *, switches: int = 1) -> Genome:
         """EvoPress level switch, ``switches`` times: move one gene a level up or
@@ -159,41 +243,26 @@ class SearchSpace(ABC):
                         break
         return tuple(g)
 
-    @property
-    def baseline_name(self) -> str:
-        """What :meth:`uniform` is, in reports."""
-        return "uniform"
-
-    def check_movable(self) -> None:
-        """Fail early when no level switch exists from the uniform genome (a search
-        could never move)."""
-        rng = random.Random(0)
-        if not any(self._switch(list(self.uniform()), rng) for _ in range(1000)):
-            raise EvocompError(
-                f"space {self.name!r} has no budget-preserving level switch: no two units "
-                "can trade cost (add more units via model.targets, or more levels)"
-            )
-
     def describe(self, genome: Genome) -> list[dict[str, Any]]:
-        """One readable row per gene: unit name, block, level and its values."""
         return [
             {"unit": u.name, "block": u.block, "level": g, **self.describe_level(i, g)}
             for i, (u, g) in enumerate(zip(self.units, genome, strict=True))
         ]
 
-    def variants(self) -> dict[str, list[int]]:
-        """Every database key each unit needs; units that never leave the dense
-        model are absent (an empty dict means no database is needed)."""
-        out: dict[str, list[int]] = {}
+    def variants(self) -> dict[str, list[VariantKey]]:
+        out: dict[str, list[VariantKey]] = {}
         for i, unit in enumerate(self.units):
             keys = {self.variant(i, lvl) for lvl in range(self.n_levels(i))} - {None}
             if keys:
                 out[unit.name] = sorted(k for k in keys if k is not None)
         return out
 
-    def param_names(self) -> list[str]:
-        """One name per gene, for trial stores and Optuna encodings."""
-        return [u.name for u in self.units]
+    def placements(self, genome: Genome) -> list[tuple[Unit, VariantKey]]:
+        return [
+            (u, key)
+            for i, (u, g) in enumerate(zip(self.units, genome, strict=True))
+            if (key := self.variant(i, g)) is not None
+        ]
 
 
 SPACES: Registry[type[SearchSpace]] = Registry("space")

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evocomp.errors import EvocompError
-from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.spaces.base import SPACES, Genome, LevelSpace
 from evocomp.supernet.units import Unit
 
 
 @SPACES.register("bits")
-class BitsSpace(SearchSpace):
+class BitsSpace(LevelSpace):
     """Each linear layer picks a bitwidth from ``bits``; the budget is
     ``target`` bits per weight on average over all searched weights.
 
@@ -22,7 +23,7 @@ class BitsSpace(SearchSpace):
     switch between layers of equal size keeps it unchanged. A target that is one
     of the bitwidths has a true uniform baseline; any other target (2.5, 3.25)
     starts from a seeded greedy allocation just under the budget, and
-    :meth:`SearchSpace.repair` brings any genome back under it.
+    :meth:`LevelSpace.repair` brings any genome back under it.
     """
 
     name = "bits"
@@ -104,6 +105,10 @@ class BitsSpace(SearchSpace):
 
     def describe_level(self, gene: int, level: int) -> dict[str, Any]:
         return {"bits": self.params.bits[level]}
+
+    def size_factor(self, gene: int, level: int) -> Fraction:
+        """Bits per weight."""
+        return Fraction(self.params.bits[level])
 
     def average_bits(self, genome: Genome) -> float:
         return self.cost(genome) / sum(u.numel for u in self.units)

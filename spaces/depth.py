@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from evocomp.errors import EvocompError
-from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.spaces.base import SPACES, Genome, LevelSpace
 from evocomp.supernet.sublayers import SUBLAYER_KINDS, find_sublayer_units
 from evocomp.supernet.units import Unit
 
@@ -44,7 +45,7 @@ _GROUP_BLOCKS = {"sublayer": 0, "block": 1, "pair": 2}
 
 
 @SPACES.register("depth")
-class DepthSpace(SearchSpace):
+class DepthSpace(LevelSpace):
     """Remove exactly ``remove`` attention / MLP sublayers (see the module docstring
     for the cost, budget and granularity design)."""
 
@@ -200,12 +201,32 @@ class DepthSpace(SearchSpace):
     def describe_level(self, gene: int, level: int) -> dict[str, Any]:
         return {"removed": bool(level)}
 
-    def is_feasible(self, genome: Genome) -> bool:
-        """Valid levels, at most ``remove`` sublayers removed (fewer is allowed, see
-        the module docstring), and every group all kept or all removed."""
-        return super().is_feasible(genome) and all(
+    def is_valid(self, genome: Genome) -> bool:
+        """Valid levels, and every group all kept or all removed. (Feasible also
+        means at most ``remove`` removed; fewer is allowed, see the module docstring.)"""
+        return super().is_valid(genome) and all(
             len({genome[i] for i in grp}) == 1 for grp in self.groups
         )
+
+    def steps(self, genome: Genome) -> list[dict[int, int]]:
+        """Remove one kept group, or put back one removed group."""
+        return [{i: 1 - genome[grp[0]] for i in grp} for grp in self.groups]
+
+    def size_factor(self, gene: int, level: int) -> Fraction:
+        """1 while the sublayer is kept, 0 once removed (its weights are gone)."""
+        return Fraction(1 - level)
+
+    def make_whole(self, genome: Genome) -> Genome:
+        """``genome`` with each group removed when at least half its genes are, else
+        kept (levels outside 0/1 count as removed when positive)."""
+        if len(genome) != len(self):
+            raise ValueError(f"genome has {len(genome)} genes, space has {len(self)}")
+        g = list(self.dense())
+        for grp in self.groups:
+            if 2 * sum(1 for i in grp if genome[i] > 0) >= len(grp):
+                for i in grp:
+                    g[i] = 1
+        return tuple(g)
 
     def _switch(self, g: list[int], rng: random.Random) -> bool:
         """Put one removed group back and remove one kept group with the same
@@ -237,13 +258,7 @@ class DepthSpace(SearchSpace):
         is removed when at least half its genes are, random removed groups are put
         back while the count (or a kind's ``quota``) is exceeded, then random kept
         groups are removed (:meth:`can_remove`) until ``remove`` are gone."""
-        if len(genome) != len(self):
-            raise ValueError(f"genome has {len(genome)} genes, space has {len(self)}")
-        g = list(self.dense())
-        for grp in self.groups:
-            if 2 * sum(1 for i in grp if genome[i] > 0) >= len(grp):
-                for i in grp:
-                    g[i] = 1
+        g = list(self.make_whole(genome))
         while True:
             over = self._over(tuple(g))
             if over is None:

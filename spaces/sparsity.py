@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evocomp.errors import EvocompError
-from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.spaces.base import SPACES, Genome, LevelSpace
 from evocomp.supernet.units import Unit
 
 
 @SPACES.register("sparsity")
-class SparsitySpace(SearchSpace):
+class SparsitySpace(LevelSpace):
     """Each linear layer picks a sparsity ``target + k * step`` for
     ``k in -levels .. levels``; the budget is the uniform total of nonzeros.
 
@@ -81,6 +82,11 @@ class SparsitySpace(SearchSpace):
         numel = self.units[gene].numel
         zeros = self._zeros[gene][level]
         return {"sparsity": round(zeros / numel, 6), "nonzeros": numel - zeros}
+
+    def size_factor(self, gene: int, level: int) -> Fraction:
+        """The kept fraction of the layer's weights."""
+        numel = self.units[gene].numel
+        return Fraction(numel - self._zeros[gene][level], numel)
 
     def sparsity(self, genome: Genome) -> float:
         """Overall sparsity of the searched units."""

@@ -28,7 +28,7 @@ class Swapper:
         self.model = model
         self.space = space
         self.database = database
-        self._modules = [model.get_submodule(u.name) for u in space.units]
+        self._modules = {u.name: model.get_submodule(u.name) for u in space.units}
         self._active = False
 
     @contextmanager
@@ -41,18 +41,15 @@ class Swapper:
         removed: list[Unit] = []
         self._active = True
         try:
-            for i, level in enumerate(genome):
-                key = self.space.variant(i, level)
-                if key is None:
-                    continue
-                if self.space.units[i].kind in SUBLAYER_KINDS:
-                    removed.append(self.space.units[i])  # depth: skipped, no database
+            for unit, key in self.space.placements(genome):
+                if unit.kind in SUBLAYER_KINDS:
+                    removed.append(unit)  # depth: skipped, no database
                     continue
                 if self.database is None:
                     raise RuntimeError("this space needs a variant database")
-                module = self._modules[i]
+                module = self._modules[unit.name]
                 original = module.weight.data
-                variant = self.database.get(self.space.units[i].name, key, device=original.device)
+                variant = self.database.get(unit.name, key, device=original.device)
                 if variant.dtype != original.dtype:
                     variant = variant.to(original.dtype)
                 module.weight.data = variant

@@ -45,8 +45,14 @@ def test_search_eval_export_reload(tmp_path, tiny_model_dir, capsys):
     cfg = _config(tmp_path, tiny_model_dir)
     assert main(["-q", "search", cfg]) == 0
     run = tmp_path / "runs" / "tiny"
-    for name in ("config.yaml", "trials.db", "trials.parquet", "best.json", "eval.json",
-                 "search.log"):
+    for name in (
+        "config.yaml",
+        "trials.db",
+        "trials.parquet",
+        "best.json",
+        "eval.json",
+        "search.log",
+    ):
         assert (run / name).exists(), name
     best = json.loads((run / "best.json").read_text())
     assert best["cost"] == best["budget"]
@@ -133,7 +139,10 @@ def test_resume_after_a_kill_reevaluates_nothing(tmp_path, tiny_model_dir, monke
     "overrides, message",
     [
         (["model.name=/no/such/model"], "does not exist"),
-        (["compressor.name=obs"], "allowed: 'gptq', 'magnitude', 'rtn', 'sparsegpt', 'wanda'"),
+        (
+            ["compressor.name=obs"],
+            "allowed: 'gptq', 'magnitude', 'prune-quantize', 'rtn', 'sparsegpt', 'wanda'",
+        ),
         (["space.target=1.3"], "space: "),
         (["space.levels=9"], "at most 5 levels fit"),
         (["serch.generations=3"], "did you mean 'search'"),
@@ -144,8 +153,9 @@ def test_resume_after_a_kill_reevaluates_nothing(tmp_path, tiny_model_dir, monke
         (["data.search=100000"], "has 5024 sequences of 64 tokens"),
     ],
 )
-def test_bad_input_exits_2_with_a_clear_message(tmp_path, tiny_model_dir, capsys, overrides,
-                                                message):
+def test_bad_input_exits_2_with_a_clear_message(
+    tmp_path, tiny_model_dir, capsys, overrides, message
+):
     cfg = _config(tmp_path, tiny_model_dir)
     args = ["-q", "search", cfg]
     for o in overrides:
@@ -183,8 +193,9 @@ def test_database_is_built_once_and_reused(tmp_path, tiny_model_dir):
     assert not math.isnan(json.loads((tmp_path / "runs/tiny/best.json").read_text())["fitness"])
 
 
-def test_database_built_for_other_inputs_is_refused_not_overwritten(tmp_path, tiny_model_dir,
-                                                                     capsys):
+def test_database_built_for_other_inputs_is_refused_not_overwritten(
+    tmp_path, tiny_model_dir, capsys
+):
     cfg = _config(tmp_path, tiny_model_dir)
     assert main(["-q", "database", "build", cfg]) == 0
     manifest = (tmp_path / "db" / "manifest.json").read_bytes()
