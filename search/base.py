@@ -70,15 +70,24 @@ class GeneratorOptimizer(Optimizer):
     def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
         super().__init__(space, params, seed=seed)
         self._loop = self.run()
-        self._pending: list[Request] | None = next(self._loop, None)
+        self._pending: list[Request] | None = None
+        self._started = False
 
     @abstractmethod
     def run(self) -> Generator[list[Request], list[float], None]: ...
 
+    def _start(self) -> None:
+        # Lazily, so that run() sees what prepare() measured.
+        if not self._started:
+            self._started = True
+            self._pending = next(self._loop, None)
+
     def ask(self) -> list[Request]:
+        self._start()
         return list(self._pending or [])
 
     def tell(self, fitness: list[float]) -> None:
+        self._start()
         if self._pending is None:
             raise RuntimeError("the search is over; nothing was asked")
         if len(fitness) != len(self._pending):

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Generator
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
 
+from evocomp.errors import choices
 from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Request
+from evocomp.search.baselines import OneShot
+from evocomp.spaces.base import Genome
+
+
+def _one_shot_names() -> list[str]:
+    return [n for n in OPTIMIZERS.names() if issubclass(OPTIMIZERS.get(n), OneShot)]
 
 
 class Stage(BaseModel):
@@ -36,9 +45,25 @@ class EvoPress(GeneratorOptimizer):
         init_samples: int = Field(
             0, ge=0, description="start from the best of uniform + N random feasible genomes"
         )
+        start_from: list[str] = Field(
+            default_factory=list,
+            description="one-shot baselines whose genomes also compete for the start "
+            "(e.g. [shortgpt] for depth)",
+        )
         stages: list[Stage] = Field(
             default_factory=lambda: [Stage(tokens=1024, keep=4), Stage(tokens=4096, keep=1)]
         )
+
+        @field_validator("start_from")
+        @classmethod
+        def _one_shot(cls, names: list[str]) -> list[str]:
+            for name in names:
+                if name not in _one_shot_names():
+                    raise ValueError(
+                        f"start_from: {name!r} is not a one-shot baseline; "
+                        f"choose {choices(_one_shot_names())}"
+                    )
+            return names
 
         @model_validator(mode="after")
         def _stages_sieve(self) -> EvoPress.Params:
@@ -62,10 +87,23 @@ class EvoPress(GeneratorOptimizer):
     def progress(self) -> tuple[int, int]:
         return self.generation, self.params.generations
 
+    def prepare(self, model: nn.Module, calibration_tokens: torch.Tensor) -> None:
+        """Compute the ``start_from`` baselines' genomes (ShortGPT measures the model)."""
+        self._seeded: list[Genome] = []
+        for name in self.params.start_from:
+            cls = OPTIMIZERS.get(name)
+            baseline = cls(self.space, cls.Params(), seed=0)
+            baseline.prepare(model, calibration_tokens)
+            assert isinstance(baseline, OneShot)
+            self._seeded.append(baseline.genome())
+
     def run(self) -> Generator[list[Request], list[float], None]:
         p = self.params
         final = p.stages[-1].tokens
-        starts = [self.space.uniform()] + [
+        if p.start_from and not hasattr(self, "_seeded"):
+            raise RuntimeError("start_from needs prepare(model, calibration_tokens) first")
+        seeded = [g for g in getattr(self, "_seeded", []) if g != self.space.uniform()]
+        starts = [self.space.uniform(), *dict.fromkeys(seeded)] + [
             self.space.random(self.rng) for _ in range(p.init_samples)
         ]
         scores = yield [Request(g, final) for g in starts]

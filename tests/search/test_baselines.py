@@ -145,3 +145,26 @@ def test_depth_baselines_reject_other_spaces():
         with pytest.raises(EvocompError, match="space.name: depth"):
             cls(sparsity, cls.Params())
     assert DropLast(sparsity, DropLast.Params()).ask()[0].genome == sparsity.uniform()
+
+
+def test_evopress_can_start_from_the_shortgpt_genome():
+    from evocomp.search.evopress import EvoPress
+
+    model = tiny_llama()
+    with torch.no_grad():  # block 1 barely writes into the residual stream
+        model.model.layers[1].self_attn.o_proj.weight.mul_(0.01)
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.01)
+    space = DepthSpace(DepthSpace.find_units(model), DepthSpace.Params(remove=2))
+    params = EvoPress.Params(generations=0, start_from=["shortgpt"],
+                             stages=[{"tokens": 64, "keep": 1}])
+    opt = EvoPress(space, params)
+    with pytest.raises(RuntimeError, match="prepare"):
+        opt.ask()
+    opt = EvoPress(space, params)
+    opt.prepare(model, TOKENS)
+    batches = _drive(opt, _damage)
+    shortgpt = (0, 0, 1, 1, 0, 0, 0, 0)
+    assert [r.genome for r in batches[0]] == [space.uniform(), shortgpt]
+    assert opt.best_genome == shortgpt  # damage 0.5 + 6.0 beats drop-last's 0.3 + 8.0
+    with pytest.raises(ValidationError, match="not a one-shot baseline; choose"):
+        EvoPress.Params(start_from=["sleb"])
