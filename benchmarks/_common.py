@@ -14,6 +14,9 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+DEVICE = os.environ.get("EVOCOMP_BENCH_DEVICE", "cpu")
+"""Where benchmarks run (``EVOCOMP_BENCH_DEVICE=cuda``); figures from a device other
+than the CPU go to ``results/<name>.<device>.json``, beside the CPU ones."""
 
 
 def machine() -> dict[str, Any]:
@@ -40,7 +43,8 @@ def machine() -> dict[str, Any]:
 def write_result(name: str, figures: dict[str, Any]) -> Path:
     """Write benchmarks/results/<name>.json with the command, machine and date."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    suffix = "" if DEVICE == "cpu" else "." + DEVICE.split(":")[0]
+    path = RESULTS / f"{name}{suffix}.json"
     payload = {
         **figures,
         "command": " ".join(["python", *sys.argv]),
@@ -77,10 +81,11 @@ def timed_search(config: str, overrides: list[str], loaded: Any = None) -> tuple
     from evocomp.config import load_config
     from evocomp.runner import Experiment, prepare_run_dir, run_search
 
-    cfg = load_config(config, [*overrides, "final_eval.enabled=false"])
+    cfg = load_config(config, [*overrides, f"model.device={DEVICE}", "final_eval.enabled=false"])
     exp = Experiment(cfg, progress=False)
     if loaded is not None:
         exp.loaded = loaded  # one model load for every search of a benchmark
+    _ = exp.database, exp.evaluator  # built or loaded outside the timed search
     started = time.perf_counter()
     result = run_search(exp, prepare_run_dir(cfg, resume=False))
     return exp, result, time.perf_counter() - started

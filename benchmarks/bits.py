@@ -27,27 +27,37 @@ def main() -> None:
     results, loaded = {}, None
     for target in args.targets:
         with tempfile.TemporaryDirectory() as tmp:
-            exp, result, search_s = timed_search("bits", [
-                f"space.target={target}",
-                f"search.generations={args.generations}",
-                f"search.init_samples={0 if target == int(target) else 8}",
-                f"run_dir={tmp}/run",
-            ], loaded)
+            exp, result, search_s = timed_search(
+                "bits",
+                [
+                    f"space.target={target}",
+                    f"search.generations={args.generations}",
+                    f"search.init_samples={0 if target == int(target) else 8}",
+                    f"run_dir={tmp}/run",
+                ],
+                loaded,
+            )
             loaded = exp.loaded
             rnd = RandomSearch(exp.space, RandomSearch.Params(samples=args.random), seed=1)
             while requests := rnd.ask():
                 rnd.tell([exp.evaluate(r.genome, r.tokens)[0]["kl"] for r in requests])
-            figures = heldout_metrics(exp, {
-                "dense": None,
-                exp.space.baseline_name: exp.space.uniform(),
-                f"best_of_{args.random}_random": rnd.best_genome,
-                "searched": result.best,
-            })
+            figures = heldout_metrics(
+                exp,
+                {
+                    "dense": None,
+                    exp.space.baseline_name: exp.space.uniform(),
+                    f"best_of_{args.random}_random": rnd.best_genome,
+                    "searched": result.best,
+                },
+            )
             results[str(target)] = {
                 **figures,
                 "budget": {"average_bits": target, "achieved": exp.space.average_bits(result.best)},
-                "search": {"generations": args.generations, "evaluations": result.evaluations,
-                           "seconds": round(search_s, 1)},
+                "search": {
+                    "generations": args.generations,
+                    "evaluations": result.evaluations,
+                    "seconds": round(search_s, 1),
+                },
             }
     write_result("bits", {"targets": results, "heldout_tokens": 8192, "compressor": "gptq g64"})
 

@@ -40,16 +40,23 @@ def main() -> None:
     for g in genomes:
         exp.evaluate(g, args.tokens)
 
+    def sync() -> None:  # CUDA runs asynchronously: time finished work only
+        if exp.model.device.type == "cuda":
+            torch.cuda.synchronize()
+
     dense, apply_only, candidate = [], [], []
     for g in genomes:  # interleaved, so machine noise hits both alike
+        sync()
         started = time.perf_counter()
         with torch.inference_mode():
             for batch in tokens.split(ev.batch_size):
                 forward_logits(exp.model, batch)
+        sync()
         dense.append(time.perf_counter() - started)
         started = time.perf_counter()
         with exp.swapper.apply(g):
             pass
+        sync()
         apply_only.append(time.perf_counter() - started)
         candidate.append(exp.evaluate(g, args.tokens)[1])
 

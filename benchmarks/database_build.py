@@ -39,7 +39,9 @@ print(json.dumps({"load_s": load_s, "build_s": build_s, "peak_rss_gb": rss}))
 def _child(config: str, mode: str, overrides: list[str]) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, config, mode, *overrides],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 

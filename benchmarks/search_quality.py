@@ -33,8 +33,9 @@ def main() -> None:
         baseline_cfg = cfg.model_copy(
             update={
                 "compressor": type(cfg.compressor)(name=name),
-                "space": type(cfg.space)(name=cfg.space.name, **{
-                    **cfg.space.params.model_dump(), "levels": 1}),
+                "space": type(cfg.space)(
+                    name=cfg.space.name, **{**cfg.space.params.model_dump(), "levels": 1}
+                ),
                 "database": cfg.database.model_copy(update={"path": None}),
             }
         )
