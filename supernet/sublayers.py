@@ -293,8 +293,11 @@ def without_blocks(model: nn.Module, blocks: set[int]) -> Iterator[nn.Module]:
     parent = model.get_submodule(parent_path)
     kept = [layer for i, layer in enumerate(layers) if i not in blocks]
     config = model.config
-    saved = {k: getattr(config, k) for k in ("num_hidden_layers", "layer_types")
-             if getattr(config, k, None) is not None}
+    saved = {
+        k: getattr(config, k)
+        for k in ("num_hidden_layers", "layer_types")
+        if getattr(config, k, None) is not None
+    }
     indices = [(m, m.layer_idx) for m in model.modules() if hasattr(m, "layer_idx")]
     setattr(parent, attr, nn.ModuleList(kept))
     config.num_hidden_layers = len(kept)
