@@ -59,7 +59,18 @@ def main() -> None:
                     "seconds": round(search_s, 1),
                 },
             }
-    write_result("bits", {"targets": results, "heldout_tokens": 8192, "compressor": "gptq g64"})
+    first = results[str(args.targets[0])]  # top level: the first target, as in the other JSONs
+    write_result(
+        "bits",
+        {
+            "ppl": first["ppl"],
+            "kl": first["kl"],
+            "budget": first["budget"],
+            "targets": results,
+            "heldout_tokens": 8192,
+            "compressor": "gptq g64",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -266,10 +266,15 @@ class DepthSpace(LevelSpace):
             k = rng.choice(over)
             for i in self.groups[k]:
                 g[i] = 0
+        restarted = False
         while self.cost(tuple(g)) < self.budget:
             options = [k for k in range(len(self.groups)) if self.can_remove(tuple(g), k)]
-            if not options:  # mixed group sizes (odd pairs): the rest is out of reach
-                g = list(self.dense())
+            if not options:
+                # Mixed group sizes (odd pairs): the rest is out of reach from here.
+                # From dense it never is: can_remove keeps the remainder reachable.
+                if restarted:
+                    raise RuntimeError("depth repair: the budget is unreachable from dense")
+                g, restarted = list(self.dense()), True
                 continue
             for i in self.groups[rng.choice(options)]:
                 g[i] = 1
