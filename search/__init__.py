@@ -2,7 +2,9 @@
 
 from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Optimizer, Request
 from evocomp.search.baselines import SLEB, DropLast, ShortGPT
+from evocomp.search.bayesian import OptunaSearch
 from evocomp.search.evopress import EvoPress, Stage
+from evocomp.search.genetic import GeneticAlgorithm
 from evocomp.search.random_search import RandomSearch
 from evocomp.search.store import Record, TrialStore
 
@@ -12,7 +14,9 @@ __all__ = [
     "DropLast",
     "EvoPress",
     "GeneratorOptimizer",
+    "GeneticAlgorithm",
     "Optimizer",
+    "OptunaSearch",
     "RandomSearch",
     "Record",
     "Request",

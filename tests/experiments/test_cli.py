@@ -147,7 +147,10 @@ def test_resume_after_a_kill_reevaluates_nothing(tmp_path, tiny_model_dir, monke
         (["space.levels=9"], "at most 5 levels fit"),
         (["serch.generations=3"], "did you mean 'search'"),
         (["search.generation=3"], "did you mean 'generations'"),
-        (["search.name=cmaes"], "allowed: 'drop-last', 'evopress', 'random', 'shortgpt', 'sleb'"),
+        (
+            ["search.name=cmaes"],
+            "allowed: 'drop-last', 'evopress', 'ga', 'optuna', 'random', 'shortgpt', 'sleb'",
+        ),
         (["data.corpus=nope"], "allowed:"),
         (["model.dtype=float8"], "model.dtype"),
         (["data.search=100000"], "has 5024 sequences of 64 tokens"),

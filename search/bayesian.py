@@ -1,0 +1,194 @@
+"""Model-based search with Optuna's samplers (TPE, Gaussian process, random),
+driven through ``study.ask()`` / ``study.tell()``.
+
+Design
+------
+* **Encoding.** One ``IntDistribution(0, n_levels - 1)`` per gene, named by
+  :meth:`~evocomp.spaces.base.SearchSpace.param_names`: levels are ordered (by
+  cost), so an integer keeps neighbouring levels close for TPE and the GP. The
+  study lives in memory; the runner records every evaluation in its own trial
+  store, and a resumed run rebuilds the study by replay.
+* **Repair, and the budget as a constraint.** A sampler proposes any levels, so
+  each proposal is repaired (:meth:`~evocomp.spaces.base.SearchSpace.repair`:
+  feasible, spending the budget, depth groups whole) and the *repaired* genome is
+  what is asked for, recorded and scored; nothing infeasible reaches the runner.
+  The sampler is told two things. (1) The proposal's trial gets the repaired
+  genome's fitness (its objective is "what this proposal becomes") and the
+  constraint ``(cost(proposal) - budget) / budget``: positive over budget, so
+  constrained TPE ranks over-budget proposals by their excess alone and the GP
+  fits a feasibility model: both learn where the budget lies instead of
+  wasting proposals on it. (2) When repair changed the genome, the repaired genome
+  is added as a trial of its own (feasible, same fitness), so the model also
+  sees the point that was really evaluated.
+* **No genome twice.** Proposals whose repaired genome was evaluated before are
+  told the known fitness at once and cost no evaluation; proposals that repair
+  onto a genome already in the batch share its evaluation. ``trials`` counts
+  evaluations. A search whose sampler keeps proposing known genomes stops early.
+* **Start.** The space's uniform genome is enqueued as the first trial (the
+  baseline every run records).
+* **Determinism.** Samplers are seeded from the optimizer's seed and repair draws
+  from the optimizer's ``random.Random(seed)``, so the same seed and fitness
+  values give the same requests (resume replays them). ``batch`` trials are
+  asked before any is told; TPE uses its constant liar and the GP its batch
+  acquisition for the ones still running.
+* **Optuna 4 and 5.** Optuna 5 takes constraints per trial
+  (``Trial.set_constraint``) and deprecates the samplers' ``constraints_func``,
+  which optuna 4 needs; both are handled (:data:`_SET_CONSTRAINT`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Generator
+from typing import Any, Literal
+
+import optuna
+from optuna.distributions import IntDistribution
+from optuna.trial import FrozenTrial, Trial
+from pydantic import BaseModel, ConfigDict, Field
+
+from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Request
+from evocomp.spaces.base import Genome, SearchSpace
+
+_SET_CONSTRAINT = hasattr(Trial, "set_constraint")
+"""Optuna >= 5: constraints are set on the trial; before, a ``constraints_func``
+reads them back from a user attribute after each trial."""
+
+_CONSTRAINT = "budget"
+_USER_ATTR = "evocomp:budget_excess"
+
+_STALE_BATCHES = 16
+"""Stop after this many batches' worth of proposals that found no new genome."""
+
+
+def _budget_constraint(trial: FrozenTrial) -> tuple[float]:
+    """Optuna 4's ``constraints_func`` (module level, so samplers stay picklable)."""
+    return (trial.user_attrs[_USER_ATTR],)
+
+
+def _constraint_attrs(value: float) -> dict[str, Any]:
+    """The system attributes that hold a constraint for an added trial."""
+    return {f"constraints:{_CONSTRAINT}": value} if _SET_CONSTRAINT else {"constraints": (value,)}
+
+
+@OPTIMIZERS.register("optuna")
+class OptunaSearch(GeneratorOptimizer):
+    """An Optuna sampler (``tpe``, ``gp`` or ``random``) over the genes' levels;
+    proposals are repaired onto the budget and the sampler learns the budget as a
+    constraint. See the module docstring for the design."""
+
+    name = "optuna"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        sampler: Literal["tpe", "gp", "random"] = Field(
+            "tpe", description="tpe (TPESampler), gp (GPSampler, small spaces), random"
+        )
+        trials: int = Field(128, ge=1, description="evaluations (distinct genomes)")
+        tokens: int = Field(2048, gt=0, description="evaluation tokens per genome")
+        batch: int = Field(8, ge=1, description="trials asked before any is told")
+        startup: int = Field(16, ge=0, description="random trials before the model (n_startup)")
+
+    params: Params
+
+    def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
+        super().__init__(space, params, seed=seed)
+        self._seed = seed
+        self._fitness: dict[Genome, float] = {}
+        self._done = 0
+        self.study: optuna.Study | None = None  # set when the search starts
+        names = space.param_names()
+        if len(set(names)) != len(names):
+            names = [f"{i}:{n}" for i, n in enumerate(names)]
+        self._names = names
+        self._dists = {n: IntDistribution(0, space.n_levels(i) - 1) for i, n in enumerate(names)}
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        return self._done, self.params.trials
+
+    def _sampler(self) -> optuna.samplers.BaseSampler:
+        p, seed = self.params, self._seed
+        extra = {} if _SET_CONSTRAINT else {"constraints_func": _budget_constraint}
+        with warnings.catch_warnings():  # optuna 4 flags these arguments experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if p.sampler == "tpe":
+                return optuna.samplers.TPESampler(
+                    seed=seed,
+                    n_startup_trials=p.startup,
+                    multivariate=True,
+                    constant_liar=True,
+                    **extra,
+                )
+            if p.sampler == "gp":
+                return optuna.samplers.GPSampler(seed=seed, n_startup_trials=p.startup, **extra)
+            return optuna.samplers.RandomSampler(seed=seed)
+
+    def _excess(self, genome: Genome) -> float:
+        budget = self.space.budget
+        return (self.space.cost(genome) - budget) / max(abs(budget), 1)
+
+    def _tell(self, study: optuna.Study, trial: Trial, proposed: Genome, fitness: float) -> None:
+        excess = self._excess(proposed)
+        if _SET_CONSTRAINT:
+            trial.set_constraint(_CONSTRAINT, excess)
+        else:
+            trial.set_user_attr(_USER_ATTR, excess)
+        if math.isfinite(fitness):
+            study.tell(trial, fitness)
+        else:  # e.g. a diverged model: the sampler learns nothing from it
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    def _add(self, study: optuna.Study, genome: Genome, fitness: float) -> None:
+        """Record an evaluated genome that no proposal named exactly."""
+        if not math.isfinite(fitness):
+            return
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=dict(zip(self._names, genome, strict=True)),
+                distributions=self._dists,
+                value=fitness,
+                system_attrs=_constraint_attrs(self._excess(genome)),
+                user_attrs={} if _SET_CONSTRAINT else {_USER_ATTR: self._excess(genome)},
+            )
+        )
+
+    def run(self) -> Generator[list[Request], list[float], None]:
+        p = self.params
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # as the trial store does
+        study = optuna.create_study(direction="minimize", sampler=self._sampler())
+        self.study = study  # for inspection (plots, tests); rebuilt by every replay
+        study.enqueue_trial(dict(zip(self._names, self.space.uniform(), strict=True)))
+        in_study: set[Genome] = set()  # genomes some trial of the study names exactly
+        stale = 0
+        while self._done < p.trials and stale < _STALE_BATCHES * p.batch:
+            want = min(p.batch, p.trials - self._done)
+            pending: list[tuple[Trial, Genome, Genome]] = []
+            new: list[Genome] = []
+            while len(new) < want and stale < _STALE_BATCHES * p.batch:
+                trial = study.ask(self._dists)
+                proposed = tuple(int(trial.params[n]) for n in self._names)
+                repaired = self.space.repair(proposed, self.rng)
+                in_study.add(proposed)
+                if repaired in self._fitness:  # known: no evaluation, tell at once
+                    self._tell(study, trial, proposed, self._fitness[repaired])
+                    stale += 1
+                    continue
+                pending.append((trial, proposed, repaired))
+                if repaired not in new:
+                    new.append(repaired)
+                    stale = 0
+            if not new:
+                break
+            scores = yield [Request(g, p.tokens) for g in new]
+            for g, score in zip(new, scores, strict=True):
+                self._fitness[g] = score
+                self.consider(g, score)
+            self._done += len(new)
+            for trial, proposed, repaired in pending:
+                self._tell(study, trial, proposed, self._fitness[repaired])
+            for g in new:
+                if g not in in_study:
+                    self._add(study, g, self._fitness[g])
+                    in_study.add(g)
