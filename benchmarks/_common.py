@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -38,6 +39,17 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def add_overrides(ap: argparse.ArgumentParser) -> None:
+    """``--set k=v`` (repeatable): config overrides applied to every run of a benchmark."""
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="config overrides for every run (e.g. evaluator.batch_size=4)",
+    )
 
 
 def write_result(name: str, figures: dict[str, Any]) -> Path:

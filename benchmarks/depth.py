@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from _common import heldout_metrics, timed_search, write_result
+from _common import add_overrides, heldout_metrics, timed_search, write_result
 
 
 def main() -> None:
@@ -24,13 +24,7 @@ def main() -> None:
     ap.add_argument("--offspring", type=int, default=8)
     ap.add_argument("--swap", default="same-kind", choices=["same-kind", "any"])
     ap.add_argument("--start-from", nargs="*", default=[], help="one-shot baselines")
-    ap.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        help="config overrides for every run (e.g. evaluator.batch_size=4)",
-    )
+    add_overrides(ap)
     args = ap.parse_args()
     searched = [
         f"search.generations={args.generations}",

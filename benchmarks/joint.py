@@ -19,19 +19,13 @@ import argparse
 import tempfile
 from collections import Counter
 
-from _common import heldout_metrics, timed_search, write_result
+from _common import add_overrides, heldout_metrics, timed_search, write_result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--generations", type=int, default=16)
-    ap.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        help="config overrides for every run (e.g. evaluator.batch_size=4)",
-    )
+    add_overrides(ap)
     args = ap.parse_args()
     gens = f"search.generations={args.generations}"
     sparsity_part = "{name: sparsity, target: 0.25, step: 0.125, levels: 2}"
