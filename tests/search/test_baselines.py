@@ -155,8 +155,9 @@ def test_evopress_can_start_from_the_shortgpt_genome():
         model.model.layers[1].self_attn.o_proj.weight.mul_(0.01)
         model.model.layers[1].mlp.down_proj.weight.mul_(0.01)
     space = DepthSpace(DepthSpace.find_units(model), DepthSpace.Params(remove=2))
-    params = EvoPress.Params(generations=0, start_from=["shortgpt"],
-                             stages=[{"tokens": 64, "keep": 1}])
+    params = EvoPress.Params(
+        generations=0, start_from=["shortgpt"], stages=[{"tokens": 64, "keep": 1}]
+    )
     opt = EvoPress(space, params)
     with pytest.raises(RuntimeError, match="prepare"):
         opt.ask()

@@ -1,79 +1,34 @@
-import json
-
 import pytest
-import yaml
+from landscapes import (
+    cli_search,
+    depth_space,
+    drive,
+    joint_space,
+    loss,
+    random_best,
+    sparsity_space,
+)
 from pydantic import ValidationError
 
-from evocomp.cli import main
-from evocomp.search import OPTIMIZERS, OptunaSearch, RandomSearch
-from evocomp.spaces import DepthSpace, JointSpace, SparsitySpace
+from evocomp.search import OPTIMIZERS, OptunaSearch
+from evocomp.spaces import SparsitySpace
 from evocomp.supernet.units import Unit
-
-# A synthetic landscape with uneven layer sensitivity: layer i hurts in proportion
-# to WEIGHTS[i] * sparsity^2, so the optimum moves sparsity to the robust layers.
-WEIGHTS = [8.0, 8.0, 4.0, 4.0, 1.0, 1.0, 0.5, 0.5, 0.1, 0.1]
-
-
-def _sparsity() -> SparsitySpace:
-    units = [Unit(f"l{i}", "linear", i, (16, 16)) for i in range(len(WEIGHTS))]
-    return SparsitySpace(units, SparsitySpace.Params(target=0.5, step=0.1, levels=4))
-
-
-def _depth() -> DepthSpace:
-    units = [Unit(f"b{b}.{k}", k, b, (64, 64)) for b in range(10) for k in ("attn", "mlp")]
-    return DepthSpace(units, DepthSpace.Params(remove=6, granularity="block"))
-
-
-def _joint() -> JointSpace:
-    units = [
-        Unit(f"model.layers.{b}.{name}", "linear", b, shape)
-        for b in range(3)
-        for name, shape in [("self_attn.o_proj", (32, 32)), ("mlp.down_proj", (32, 64))]
-    ]
-    parts = [
-        {"name": "sparsity", "target": 0.5, "step": 0.125, "levels": 2},
-        {"name": "bits", "bits": [2, 3, 4, 5, 6], "target": 4},
-    ]
-    return JointSpace(units, JointSpace.Params(spaces=parts))
-
-
-def _loss(space, genome) -> float:
-    if isinstance(space, SparsitySpace):
-        rows = space.describe(genome)
-        return sum(w * r["sparsity"] ** 2 for w, r in zip(WEIGHTS[: len(rows)], rows, strict=True))
-    return sum((1 + i % 5) * g for i, g in enumerate(genome))
-
-
-def _drive(opt, space):
-    asked = []
-    while requests := opt.ask():
-        for r in requests:
-            assert space.is_feasible(r.genome), r.genome
-        asked += requests
-        opt.tell([_loss(space, r.genome) for r in requests])
-    return asked
 
 
 def _search(space, seed=0, **params):
     opt = OptunaSearch(space, OptunaSearch.Params(**params), seed=seed)
-    return opt, _drive(opt, space)
-
-
-def _random_best(space, seed, samples) -> float:
-    rnd = RandomSearch(space, RandomSearch.Params(samples=samples, tokens=64), seed=seed)
-    _drive(rnd, space)
-    return rnd.best_fitness
+    return opt, drive(opt, space)
 
 
 def test_tpe_beats_random_search_at_equal_evaluations():
     tpe, rnd = [], []
     for seed in range(2):
-        space = _sparsity()
+        space = sparsity_space()
         opt, asked = _search(space, seed, trials=128, startup=32, tokens=64)
         assert len(asked) == 128 and opt.progress == (128, 128)
         assert space.cost(opt.best_genome) <= space.budget
         tpe.append(opt.best_fitness)
-        rnd.append(_random_best(_sparsity(), seed, len(asked)))
+        rnd.append(random_best(sparsity_space(), seed, len(asked)))
     assert sum(tpe) < 0.85 * sum(rnd), (tpe, rnd)
 
 
@@ -92,7 +47,9 @@ def test_gp_is_feasible_and_deterministic():
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
-@pytest.mark.parametrize("make", [_depth, _joint], ids=["depth-block", "joint-sparsity-bits"])
+@pytest.mark.parametrize(
+    "make", [depth_space, joint_space], ids=["depth-block", "joint-sparsity-bits"]
+)
 def test_every_request_is_feasible_and_new(make, sampler):
     space = make()
     opt, asked = _search(space, 0, sampler=sampler, trials=24, startup=8, batch=4, tokens=64)
@@ -101,7 +58,7 @@ def test_every_request_is_feasible_and_new(make, sampler):
     assert len(set(genomes)) == len(genomes)  # never the same genome twice
     assert genomes[0] == space.uniform()  # the enqueued baseline
     assert all(len(batch) <= 4 for batch in [genomes[i : i + 4] for i in range(0, 24, 4)])
-    assert opt.best_fitness == min(_loss(space, g) for g in genomes)
+    assert opt.best_fitness == min(loss(space, g) for g in genomes)
 
 
 def _constraints(trial) -> list[float]:
@@ -111,7 +68,7 @@ def _constraints(trial) -> list[float]:
 
 
 def test_sampler_learns_the_budget_as_a_constraint():
-    space = _sparsity()
+    space = sparsity_space()
     opt, asked = _search(space, 0, trials=32, startup=8, tokens=64)
     trials = opt.study.trials
     evaluated = {r.genome for r in asked}
@@ -130,16 +87,16 @@ def test_sampler_learns_the_budget_as_a_constraint():
 
 
 def test_same_seed_same_requests_other_seed_other_path():
-    runs = [_search(_sparsity(), seed, trials=24, startup=8)[1] for seed in (3, 3, 4)]
+    runs = [_search(sparsity_space(), seed, trials=24, startup=8)[1] for seed in (3, 3, 4)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
 
 def test_replay_from_recorded_fitness_gives_the_same_search():
     """What resume does: a fresh optimizer with the seed, fed the stored fitness."""
-    space = _sparsity()
+    space = sparsity_space()
     first, asked = _search(space, 5, trials=24, startup=8)
-    stored = {r.genome: _loss(space, r.genome) for r in asked}
+    stored = {r.genome: loss(space, r.genome) for r in asked}
     replay = OptunaSearch(space, OptunaSearch.Params(trials=24, startup=8), seed=5)
     again = []
     while requests := replay.ask():
@@ -157,11 +114,11 @@ def test_a_search_that_finds_nothing_new_stops():
 
 
 def test_non_finite_fitness_fails_the_trial_without_stopping_the_search():
-    space = _sparsity()
+    space = sparsity_space()
     opt = OptunaSearch(space, OptunaSearch.Params(trials=8, startup=2, batch=4), seed=0)
     while requests := opt.ask():
         opt.tell(
-            [float("nan") if i == 0 else _loss(space, r.genome) for i, r in enumerate(requests)]
+            [float("nan") if i == 0 else loss(space, r.genome) for i, r in enumerate(requests)]
         )
     assert opt.progress == (8, 8) and opt.best_fitness < float("inf")
     assert any(t.state.name == "FAIL" for t in opt.study.trials)
@@ -189,20 +146,10 @@ def test_registered_by_name():
 
 def test_optuna_search_through_the_cli(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("EVOCOMP_CACHE", str(tmp_path / "cache"))
-    cfg = {
-        "name": "tpe",
-        "run_dir": str(tmp_path / "runs" / "tpe"),
-        "model": {"name": str(tiny_model_dir)},
-        "data": {"corpus": "wiki", "seq_len": 64, "calibration": 8, "search": 4, "heldout": 8},
-        "compressor": {"name": "sparsegpt"},
-        "space": {"name": "sparsity", "target": 0.5, "step": 0.1, "levels": 2},
-        "search": {"name": "optuna", "trials": 12, "startup": 4, "batch": 4, "tokens": 64},
-        "database": {"path": str(tmp_path / "db")},
-        "final_eval": {"enabled": False},
-    }
-    path = tmp_path / "tpe.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main(["-q", "search", str(path)]) == 0
-    best = json.loads((tmp_path / "runs" / "tpe" / "best.json").read_text())
+    best = cli_search(
+        tmp_path,
+        tiny_model_dir,
+        {"name": "optuna", "trials": 12, "startup": 4, "batch": 4, "tokens": 64},
+    )
     assert best["cost"] <= best["budget"]
     assert best["progress"] == [12, 12]
