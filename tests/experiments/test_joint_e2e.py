@@ -139,3 +139,34 @@ def test_sparsity_times_bits_beats_each_single_space_at_equal_stored_bits(
     layers = best["joint"]["layers"]
     assert {"sparsity", "nonzeros", "bits", "cost"} <= set(layers[0])
     assert len({(r["sparsity"], r["bits"]) for r in layers}) > 2  # a real mix
+
+
+def test_sparsity_times_bits_exports_what_it_scored(tmp_path, uneven_model_dir):
+    compressor = {"name": "prune-quantize", "quantize": {"name": "gptq", "group_size": 32}}
+    parts = [
+        {"name": "sparsity", "target": 0.25, "step": 0.125, "levels": 2},
+        {"name": "bits", "bits": [2, 3, 4], "target": 3},
+    ]
+    cfg = _config(
+        tmp_path,
+        uneven_model_dir,
+        compressor=compressor,
+        space={"name": "joint", "spaces": parts},
+        search={"generations": 2},
+    )
+    assert main(["-q", "search", cfg]) == 0
+    run = tmp_path / "runs" / "tiny"
+    report = json.loads((run / "eval.json").read_text())
+    out = tmp_path / "exported"
+    assert main(["-q", "export", str(run), "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    cfg_obj, _ = runner.load_run_config(run)
+    heldout = runner.Experiment(cfg_obj, progress=False).splits.heldout
+    assert PerplexityEvaluator(heldout).evaluate(model)["ppl"] == pytest.approx(
+        report["ppl"]["searched"], rel=1e-5
+    )
+    for row in json.loads((out / "evocomp.json").read_text())["layers"]:
+        w = model.get_submodule(row["unit"]).weight
+        assert int((w == 0).sum()) >= w.numel() - row["nonzeros"]  # kept weights may round to 0
+        for group in w.reshape(w.shape[0], -1, 32).unbind(1):
+            assert max(len(r.unique()) for r in group) <= 2 ** row["bits"]  # 0 is a code
