@@ -49,6 +49,12 @@ def _part_classes() -> list[str]:
     return [n for n in SPACES.names() if n != "joint"]
 
 
+def _parse_part(part: dict[str, Any]) -> tuple[type[SearchSpace], BaseModel]:
+    """A part spec ``{name, ...options}`` as its space class and validated options."""
+    cls = SPACES.get(part["name"])
+    return cls, cls.Params(**{k: v for k, v in part.items() if k != "name"})
+
+
 @SPACES.register("joint")
 class JointSpace(SearchSpace):
     """Parts searched together under one stored-size budget (see the module docstring)."""
@@ -86,9 +92,8 @@ class JointSpace(SearchSpace):
                 if name in names:
                     raise ValueError(f"spaces[{k}]: {name!r} appears twice")
                 names.append(name)
-                options = {key: v for key, v in part.items() if key != "name"}
                 try:
-                    SPACES.get(name).Params(**options)
+                    _parse_part(part)
                 except ValidationError as err:
                     errs = "; ".join(
                         f"spaces[{k}]{''.join('.' + str(x) for x in e['loc'])}: {e['msg']}"
@@ -105,14 +110,17 @@ class JointSpace(SearchSpace):
         self.params = params
         self.parts: list[SearchSpace] = []
         for part in params.spaces:
-            cls = SPACES.get(part["name"])
-            options = cls.Params(**{k: v for k, v in part.items() if k != "name"})
+            cls, options = _parse_part(part)
             wanted = [u for u in units if (u.kind in SUBLAYER_KINDS) == (part["name"] == "depth")]
             self.parts.append(cls(wanted, options))
         super().__init__([u for p in self.parts for u in p.units])
         self._offsets = [0]
         for p in self.parts:
             self._offsets.append(self._offsets[-1] + len(p))
+        # gene -> (part index, gene within the part)
+        self._where: list[tuple[int, int]] = [
+            (k, local) for k, p in enumerate(self.parts) for local in range(len(p))
+        ]
         self._build_atoms()
         start = tuple(g for p in self.parts for g in p.uniform())
         total = sum(u.numel for u in self.atoms)
@@ -145,13 +153,12 @@ class JointSpace(SearchSpace):
         for gene, covered in enumerate(self._covers):
             for a in covered:
                 self._genes_of[a].append(gene)
+        # Per atom, the genes of the linear parts: they choose its stored weight.
+        self._linear_genes: list[list[int]] = [
+            [g for g in genes if self.units[g].kind not in SUBLAYER_KINDS]
+            for genes in self._genes_of
+        ]
         self._atom_costs: dict[tuple[int, tuple[int, ...]], int] = {}
-
-    def _part_of(self, gene: int) -> tuple[int, int]:
-        for k in range(len(self.parts)):
-            if gene < self._offsets[k + 1]:
-                return k, gene - self._offsets[k]
-        raise IndexError(gene)
 
     def split(self, genome: Genome) -> list[Genome]:
         """The parts' genomes."""
@@ -173,7 +180,7 @@ class JointSpace(SearchSpace):
         if hit is None:
             size = Fraction(self.atoms[atom].numel)
             for gene, level in zip(self._genes_of[atom], levels, strict=True):
-                k, local = self._part_of(gene)
+                k, local = self._where[gene]
                 size *= self.parts[k].size_factor(local, level)
             if size.denominator != 1:
                 raise EvocompError(f"joint cost of {self.atoms[atom].name} is not an integer")
@@ -207,7 +214,7 @@ class JointSpace(SearchSpace):
 
     # -- genomes ---------------------------------------------------------------------------
     def n_levels(self, gene: int) -> int:
-        k, local = self._part_of(gene)
+        k, local = self._where[gene]
         return self.parts[k].n_levels(local)
 
     def uniform(self) -> Genome:
@@ -346,34 +353,18 @@ class JointSpace(SearchSpace):
         return not any(0 < self._delta(g, s) <= left for s in self.steps(genome))
 
     # -- what a genome puts in the model -----------------------------------------------
-    def _atom_key(self, levels: dict[str, int], atom: int) -> VariantKey | None:
-        """The database key of one linear given each linear part's level for it:
-        the part's own key, or (zeros, bits) when sparsity and bits are both searched."""
+    def _atom_key(self, atom: int, levels: Sequence[int]) -> VariantKey | None:
+        """The database key of one linear given the levels of its linear genes: the
+        part's own key, or (zeros, bits) when sparsity and bits are both searched."""
         keys: dict[str, Any] = {}
-        for k, p in enumerate(self.parts):
-            if p.name in levels:
-                local = self._local_gene(k, atom)
-                keys[p.name] = p.variant(local, levels[p.name])  # type: ignore[attr-defined]
+        for gene, level in zip(self._linear_genes[atom], levels, strict=True):
+            k, local = self._where[gene]
+            keys[self.parts[k].name] = self.parts[k].variant(local, level)  # type: ignore[attr-defined]
         if "sparsity" in keys and "bits" in keys:
             zeros, bits = keys["sparsity"] or 0, keys["bits"] or 16
             return None if zeros == 0 and bits >= 16 else (zeros, bits)
         (key,) = keys.values()
         return key
-
-    def _local_gene(self, part: int, atom: int) -> int:
-        for gene in self._genes_of[atom]:
-            k, local = self._part_of(gene)
-            if k == part:
-                return local
-        raise KeyError(atom)
-
-    def _linear_levels(self, genome: Genome, atom: int) -> dict[str, int]:
-        out = {}
-        for gene in self._genes_of[atom]:
-            k, _ = self._part_of(gene)
-            if self.parts[k].name != "depth":
-                out[self.parts[k].name] = genome[gene]
-        return out
 
     def _removed(self, genome: Genome, atom: int) -> bool:
         return any(
@@ -390,7 +381,7 @@ class JointSpace(SearchSpace):
         for a, atom in enumerate(self.atoms):
             if self._removed(genome, a):
                 continue  # its sublayer is skipped: no weight needed
-            key = self._atom_key(self._linear_levels(genome, a), a)
+            key = self._atom_key(a, [genome[g] for g in self._linear_genes[a]])
             if key is not None:
                 out.append((atom, key))
         return out
@@ -398,15 +389,8 @@ class JointSpace(SearchSpace):
     def variants(self) -> dict[str, list[VariantKey]]:
         out: dict[str, list[VariantKey]] = {}
         for a, atom in enumerate(self.atoms):
-            linear = [
-                (self.parts[k].name, self.parts[k].n_levels(local))
-                for k, local in (self._part_of(g) for g in self._genes_of[a])
-                if self.parts[k].name != "depth"
-            ]
-            keys = {
-                self._atom_key(dict(zip([n for n, _ in linear], combo, strict=True)), a)
-                for combo in product(*(range(n) for _, n in linear))
-            } - {None}
+            ranges = (range(self.n_levels(g)) for g in self._linear_genes[a])
+            keys = {self._atom_key(a, combo) for combo in product(*ranges)} - {None}
             if keys:
                 out[atom.name] = sorted(k for k in keys if k is not None)  # type: ignore[type-var]
         return out
@@ -418,7 +402,7 @@ class JointSpace(SearchSpace):
         for a, atom in enumerate(self.atoms):
             row: dict[str, Any] = {"unit": atom.name, "block": atom.block}
             for gene in self._genes_of[a]:
-                k, local = self._part_of(gene)
+                k, local = self._where[gene]
                 part = self.parts[k]
                 if part.name == "depth":
                     row["removed"] = bool(genome[gene])
