@@ -176,7 +176,9 @@ class OptunaSearch(GeneratorOptimizer):
                     stale += 1
                     continue
                 pending.append((trial, proposed, repaired))
-                if repaired not in new:
+                if repaired in new:  # shares an evaluation already in this batch
+                    stale += 1
+                else:
                     new.append(repaired)
                     stale = 0
             if not new:

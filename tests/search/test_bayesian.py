@@ -1,5 +1,6 @@
 import pytest
 from landscapes import (
+    bits_space,
     cli_search,
     depth_space,
     drive,
@@ -11,7 +12,7 @@ from landscapes import (
 from pydantic import ValidationError
 
 from evocomp.search import OPTIMIZERS, OptunaSearch
-from evocomp.spaces import SparsitySpace
+from evocomp.spaces import BitsSpace, SparsitySpace
 from evocomp.supernet.units import Unit
 
 
@@ -111,6 +112,15 @@ def test_a_search_that_finds_nothing_new_stops():
     # Two equal layers, three levels each, on budget: only 3 genomes exist.
     assert sorted(r.genome for r in asked) == [(0, 2), (1, 1), (2, 0)]
     assert opt.progress == (3, 50)
+
+
+def test_proposals_that_repeat_a_pending_genome_count_as_stale():
+    """Only one genome fits: every proposal of the first batch repairs onto the
+    queued start, which is pending, not yet known. The search must still end."""
+    space = bits_space()
+    space = BitsSpace(space.units, BitsSpace.Params(target=2, bits=[2, 3]))
+    opt, asked = _search(space, 0, trials=4, startup=2, batch=3)
+    assert [r.genome for r in asked] == [space.uniform()]
 
 
 def test_non_finite_fitness_fails_the_trial_without_stopping_the_search():
