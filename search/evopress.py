@@ -12,7 +12,7 @@ from torch import nn
 from evocomp.errors import choices
 from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Request
 from evocomp.search.baselines import OneShot
-from evocomp.spaces.base import Genome
+from evocomp.spaces.base import Genome, SearchSpace
 
 
 def _one_shot_names() -> list[str]:
@@ -81,15 +81,20 @@ class EvoPress(GeneratorOptimizer):
 
     @property
     def generation(self) -> int:
-        return getattr(self, "_generation", 0)
+        return self._generation
 
     @property
     def progress(self) -> tuple[int, int]:
         return self.generation, self.params.generations
 
+    def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
+        super().__init__(space, params, seed=seed)
+        self._seeded: list[Genome] | None = None  # the start_from genomes, once prepared
+        self._generation = 0
+
     def prepare(self, model: nn.Module, calibration_tokens: torch.Tensor) -> None:
         """Compute the ``start_from`` baselines' genomes (ShortGPT measures the model)."""
-        self._seeded: list[Genome] = []
+        self._seeded = []
         for name in self.params.start_from:
             cls = OPTIMIZERS.get(name)
             baseline = cls(self.space, cls.Params(), seed=0)
@@ -100,9 +105,9 @@ class EvoPress(GeneratorOptimizer):
     def run(self) -> Generator[list[Request], list[float], None]:
         p = self.params
         final = p.stages[-1].tokens
-        if p.start_from and not hasattr(self, "_seeded"):
+        if p.start_from and self._seeded is None:
             raise RuntimeError("start_from needs prepare(model, calibration_tokens) first")
-        seeded = [g for g in getattr(self, "_seeded", []) if g != self.space.uniform()]
+        seeded = [g for g in self._seeded or [] if g != self.space.uniform()]
         starts = [self.space.uniform(), *dict.fromkeys(seeded)] + [
             self.space.random(self.rng) for _ in range(p.init_samples)
         ]
