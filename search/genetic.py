@@ -38,23 +38,15 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any, Literal
 
+from deap import tools
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from evocomp.errors import EvocompError
 from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Request
 from evocomp.spaces.base import Genome
 
 _REDRAWS = 20
 """Draws per wanted child (and per wanted initial genome) before giving up on
 finding new genomes: a converged population asks for fewer."""
-
-
-def _deap() -> Any:
-    try:
-        from deap import tools
-    except ImportError:
-        raise EvocompError("optimizer 'ga' needs DEAP: pip install 'deap>=1.4'") from None
-    return tools
 
 
 class _Individual(list):
@@ -134,7 +126,6 @@ class GeneticAlgorithm(GeneratorOptimizer):
 
     # -- variation ---------------------------------------------------------------------
     def _mate(self) -> Callable[[list[int], list[int]], tuple[list[int], list[int]]]:
-        tools = _deap()
         if self.params.operator == "uniform":
             p = self.params.swap_prob
             return lambda a, b: tools.cxUniform(a, b, indpb=p)
@@ -142,7 +133,7 @@ class GeneticAlgorithm(GeneratorOptimizer):
 
     def _child(self, population: list[_Individual]) -> Genome:
         """One varOr child (see the module docstring); may be a known genome."""
-        tools, p, rng = _deap(), self.params, self.rng
+        p, rng = self.params, self.rng
         op = rng.random()
         if op < p.crossover and len(self.space) > 1:
             with _deap_random(rng):
@@ -179,7 +170,6 @@ class GeneticAlgorithm(GeneratorOptimizer):
 
     def run(self) -> Generator[list[Request], list[float], None]:
         p = self.params
-        tools = _deap()
         start = self.space.uniform()
         first = [start, *self._new(lambda: self.space.random(self.rng), p.population - 1)]
         first = list(dict.fromkeys(first))
