@@ -3,10 +3,13 @@ built in memory so the suite runs in minutes on 2 CPU cores."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -104,3 +107,52 @@ def tiny_model_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def uneven_model_dir(tmp_path: Path) -> Path:
     return _saved(uneven_llama(), tmp_path / "uneven-llama")
+
+
+# -- end-to-end helpers -----------------------------------------------------------
+
+
+def search_config(tmp_path, model_dir, name="tiny", **sections) -> str:
+    """A tiny-model search config written to ``tmp_path``; ``sections`` override
+    the defaults (a section naming a component replaces the default one)."""
+    cfg = {
+        "name": name,
+        "run_dir": str(tmp_path / "runs" / name),
+        "model": {"name": str(model_dir)},
+        "data": {"corpus": "wiki", "seq_len": 64, "calibration": 8, "search": 4, "heldout": 8},
+        "compressor": {"name": "sparsegpt"},
+        "space": {"name": "sparsity", "target": 0.5, "step": 0.1, "levels": 2},
+        "search": {
+            "name": "evopress",
+            "generations": 4,
+            "offspring": 4,
+            "stages": [{"tokens": 64, "keep": 2}, {"tokens": 256, "keep": 1}],
+        },
+        "database": {"path": str(tmp_path / "db")},
+    }
+    for key, value in sections.items():
+        # A section naming a (new) component replaces the default one wholesale.
+        merge = isinstance(value, dict) and "name" not in value
+        cfg[key] = {**cfg.get(key, {}), **value} if merge else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def exported_model(run: Path, out: Path) -> tuple[LlamaForCausalLM, list[dict[str, Any]]]:
+    """``evocomp export`` of ``run`` to ``out``, reloaded with plain transformers; the
+    reload must reproduce the run's held-out perplexity. Returns the model and the
+    per-layer rows of ``evocomp.json``."""
+    from transformers import AutoModelForCausalLM
+
+    from evocomp import runner
+    from evocomp.cli import main
+    from evocomp.evaluators import PerplexityEvaluator
+
+    assert main(["-q", "export", str(run), "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    cfg, _ = runner.load_run_config(run)
+    heldout = runner.Experiment(cfg, progress=False).splits.heldout
+    searched = json.loads((run / "eval.json").read_text())["ppl"]["searched"]
+    assert PerplexityEvaluator(heldout).evaluate(model)["ppl"] == pytest.approx(searched, rel=1e-5)
+    return model, json.loads((out / "evocomp.json").read_text())["layers"]

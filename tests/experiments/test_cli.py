@@ -3,7 +3,7 @@ import math
 
 import pandas as pd
 import pytest
-import yaml
+from conftest import search_config
 from transformers import AutoModelForCausalLM
 
 from evocomp import runner
@@ -16,33 +16,8 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EVOCOMP_CACHE", str(tmp_path / "cache"))
 
 
-def _config(tmp_path, model_dir, name="tiny", **sections) -> str:
-    cfg = {
-        "name": name,
-        "run_dir": str(tmp_path / "runs" / name),
-        "model": {"name": str(model_dir)},
-        "data": {"corpus": "wiki", "seq_len": 64, "calibration": 8, "search": 4, "heldout": 8},
-        "compressor": {"name": "sparsegpt"},
-        "space": {"name": "sparsity", "target": 0.5, "step": 0.1, "levels": 2},
-        "search": {
-            "name": "evopress",
-            "generations": 4,
-            "offspring": 4,
-            "stages": [{"tokens": 64, "keep": 2}, {"tokens": 256, "keep": 1}],
-        },
-        "database": {"path": str(tmp_path / "db")},
-    }
-    for key, value in sections.items():
-        # A section naming a (new) component replaces the default one wholesale.
-        merge = isinstance(value, dict) and "name" not in value
-        cfg[key] = {**cfg.get(key, {}), **value} if merge else value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
 def test_search_eval_export_reload(tmp_path, tiny_model_dir, capsys):
-    cfg = _config(tmp_path, tiny_model_dir)
+    cfg = search_config(tmp_path, tiny_model_dir)
     assert main(["-q", "search", cfg]) == 0
     run = tmp_path / "runs" / "tiny"
     for name in (
@@ -85,7 +60,7 @@ def test_search_eval_export_reload(tmp_path, tiny_model_dir, capsys):
 
 
 def test_search_beats_uniform_on_a_model_with_uneven_layers(tmp_path, uneven_model_dir):
-    cfg = _config(
+    cfg = search_config(
         tmp_path,
         uneven_model_dir,
         space={"target": 0.6, "step": 0.1, "levels": 3},
@@ -108,8 +83,8 @@ def test_search_beats_uniform_on_a_model_with_uneven_layers(tmp_path, uneven_mod
 
 
 def test_resume_after_a_kill_reevaluates_nothing(tmp_path, tiny_model_dir, monkeypatch):
-    cfg = _config(tmp_path, tiny_model_dir, final_eval={"enabled": False})
-    full = _config(tmp_path, tiny_model_dir, name="full", final_eval={"enabled": False})
+    cfg = search_config(tmp_path, tiny_model_dir, final_eval={"enabled": False})
+    full = search_config(tmp_path, tiny_model_dir, name="full", final_eval={"enabled": False})
     calls = {"n": 0}
     original = runner.Experiment.evaluate
 
@@ -159,7 +134,7 @@ def test_resume_after_a_kill_reevaluates_nothing(tmp_path, tiny_model_dir, monke
 def test_bad_input_exits_2_with_a_clear_message(
     tmp_path, tiny_model_dir, capsys, overrides, message
 ):
-    cfg = _config(tmp_path, tiny_model_dir)
+    cfg = search_config(tmp_path, tiny_model_dir)
     args = ["-q", "search", cfg]
     for o in overrides:
         args += ["--set", o]
@@ -170,7 +145,7 @@ def test_bad_input_exits_2_with_a_clear_message(
 
 
 def test_existing_run_is_never_overwritten(tmp_path, tiny_model_dir, capsys):
-    cfg = _config(tmp_path, tiny_model_dir, search={"generations": 1})
+    cfg = search_config(tmp_path, tiny_model_dir, search={"generations": 1})
     assert main(["-q", "search", cfg, "--no-eval"]) == 0
     run = tmp_path / "runs" / "tiny"
     before = (run / "trials.parquet").read_bytes()
@@ -180,7 +155,7 @@ def test_existing_run_is_never_overwritten(tmp_path, tiny_model_dir, capsys):
 
 
 def test_corrupt_database_is_reported(tmp_path, tiny_model_dir, capsys):
-    cfg = _config(tmp_path, tiny_model_dir)
+    cfg = search_config(tmp_path, tiny_model_dir)
     assert main(["-q", "database", "build", cfg]) == 0
     (tmp_path / "db" / "block_001.safetensors").write_bytes(b"garbage")
     assert main(["-q", "search", cfg]) == 2
@@ -188,7 +163,7 @@ def test_corrupt_database_is_reported(tmp_path, tiny_model_dir, capsys):
 
 
 def test_database_is_built_once_and_reused(tmp_path, tiny_model_dir):
-    cfg = _config(tmp_path, tiny_model_dir)
+    cfg = search_config(tmp_path, tiny_model_dir)
     assert main(["-q", "database", "build", cfg]) == 0
     stamp = (tmp_path / "db" / "block_000.safetensors").stat().st_mtime_ns
     assert main(["-q", "search", cfg, "--no-eval", "--set", "search.generations=1"]) == 0
@@ -199,7 +174,7 @@ def test_database_is_built_once_and_reused(tmp_path, tiny_model_dir):
 def test_database_built_for_other_inputs_is_refused_not_overwritten(
     tmp_path, tiny_model_dir, capsys
 ):
-    cfg = _config(tmp_path, tiny_model_dir)
+    cfg = search_config(tmp_path, tiny_model_dir)
     assert main(["-q", "database", "build", cfg]) == 0
     manifest = (tmp_path / "db" / "manifest.json").read_bytes()
     assert main(["-q", "search", cfg, "--set", "compressor.name=wanda"]) == 2
@@ -210,7 +185,7 @@ def test_database_built_for_other_inputs_is_refused_not_overwritten(
 
 
 def test_bits_search_exports_a_model_on_the_searched_grids(tmp_path, uneven_model_dir):
-    cfg = _config(
+    cfg = search_config(
         tmp_path,
         uneven_model_dir,
         compressor={"name": "gptq", "group_size": 64},
@@ -237,6 +212,6 @@ def test_bits_search_exports_a_model_on_the_searched_grids(tmp_path, uneven_mode
 
 
 def test_space_and_compressor_kinds_must_match(tmp_path, tiny_model_dir, capsys):
-    cfg = _config(tmp_path, tiny_model_dir, space={"name": "bits", "target": 3.0})
+    cfg = search_config(tmp_path, tiny_model_dir, space={"name": "bits", "target": 3.0})
     assert main(["-q", "search", cfg]) == 2
     assert "space 'bits' needs a bits compressor ('gptq', 'rtn')" in capsys.readouterr().err

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from test_cli import _config
+from conftest import search_config
 from transformers import AutoModelForCausalLM
 
 from evocomp.cli import main
@@ -30,7 +30,7 @@ def _cache(tmp_path, monkeypatch):
     ],
 )
 def test_depth_search_and_export(tmp_path, uneven_model_dir, search):
-    cfg = _config(
+    cfg = search_config(
         tmp_path,
         uneven_model_dir,
         name=search["name"],
@@ -61,7 +61,7 @@ def test_depth_search_and_export(tmp_path, uneven_model_dir, search):
 
 
 def test_whole_removed_blocks_leave_the_exported_model(tmp_path, uneven_model_dir):
-    cfg = _config(
+    cfg = search_config(
         tmp_path,
         uneven_model_dir,
         space={"name": "depth", "remove": 4, "granularity": "block"},

@@ -4,12 +4,10 @@ import json
 
 import pandas as pd
 import pytest
-from test_cli import _config
-from transformers import AutoModelForCausalLM
+from conftest import exported_model, search_config
 
 from evocomp import runner
 from evocomp.cli import main
-from evocomp.evaluators import PerplexityEvaluator
 
 SPARSITY = {"name": "sparsity", "target": 0.5, "step": 0.1, "levels": 3}
 SEARCH = {"generations": 10, "offspring": 6}
@@ -28,7 +26,7 @@ def test_depth_times_sparsity_beats_each_single_space_at_equal_cost(tmp_path, un
     joint = {"name": "joint", "spaces": [{"name": "depth", "remove": 0}, SPARSITY]}
     runs = {"joint": joint, "sparsity": SPARSITY}
     for name, space in runs.items():
-        cfg = _config(
+        cfg = search_config(
             tmp_path,
             uneven_model_dir,
             name=name,
@@ -54,7 +52,7 @@ def test_depth_times_sparsity_beats_each_single_space_at_equal_cost(tmp_path, un
             break
         kept -= linear_of[u.name]
         removed += 1
-    cfg = _config(
+    cfg = search_config(
         tmp_path,
         uneven_model_dir,
         name="depth",
@@ -72,20 +70,13 @@ def test_depth_times_sparsity_beats_each_single_space_at_equal_cost(tmp_path, un
 
 def test_sparsity_times_depth_exports_what_it_scored(tmp_path, uneven_model_dir):
     space = {"name": "joint", "spaces": [{"name": "depth", "remove": 1}, SPARSITY]}
-    cfg = _config(tmp_path, uneven_model_dir, space=space, search={"generations": 3})
+    cfg = search_config(tmp_path, uneven_model_dir, space=space, search={"generations": 3})
     assert main(["-q", "search", cfg]) == 0
     run = tmp_path / "runs" / "tiny"
     report = json.loads((run / "eval.json").read_text())
     assert set(report["ppl"]) == {"dense", "drop-last+uniform", "searched"}
-    out = tmp_path / "exported"
-    assert main(["-q", "export", str(run), "--out", str(out)]) == 0
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    cfg_obj, _ = runner.load_run_config(run)
-    heldout = runner.Experiment(cfg_obj, progress=False).splits.heldout
-    assert PerplexityEvaluator(heldout).evaluate(model)["ppl"] == pytest.approx(
-        report["ppl"]["searched"], rel=1e-5
-    )
-    for row in json.loads((out / "evocomp.json").read_text())["layers"]:
+    model, layers = exported_model(run, tmp_path / "exported")
+    for row in layers:
         w = model.get_submodule(row["unit"]).weight
         zeros = int((w == 0).sum())
         assert zeros == (w.numel() if row["removed"] else w.numel() - row["nonzeros"])
@@ -108,7 +99,7 @@ def test_sparsity_times_bits_beats_each_single_space_at_equal_stored_bits(
         "sparsity": (prune_quantize, [sparsity, {"name": "bits", "bits": [4], "target": 4}]),
     }
     for name, (compressor, parts) in runs.items():
-        cfg = _config(
+        cfg = search_config(
             tmp_path,
             uneven_model_dir,
             name=name,
@@ -119,7 +110,7 @@ def test_sparsity_times_bits_beats_each_single_space_at_equal_stored_bits(
             database={"path": str(tmp_path / f"db-{name}")},
         )
         assert main(["-q", "search", cfg]) == 0
-    cfg = _config(
+    cfg = search_config(
         tmp_path,
         uneven_model_dir,
         name="bits",
@@ -147,7 +138,7 @@ def test_sparsity_times_bits_exports_what_it_scored(tmp_path, uneven_model_dir):
         {"name": "sparsity", "target": 0.25, "step": 0.125, "levels": 2},
         {"name": "bits", "bits": [2, 3, 4], "target": 3},
     ]
-    cfg = _config(
+    cfg = search_config(
         tmp_path,
         uneven_model_dir,
         compressor=compressor,
@@ -156,16 +147,8 @@ def test_sparsity_times_bits_exports_what_it_scored(tmp_path, uneven_model_dir):
     )
     assert main(["-q", "search", cfg]) == 0
     run = tmp_path / "runs" / "tiny"
-    report = json.loads((run / "eval.json").read_text())
-    out = tmp_path / "exported"
-    assert main(["-q", "export", str(run), "--out", str(out)]) == 0
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    cfg_obj, _ = runner.load_run_config(run)
-    heldout = runner.Experiment(cfg_obj, progress=False).splits.heldout
-    assert PerplexityEvaluator(heldout).evaluate(model)["ppl"] == pytest.approx(
-        report["ppl"]["searched"], rel=1e-5
-    )
-    for row in json.loads((out / "evocomp.json").read_text())["layers"]:
+    model, layers = exported_model(run, tmp_path / "exported")
+    for row in layers:
         w = model.get_submodule(row["unit"]).weight
         assert int((w == 0).sum()) >= w.numel() - row["nonzeros"]  # kept weights may round to 0
         for group in w.reshape(w.shape[0], -1, 32).unbind(1):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
+from conftest import search_config
 
 from evocomp.cli import main
 from evocomp.search import RandomSearch
@@ -79,18 +79,8 @@ def random_best(space, seed: int, samples: int) -> float:
 def cli_search(tmp_path: Path, model_dir: Path, search: dict[str, Any]) -> dict[str, Any]:
     """``evocomp search`` on the tiny model with ``search``; returns best.json."""
     name = search["name"]
-    cfg = {
-        "name": name,
-        "run_dir": str(tmp_path / "runs" / name),
-        "model": {"name": str(model_dir)},
-        "data": {"corpus": "wiki", "seq_len": 64, "calibration": 8, "search": 4, "heldout": 8},
-        "compressor": {"name": "sparsegpt"},
-        "space": {"name": "sparsity", "target": 0.5, "step": 0.1, "levels": 2},
-        "search": search,
-        "database": {"path": str(tmp_path / "db")},
-        "final_eval": {"enabled": False},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main(["-q", "search", str(path)]) == 0
+    cfg = search_config(
+        tmp_path, model_dir, name=name, search=search, final_eval={"enabled": False}
+    )
+    assert main(["-q", "search", cfg]) == 0
     return json.loads((tmp_path / "runs" / name / "best.json").read_text())
