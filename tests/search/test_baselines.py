@@ -6,6 +6,7 @@ from pydantic import ValidationError
 from evocomp.errors import EvocompError
 from evocomp.search import OPTIMIZERS
 from evocomp.search.baselines import SLEB, DropLast, ShortGPT
+from evocomp.search.evopress import EvoPress
 from evocomp.spaces import SparsitySpace
 from evocomp.spaces.depth import DepthSpace
 from evocomp.supernet.sublayers import skip, sublayer_importance
@@ -109,11 +110,17 @@ def test_sleb_on_a_real_model_removes_the_weakest_blocks():
     assert {u.block for u in space.removed(opt.best_genome)} == {2, 3}
 
 
-def test_shortgpt_removes_the_least_important_sublayers():
+def _quiet_block_1():
+    """A tiny Llama whose block 1 barely writes into the residual stream."""
     model = tiny_llama()
-    with torch.no_grad():  # block 1 barely writes into the residual stream
+    with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight.mul_(0.01)
         model.model.layers[1].mlp.down_proj.weight.mul_(0.01)
+    return model
+
+
+def test_shortgpt_removes_the_least_important_sublayers():
+    model = _quiet_block_1()
     space = DepthSpace(DepthSpace.find_units(model), DepthSpace.Params(remove=2))
     opt = ShortGPT(space, ShortGPT.Params(tokens=128, batch_size=1))
     with pytest.raises(RuntimeError, match="prepare"):
@@ -148,12 +155,7 @@ def test_depth_baselines_reject_other_spaces():
 
 
 def test_evopress_can_start_from_the_shortgpt_genome():
-    from evocomp.search.evopress import EvoPress
-
-    model = tiny_llama()
-    with torch.no_grad():  # block 1 barely writes into the residual stream
-        model.model.layers[1].self_attn.o_proj.weight.mul_(0.01)
-        model.model.layers[1].mlp.down_proj.weight.mul_(0.01)
+    model = _quiet_block_1()
     space = DepthSpace(DepthSpace.find_units(model), DepthSpace.Params(remove=2))
     params = EvoPress.Params(
         generations=0, start_from=["shortgpt"], stages=[{"tokens": 64, "keep": 1}]
