@@ -2,7 +2,10 @@
 
 A genome is a tuple of ints, one level per gene. :class:`SearchSpace` is the
 contract every space keeps (cost, budget, feasible start, budget-keeping
-mutation, repair, and what a genome puts where in the model).
+mutation, repair, and what a genome puts where in the model), plus the
+unconstrained operators of multi-objective searches, which trade cost against
+quality instead of keeping a budget: :meth:`~SearchSpace.make_valid` and the
+directed random walk :meth:`~SearchSpace.wander`.
 :class:`LevelSpace` implements it for spaces whose cost is a sum over genes:
 each gene has a small table of integer costs (nonzeros kept, bits stored,
 sublayers removed), so "exactly on budget" is checkable and the EvoPress level
@@ -32,6 +35,9 @@ Genome = tuple[int, ...]
 Step = dict[int, int]
 """A small valid change of a genome: gene -> new level."""
 
+_DRAWS = 24
+"""Random draws before a step search falls back to listing every option."""
+
 
 class SearchSpace(ABC):
     """Units × levels plus a budget: the contract optimizers, the Swapper and the
@@ -41,6 +47,9 @@ class SearchSpace(ABC):
     name: ClassVar[str]
     compressor_kind: ClassVar[str | None] = None
     """The kind of compressor whose variants the levels name (None: no database)."""
+    cost_is_size: ClassVar[bool] = True
+    """Whether cost grows with the model's size, so that multi-objective searches can
+    trade it against quality (False for depth, whose cost counts removed sublayers)."""
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -89,6 +98,13 @@ class SearchSpace(ABC):
     def repair(self, genome: Genome, rng: random.Random) -> Genome:
         """Any genome (e.g. after crossover) made feasible and brought up to the budget."""
 
+    def make_valid(self, genome: Genome) -> Genome:
+        """Any genome of the right length made valid, budget aside: levels clamped
+        into range. Spaces with further validity rules (depth groups) extend it."""
+        if len(genome) != len(self):
+            raise ValueError(f"genome has {len(genome)} genes, space has {len(self)}")
+        return tuple(min(max(0, x), self.n_levels(i) - 1) for i, x in enumerate(genome))
+
     @abstractmethod
     def placements(self, genome: Genome) -> list[tuple[Unit, VariantKey]]:
         """What ``genome`` puts in the model: ``(unit, database key)`` for every unit
@@ -120,6 +136,64 @@ class SearchSpace(ABC):
         for _ in range(steps if steps is not None else 4 * len(self)):
             genome = self.mutate(genome, rng)
         return genome
+
+    def wander(
+        self, genome: Genome, rng: random.Random, *, steps: int, rise: float = 0.5
+    ) -> Genome:
+        """A random walk of ``steps`` smallest valid changes (:meth:`steps`) from a
+        valid ``genome``, whatever the budget: each one raises the cost with
+        probability ``rise`` and lowers it otherwise. A step whose direction has no
+        move left (the walk sits at that end) leaves the genome as it is, so
+        ``rise=0`` (``1``) with enough steps ends at a cheapest (dearest) genome.
+        The unconstrained mutation of multi-objective searches, and, with ``rise``
+        drawn in [0, 1], a way to draw genomes over the whole cost range."""
+        g = list(genome)
+        stuck: set[bool] = set()  # directions with no move from the current g
+        for _ in range(steps):
+            up = rng.random() < rise
+            if up in stuck:
+                continue
+            step = self._directed_step(g, rng, up)
+            if step is None:
+                stuck.add(up)
+                continue
+            for i, lv in step.items():
+                g[i] = lv
+            stuck.clear()
+        return tuple(g)
+
+    def _directed_step(self, g: list[int], rng: random.Random, up: bool) -> Step | None:
+        """A random step of ``g`` that raises (``up``) or lowers its cost, or None."""
+        genome = tuple(g)
+
+        def wanted(step: Step) -> bool:
+            delta = self._delta(g, step)
+            return delta > 0 if up else delta < 0
+
+        # A few random draws usually find one; near an end of the cost range (or where
+        # most steps change nothing) the steps are listed and tried in random order,
+        # so the cost change is still computed only until one fits.
+        for _ in range(_DRAWS):
+            step = self.random_step(genome, rng)
+            if step is not None and wanted(step):
+                return step
+        options = self.steps(genome)
+        rng.shuffle(options)
+        return next((s for s in options if wanted(s)), None)
+
+    def random_step(self, genome: Genome, rng: random.Random) -> Step | None:
+        """One of :meth:`steps` at random, or None when there is none. Spaces that
+        can draw one without listing them all override it (:meth:`wander` speed)."""
+        options = self.steps(genome)
+        return rng.choice(options) if options else None
+
+    def _delta(self, g: Sequence[int], step: Step) -> int:
+        """The cost change of applying ``step`` to ``g``; spaces with a local cost
+        override this full recomputation."""
+        after = list(g)
+        for i, lv in step.items():
+            after[i] = lv
+        return self.cost(tuple(after)) - self.cost(tuple(g))
 
     @property
     def baseline_name(self) -> str:
@@ -178,6 +252,21 @@ class LevelSpace(SearchSpace):
             if 0 <= g + s < self.n_levels(i)
         ]
 
+    def random_step(self, genome: Genome, rng: random.Random) -> Step | None:
+        """One gene a level up or down (the other way at the end of its range)."""
+        for _ in range(_DRAWS):
+            i = rng.randrange(len(genome))
+            if self.n_levels(i) < 2:
+                continue
+            level = genome[i] + rng.choice((-1, 1))
+            if not 0 <= level < self.n_levels(i):
+                level = 2 * genome[i] - level
+            return {i: level}
+        return super().random_step(genome, rng)  # mostly single-level genes
+
+    def _delta(self, g: Sequence[int], step: Step) -> int:
+        return sum(self.level_cost(i, lv) - self.level_cost(i, g[i]) for i, lv in step.items())
+
     def mutate(self, genome: Genome, rng: random.Random, *, switches: int = 1) -> Genome:
         """EvoPress level switch, ``switches`` times: move one gene a level up or
         down and another gene the opposite way by exactly the same cost, so the
@@ -215,7 +304,7 @@ class LevelSpace(SearchSpace):
         random genes one level until feasible, then raise random genes one level
         while the budget allows. Used after crossover, and for targets that no
         uniform genome meets."""
-        g = [min(max(0, x), self.n_levels(i) - 1) for i, x in enumerate(genome)]
+        g = list(self.make_valid(genome))
         cost = sum(self.level_cost(i, x) for i, x in enumerate(g))
         order = list(range(len(g)))
         while cost > self.budget:

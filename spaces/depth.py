@@ -50,6 +50,7 @@ class DepthSpace(LevelSpace):
     for the cost, budget and granularity design)."""
 
     name = "depth"
+    cost_is_size = False  # cost counts removed sublayers: the more, the smaller the model
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -216,6 +217,15 @@ class DepthSpace(LevelSpace):
         """1 while the sublayer is kept, 0 once removed (its weights are gone)."""
         return Fraction(1 - level)
 
+    def random_step(self, genome: Genome, rng: random.Random) -> dict[int, int] | None:
+        """One group at random, toggled."""
+        grp = rng.choice(self.groups)
+        return {i: 1 - genome[grp[0]] for i in grp}
+
+    def make_valid(self, genome: Genome) -> Genome:
+        """Levels clamped to kept / removed, then each group made whole (:meth:`make_whole`)."""
+        return self.make_whole(super().make_valid(genome))
+
     def make_whole(self, genome: Genome) -> Genome:
         """``genome`` with each group removed when at least half its genes are, else
         kept (levels outside 0/1 count as removed when positive)."""
@@ -258,7 +268,7 @@ class DepthSpace(LevelSpace):
         is removed when at least half its genes are, random removed groups are put
         back while the count (or a kind's ``quota``) is exceeded, then random kept
         groups are removed (:meth:`can_remove`) until ``remove`` are gone."""
-        g = list(self.make_whole(genome))
+        g = list(self.make_valid(genome))
         while True:
             over = self._over(tuple(g))
             if over is None:

@@ -193,7 +193,7 @@ class JointSpace(SearchSpace):
     def cost(self, genome: Genome) -> int:
         return sum(self._atom_cost(a, self._levels(genome, a)) for a in range(len(self.atoms)))
 
-    def _delta(self, g: list[int], step: Step) -> int:
+    def _delta(self, g: Sequence[int], step: Step) -> int:
         """Cost change of applying ``step`` to ``g``."""
         atoms = {a for gene in step for a in self._covers[gene]}
         after = dict(step)
@@ -243,6 +243,25 @@ class JointSpace(SearchSpace):
         for p, part, offset in zip(self.parts, self.split(genome), self._offsets, strict=False):
             out.extend({offset + i: lv for i, lv in s.items()} for s in p.steps(part))
         return out
+
+    def make_valid(self, genome: Genome) -> Genome:
+        """Each part's genome made valid by its own rules (levels clamped, depth
+        groups whole), budget aside."""
+        if len(genome) != len(self):
+            raise ValueError(f"genome has {len(genome)} genes, space has {len(self)}")
+        return tuple(
+            g
+            for p, part in zip(self.parts, self.split(genome), strict=True)
+            for g in p.make_valid(part)
+        )
+
+    def random_step(self, genome: Genome, rng: random.Random) -> Step | None:
+        """A random step of one part, the part drawn in proportion to its genes."""
+        gene = rng.randrange(len(self))
+        k, _ = self._where[gene]
+        a, b = self._offsets[k], self._offsets[k + 1]
+        step = self.parts[k].random_step(tuple(genome[a:b]), rng)
+        return None if step is None else {a + i: lv for i, lv in step.items()}
 
     def _apply(self, g: list[int], step: Step) -> None:
         for i, lv in step.items():
@@ -323,13 +342,7 @@ class JointSpace(SearchSpace):
     def repair(self, genome: Genome, rng: random.Random) -> Genome:
         """Levels clamped and depth groups made whole, then random cost-lowering
         steps until feasible, then raising steps while one fits."""
-        if len(genome) != len(self):
-            raise ValueError(f"genome has {len(genome)} genes, space has {len(self)}")
-        g: list[int] = []
-        for p, part in zip(self.parts, self.split(genome), strict=True):
-            clamped = tuple(min(max(0, x), p.n_levels(i) - 1) for i, x in enumerate(part))
-            make_whole = getattr(p, "make_whole", None)
-            g.extend(make_whole(clamped) if make_whole else clamped)
+        g = list(self.make_valid(genome))
         if not self._lower(g, rng):
             raise EvocompError(
                 f"space 'joint': the budget ({self._budget}) is below its cheapest genome"

@@ -176,3 +176,35 @@ def test_repair_puts_any_genome_exactly_on_budget(params):
             assert _kinds(space, fixed) == (space.quota["attn"], space.quota["mlp"])
     assert space.repair(space.uniform(), rng) == space.uniform()
     assert space.baseline_name == "drop-last"
+
+
+@pytest.mark.parametrize("granularity", ["sublayer", "block", "pair"])
+def test_make_valid_clamps_and_makes_groups_whole(granularity):
+    space = _space(model=tiny_llama(layers=4), remove=4, granularity=granularity)
+    rng = random.Random(0)
+    for _ in range(100):
+        junk = tuple(rng.choice((-1, 0, 0, 1, 3)) for _ in range(len(space)))
+        fixed = space.make_valid(junk)
+        assert space.is_valid(fixed)
+        assert fixed == space.make_whole(tuple(min(max(0, x), 1) for x in junk))
+    assert space.make_valid(space.dense()) == space.dense()  # valid, if under budget
+    over = (1,) * len(space)
+    assert space.make_valid(over) == over and not space.is_feasible(over)  # budget aside
+
+
+@pytest.mark.parametrize("granularity", ["sublayer", "block", "pair"])
+def test_wander_toggles_whole_groups_and_crosses_the_budget(granularity):
+    space = _space(model=tiny_llama(layers=4), remove=4, granularity=granularity)
+    rng = random.Random(1)
+    g, counts = space.uniform(), set()
+    for _ in range(300):
+        nxt = space.wander(g, rng, steps=1, rise=rng.random())
+        assert space.is_valid(nxt)
+        moved = [i for i in range(len(g)) if g[i] != nxt[i]]
+        assert not moved or sorted(moved) in [sorted(grp) for grp in space.groups]
+        g = nxt
+        counts.add(space.cost(g))
+    assert max(counts) > space.budget  # more removed than the budget allows: valid
+    groups = len(space.groups)
+    assert space.wander(space.uniform(), rng, steps=groups, rise=0.0) == space.dense()
+    assert space.wander(space.uniform(), rng, steps=groups, rise=1.0) == (1,) * len(space)

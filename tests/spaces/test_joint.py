@@ -135,3 +135,39 @@ def test_bad_parts_are_named():
         JointSpace.Params(spaces=[SPARSITY | {"levels": 0}, BITS])
     with pytest.raises(ValidationError, match="at least two parts"):
         JointSpace.Params(spaces=[SPARSITY])
+
+
+def test_make_valid_makes_each_part_valid_by_its_own_rules():
+    space = _space({"name": "depth", "remove": 2, "granularity": "block"}, SPARSITY, BITS)
+    rng = random.Random(0)
+    for _ in range(50):
+        wild = tuple(rng.randrange(-2, 7) for _ in range(len(space)))
+        fixed = space.make_valid(wild)
+        assert space.is_valid(fixed)
+        parts = zip(space.parts, space.split(wild), space.split(fixed), strict=True)
+        assert all(p.make_valid(w) == f for p, w, f in parts)
+    with pytest.raises(ValueError, match="genes"):
+        space.make_valid((0,) * 3)
+
+
+def test_wander_moves_every_part_across_the_whole_cost_range():
+    space = _space({"name": "depth", "remove": 2, "granularity": "block"}, SPARSITY, BITS)
+    rng = random.Random(1)
+    start = space.uniform()
+    g, visited = start, [set() for _ in space.parts]
+    for _ in range(300):
+        g = space.wander(g, rng, steps=rng.randint(1, 3), rise=rng.random())
+        assert space.is_valid(g)
+        for seen, part in zip(visited, space.split(g), strict=True):
+            seen.add(part)
+    assert all(len(seen) > 5 for seen in visited)
+    span = sum(space.n_levels(i) - 1 for i in range(len(space)))
+    cheapest = space.wander(start, rng, steps=span, rise=0.0)
+    dearest = space.wander(start, rng, steps=span, rise=1.0)
+    assert space.cost(cheapest) == 0  # every sublayer removed: nothing stored
+    depth, sparsity, bits = space.split(dearest)
+    assert sum(depth) == 0 and set(sparsity) == {0} and set(bits) == {4}  # dense, 6 bits
+    assert space.cost(dearest) > space.budget
+    down = space.wander(start, rng, steps=6, rise=0.0)
+    up = space.wander(start, rng, steps=6, rise=1.0)
+    assert space.cost(down) < space.cost(start) < space.cost(up)
