@@ -4,11 +4,12 @@ from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Optimizer, Reque
 from evocomp.search.baselines import SLEB, DropLast, ShortGPT
 from evocomp.search.bayesian import OptunaSearch
 from evocomp.search.evopress import EvoPress, Stage
-from evocomp.search.genetic import GeneticAlgorithm
+from evocomp.search.genetic import NSGA2, GeneticAlgorithm
 from evocomp.search.random_search import RandomSearch
 from evocomp.search.store import Record, TrialStore
 
 __all__ = [
+    "NSGA2",
     "OPTIMIZERS",
     "SLEB",
     "DropLast",

@@ -1,12 +1,16 @@
-"""The optimizer contract: ask for genomes (at a token budget), tell their fitness."""
+"""The optimizer contract: ask for genomes (at a token budget), tell their fitness;
+and, for multi-objective optimizers, the quality-cost front (:func:`pareto_front`)
+and a start population spread over the cost range (:func:`cost_spread`)."""
 
 from __future__ import annotations
 
+import math
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from itertools import groupby
+from typing import ClassVar, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -34,6 +38,12 @@ class Optimizer(ABC):
     """
 
     name: ClassVar[str]
+    budgeted: bool = True
+    """Whether every request keeps the space's budget (``is_feasible``). Multi-objective
+    optimizers set False: they trade cost against quality, so their requests are only
+    valid (``is_valid``), and ``best_genome`` is the best one within the budget. A class
+    or instance attribute (``OptunaSearch`` decides per run, from its params): read it
+    from the optimizer, not its class."""
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -98,8 +108,57 @@ class GeneratorOptimizer(Optimizer):
             self._pending = None
 
     def consider(self, genome: Genome, fitness: float) -> None:
-        if fitness < self.best_fitness:
+        """Keep ``genome`` as the best when it beats it (and, for an unbudgeted
+        optimizer, is within the budget)."""
+        if fitness < self.best_fitness and (self.budgeted or self.space.is_feasible(genome)):
             self.best_genome, self.best_fitness = genome, fitness
+
+
+T = TypeVar("T")
+
+Point = tuple[Genome, float, int]
+"""An evaluated genome on the quality-cost plane: (genome, fitness, cost), both minimised."""
+
+
+def pareto_front(points: Iterable[tuple[T, float, int]]) -> list[tuple[T, float, int]]:
+    """The non-dominated points, by cost (ties of both objectives all kept): no other
+    point is at most as bad in fitness and cost and better in one. Non-finite
+    fitness (a diverged model) is never on the front. A point is (what, fitness,
+    cost), usually a :data:`Point`."""
+    ordered = sorted((p for p in points if math.isfinite(p[1])), key=lambda p: (p[2], p[1]))
+    front: list[tuple[T, float, int]] = []
+    best = math.inf  # lowest fitness among strictly cheaper points
+    for _, group in groupby(ordered, key=lambda p: p[2]):
+        same_cost = list(group)
+        lowest = same_cost[0][1]
+        if lowest < best:
+            front.extend(p for p in same_cost if p[1] == lowest)
+            best = lowest
+    return front
+
+
+def cost_spread(space: SearchSpace, rng: random.Random, n: int) -> list[Genome]:
+    """Up to ``n`` distinct valid genomes spread over the whole cost range, budget
+    aside: the uniform start, a cheapest and a dearest genome (walks of
+    :meth:`~evocomp.spaces.base.SearchSpace.wander` long enough to cross the whole
+    range), and walks from the start rising with probabilities evenly spaced in
+    [0, 1] (half as long: their ends then spread evenly when the start sits
+    mid-range); walks of random rise replace duplicates. Seeds the first
+    population of multi-objective searches."""
+    start = space.uniform()
+    span = sum(space.n_levels(i) - 1 for i in range(len(space)))
+    half = max(span // 2, 1)
+    out = dict.fromkeys(
+        [start, *(space.wander(start, rng, steps=span, rise=r) for r in (0.0, 1.0))]
+    )
+    inner = max(n - 3, 0)
+    for k in range(inner):
+        out[space.wander(start, rng, steps=half, rise=(k + 1) / (inner + 1))] = None
+    for _ in range(20 * n):  # small spaces and crowded ends repeat genomes
+        if len(out) >= n:
+            break
+        out[space.wander(start, rng, steps=half, rise=rng.random())] = None
+    return list(out)[:n]
 
 
 OPTIMIZERS: Registry[type[Optimizer]] = Registry("optimizer")

@@ -1,5 +1,6 @@
-"""Model-based search with Optuna's samplers (TPE, Gaussian process, random),
-driven through ``study.ask()`` / ``study.tell()``.
+"""Model-based search with Optuna's samplers (TPE, Gaussian process, NSGA-II,
+random), driven through ``study.ask()`` / ``study.tell()``; single-objective under
+the budget, or multi-objective over quality and cost.
 
 Design
 ------
@@ -8,29 +9,48 @@ Design
   cost), so an integer keeps neighbouring levels close for TPE and the GP. The
   study lives in memory; the runner records every evaluation in its own trial
   store, and a resumed run rebuilds the study by replay.
-* **Repair, and the budget as a constraint.** A sampler proposes any levels, so
-  each proposal is repaired (:meth:`~evocomp.spaces.base.SearchSpace.repair`:
-  feasible, spending the budget, depth groups whole) and the *repaired* genome is
-  what is asked for, recorded and scored; nothing infeasible reaches the runner.
-  The sampler is told two things. (1) The proposal's trial gets the repaired
-  genome's fitness (its objective is "what this proposal becomes") and the
-  constraint ``(cost(proposal) - budget) / budget``: positive over budget, so
-  constrained TPE ranks over-budget proposals by their excess alone and the GP
-  fits a feasibility model: both learn where the budget lies instead of
-  wasting proposals on it. (2) When repair changed the genome, the repaired genome
-  is added as a trial of its own (feasible, same fitness), so the model also
-  sees the point that was really evaluated.
-* **No genome twice.** Proposals whose repaired genome was evaluated before are
-  told the known fitness at once and cost no evaluation; proposals that repair
-  onto a genome already in the batch share its evaluation. ``trials`` counts
-  evaluations. A search whose sampler keeps proposing known genomes stops early.
+* **Two modes** (``objectives``). ``quality`` (the default) minimises fitness
+  within the budget; ``quality+cost`` minimises (fitness, cost) with no budget and
+  finds a whole front in one run. The mode decides what a proposal becomes and
+  what the sampler is told; everything else is shared.
+* **quality: repair, and the budget as a constraint.** A sampler proposes any
+  levels, so each proposal is repaired
+  (:meth:`~evocomp.spaces.base.SearchSpace.repair`: feasible, spending the
+  budget, depth groups whole) and the *repaired* genome is what is asked for,
+  recorded and scored; nothing infeasible reaches the runner. The sampler is
+  told two things. (1) The proposal's trial gets the repaired genome's fitness
+  (its objective is "what this proposal becomes") and the constraint
+  ``(cost(proposal) - budget) / budget``: positive over budget, so constrained
+  TPE and NSGA-II rank over-budget proposals by their excess alone and the GP
+  fits a feasibility model: all learn where the budget lies instead of wasting
+  proposals on it. (2) When repair changed the genome, the repaired genome is
+  added as a trial of its own (feasible, same fitness), so the model also sees
+  the point that was really evaluated.
+* **quality+cost: valid, not budgeted** (``budgeted`` is False for such a run).
+  The study has two directions (minimize, minimize); a proposal is only made
+  valid (:meth:`~evocomp.spaces.base.SearchSpace.make_valid`: depth groups
+  whole), never moved onto the budget, and its trial is told (fitness, cost) of
+  that valid genome, with no constraint (a valid genome that differs from the
+  proposal is added as in (2)). TPE, the GP and NSGA-II all take two
+  objectives. The ``startup`` first trials are enqueued genomes spread over the
+  whole cost range (:func:`~evocomp.search.base.cost_spread`: the uniform
+  start, a cheapest and a dearest genome, walks between) instead of random
+  proposals, which cluster around the middle of the range and never reach its
+  ends. ``front()`` is the non-dominated set of every evaluated genome;
+  ``best_genome`` is the best one within the budget (the uniform start is the
+  first trial, so one exists).
+* **No genome twice.** Proposals whose genome (repaired or made valid) was
+  evaluated before are told the known values at once and cost no evaluation;
+  proposals that land on a genome already in the batch share its evaluation.
+  ``trials`` counts evaluations. A search whose sampler keeps proposing known
+  genomes stops early.
 * **Start.** The space's uniform genome is enqueued as the first trial (the
   baseline every run records).
-* **Determinism.** Samplers are seeded from the optimizer's seed and repair draws
-  from the optimizer's ``random.Random(seed)``, so the same seed and fitness
-  values give the same requests (resume replays them). ``batch`` trials are
-  asked before any is told; TPE uses its constant liar and the GP its batch
-  acquisition for the ones still running.
+* **Determinism.** Samplers are seeded from the optimizer's seed and repair (and
+  the spread start) draw from the optimizer's ``random.Random(seed)``, so the
+  same seed and fitness values give the same requests (resume replays them).
+  ``batch`` trials are asked before any is told; TPE uses its constant liar and
+  the GP its batch acquisition for the ones still running.
 * **Optuna 4 and 5.** Optuna 5 takes constraints per trial
   (``Trial.set_constraint``) and deprecates the samplers' ``constraints_func``,
   which optuna 4 needs; both are handled (:data:`_SET_CONSTRAINT`).
@@ -48,7 +68,14 @@ from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, Trial
 from pydantic import BaseModel, ConfigDict, Field
 
-from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Request
+from evocomp.search.base import (
+    OPTIMIZERS,
+    GeneratorOptimizer,
+    Point,
+    Request,
+    cost_spread,
+    pareto_front,
+)
 from evocomp.spaces.base import Genome, SearchSpace
 
 _SET_CONSTRAINT = hasattr(Trial, "set_constraint")
@@ -74,26 +101,45 @@ def _constraint_attrs(value: float) -> dict[str, Any]:
 
 @OPTIMIZERS.register("optuna")
 class OptunaSearch(GeneratorOptimizer):
-    """An Optuna sampler (``tpe``, ``gp`` or ``random``) over the genes' levels;
-    proposals are repaired onto the budget and the sampler learns the budget as a
-    constraint. See the module docstring for the design."""
+    """An Optuna sampler (``tpe``, ``gp``, ``nsga2`` or ``random``) over the genes'
+    levels. With ``objectives: quality`` proposals are repaired onto the budget and
+    the sampler learns the budget as a constraint; with ``quality+cost`` they are
+    only made valid and the sampler minimises (fitness, cost): one run, a whole
+    front (:meth:`front`). See the module docstring for the design."""
 
     name = "optuna"
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        sampler: Literal["tpe", "gp", "random"] = Field(
-            "tpe", description="tpe (TPESampler), gp (GPSampler, small spaces), random"
+        sampler: Literal["tpe", "gp", "nsga2", "random"] = Field(
+            "tpe",
+            description="tpe (TPESampler), gp (GPSampler, small spaces), nsga2 "
+            "(NSGAIISampler), random",
+        )
+        objectives: Literal["quality", "quality+cost"] = Field(
+            "quality",
+            description="quality: best fitness within the budget; quality+cost: the "
+            "fitness-cost front, no budget (requests are valid, not feasible)",
         )
         trials: int = Field(128, ge=1, description="evaluations (distinct genomes)")
         tokens: int = Field(2048, gt=0, description="evaluation tokens per genome")
         batch: int = Field(8, ge=1, description="trials asked before any is told")
-        startup: int = Field(16, ge=0, description="random trials before the model (n_startup)")
+        startup: int = Field(
+            16,
+            ge=0,
+            description="trials before the model (n_startup): random, or with "
+            "quality+cost genomes spread over the cost range",
+        )
+        population: int = Field(
+            50, ge=2, description="nsga2: trials per generation (population_size)"
+        )
 
     params: Params
 
     def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
         super().__init__(space, params, seed=seed)
+        # Per run, not per class: the runner reads it from the optimizer.
+        self.budgeted = self.params.objectives == "quality"
         self._seed = seed
         self._fitness: dict[Genome, float] = {}
         self._done = 0
@@ -108,9 +154,14 @@ class OptunaSearch(GeneratorOptimizer):
     def progress(self) -> tuple[int, int]:
         return self._done, self.params.trials
 
+    def front(self) -> list[Point]:
+        """Every non-dominated evaluated genome as (genome, fitness, cost), by cost."""
+        return pareto_front((g, f, self.space.cost(g)) for g, f in self._fitness.items())
+
     def _sampler(self) -> optuna.samplers.BaseSampler:
         p, seed = self.params, self._seed
-        extra = {} if _SET_CONSTRAINT else {"constraints_func": _budget_constraint}
+        constrained = self.budgeted and not _SET_CONSTRAINT
+        extra = {"constraints_func": _budget_constraint} if constrained else {}
         with warnings.catch_warnings():  # optuna 4 flags these arguments experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if p.sampler == "tpe":
@@ -123,43 +174,66 @@ class OptunaSearch(GeneratorOptimizer):
                 )
             if p.sampler == "gp":
                 return optuna.samplers.GPSampler(seed=seed, n_startup_trials=p.startup, **extra)
+            if p.sampler == "nsga2":
+                return optuna.samplers.NSGAIISampler(
+                    seed=seed, population_size=p.population, **extra
+                )
             return optuna.samplers.RandomSampler(seed=seed)
 
     def _excess(self, genome: Genome) -> float:
         budget = self.space.budget
         return (self.space.cost(genome) - budget) / max(abs(budget), 1)
 
-    def _tell(self, study: optuna.Study, trial: Trial, proposed: Genome, fitness: float) -> None:
-        excess = self._excess(proposed)
-        if _SET_CONSTRAINT:
-            trial.set_constraint(_CONSTRAINT, excess)
-        else:
-            trial.set_user_attr(_USER_ATTR, excess)
-        if math.isfinite(fitness):
-            study.tell(trial, fitness)
+    def _genome(self, proposed: Genome) -> Genome:
+        """What a proposal becomes: repaired onto the budget, or only made valid."""
+        if self.budgeted:
+            return self.space.repair(proposed, self.rng)
+        return self.space.make_valid(proposed)
+
+    def _values(self, genome: Genome) -> list[float]:
+        """The objective values of an evaluated genome: fitness (and cost)."""
+        fitness = self._fitness[genome]
+        return [fitness] if self.budgeted else [fitness, float(self.space.cost(genome))]
+
+    def _tell(self, study: optuna.Study, trial: Trial, proposed: Genome, genome: Genome) -> None:
+        """Tell ``trial`` (which proposed ``proposed``) the values of ``genome``."""
+        if self.budgeted:
+            excess = self._excess(proposed)
+            if _SET_CONSTRAINT:
+                trial.set_constraint(_CONSTRAINT, excess)
+            else:
+                trial.set_user_attr(_USER_ATTR, excess)
+        if math.isfinite(self._fitness[genome]):
+            study.tell(trial, self._values(genome))
         else:  # e.g. a diverged model: the sampler learns nothing from it
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
-    def _add(self, study: optuna.Study, genome: Genome, fitness: float) -> None:
+    def _add(self, study: optuna.Study, genome: Genome) -> None:
         """Record an evaluated genome that no proposal named exactly."""
-        if not math.isfinite(fitness):
+        if not math.isfinite(self._fitness[genome]):
             return
+        excess = self._excess(genome)
         study.add_trial(
             optuna.trial.create_trial(
                 params=dict(zip(self._names, genome, strict=True)),
                 distributions=self._dists,
-                value=fitness,
-                system_attrs=_constraint_attrs(self._excess(genome)),
-                user_attrs={} if _SET_CONSTRAINT else {_USER_ATTR: self._excess(genome)},
+                values=self._values(genome),
+                system_attrs=_constraint_attrs(excess) if self.budgeted else {},
+                user_attrs={_USER_ATTR: excess} if self.budgeted and not _SET_CONSTRAINT else {},
             )
         )
 
     def run(self) -> Generator[list[Request], list[float], None]:
         p = self.params
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # as the trial store does
-        study = optuna.create_study(direction="minimize", sampler=self._sampler())
+        directions = ["minimize"] if self.budgeted else ["minimize", "minimize"]
+        study = optuna.create_study(directions=directions, sampler=self._sampler())
         self.study = study  # for inspection (plots, tests); rebuilt by every replay
-        study.enqueue_trial(dict(zip(self._names, self.space.uniform(), strict=True)))
+        first = [self.space.uniform()]
+        if not self.budgeted:  # anchor the front at both ends of the cost range
+            first = cost_spread(self.space, self.rng, max(p.startup, 1))
+        for genome in first:
+            study.enqueue_trial(dict(zip(self._names, genome, strict=True)))
         in_study: set[Genome] = set()  # genomes some trial of the study names exactly
         stale = 0
         while self._done < p.trials and stale < _STALE_BATCHES * p.batch:
@@ -169,17 +243,17 @@ class OptunaSearch(GeneratorOptimizer):
             while len(new) < want and stale < _STALE_BATCHES * p.batch:
                 trial = study.ask(self._dists)
                 proposed = tuple(int(trial.params[n]) for n in self._names)
-                repaired = self.space.repair(proposed, self.rng)
+                genome = self._genome(proposed)
                 in_study.add(proposed)
-                if repaired in self._fitness:  # known: no evaluation, tell at once
-                    self._tell(study, trial, proposed, self._fitness[repaired])
+                if genome in self._fitness:  # known: no evaluation, tell at once
+                    self._tell(study, trial, proposed, genome)
                     stale += 1
                     continue
-                pending.append((trial, proposed, repaired))
-                if repaired in new:  # shares an evaluation already in this batch
+                pending.append((trial, proposed, genome))
+                if genome in new:  # shares an evaluation already in this batch
                     stale += 1
                 else:
-                    new.append(repaired)
+                    new.append(genome)
                     stale = 0
             if not new:
                 break
@@ -188,9 +262,9 @@ class OptunaSearch(GeneratorOptimizer):
                 self._fitness[g] = score
                 self.consider(g, score)
             self._done += len(new)
-            for trial, proposed, repaired in pending:
-                self._tell(study, trial, proposed, self._fitness[repaired])
+            for trial, proposed, genome in pending:
+                self._tell(study, trial, proposed, genome)
             for g in new:
                 if g not in in_study:
-                    self._add(study, g, self._fitness[g])
+                    self._add(study, g)
                     in_study.add(g)

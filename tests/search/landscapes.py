@@ -1,9 +1,11 @@
 """Shared by the optimizer tests: small spaces, synthetic landscapes with uneven
-layer sensitivity, a driver that checks feasibility, and a CLI run on the tiny model."""
+layer sensitivity, drivers that check feasibility (or, for multi-objective
+optimizers, validity), 2-D Pareto helpers, and a CLI run on the tiny model."""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from conftest import search_config
 
 from evocomp.cli import main
 from evocomp.search import RandomSearch
+from evocomp.search.base import pareto_front
 from evocomp.spaces import BitsSpace, DepthSpace, JointSpace, SparsitySpace
 from evocomp.supernet.units import Unit
 
@@ -68,6 +71,91 @@ def drive(opt, space) -> list:
         asked += requests
         opt.tell([loss(space, r.genome) for r in requests])
     return asked
+
+
+def drive_valid(opt, space) -> list:
+    """Run an unbudgeted (multi-objective) ``opt`` to the end on :func:`loss`: every
+    request must be valid and never asked before; the budget does not bind."""
+    assert not opt.budgeted
+    asked, seen = [], set()
+    while requests := opt.ask():
+        for r in requests:
+            assert space.is_valid(r.genome), r.genome
+            assert r.genome not in seen, r.genome
+            seen.add(r.genome)
+        asked += requests
+        opt.tell([loss(space, r.genome) for r in requests])
+    return asked
+
+
+def span(space) -> int:
+    """Smallest steps from one end of the cost range to the other (at most)."""
+    return sum(space.n_levels(i) - 1 for i in range(len(space)))
+
+
+def extremes(space) -> tuple[tuple, tuple]:
+    """A cheapest and a dearest genome (walks down and up across the whole range)."""
+    rng = random.Random(0)
+    start = space.uniform()
+    return tuple(space.wander(start, rng, steps=span(space), rise=r) for r in (0.0, 1.0))
+
+
+def points(space, genomes) -> list[tuple]:
+    """(genome, loss, cost) of each genome."""
+    return [(g, loss(space, g), space.cost(g)) for g in genomes]
+
+
+def hypervolume(front, reference: tuple[float, float]) -> float:
+    """The area of the (fitness, cost) plane, both minimised, that ``front``'s points
+    dominate up to ``reference`` (any points: the dominated ones add nothing)."""
+    rf, rc = reference
+    pts = [(f, c) for _, f, c in pareto_front(front) if f < rf and c < rc]
+    area = 0.0
+    for k, (f, c) in enumerate(pts):  # by cost, fitness falling
+        nxt = pts[k + 1][1] if k + 1 < len(pts) else rc
+        area += (nxt - c) * (rf - f)
+    return area
+
+
+def reference(space) -> tuple[float, float]:
+    """Worst fitness (the cheapest genome's) and highest cost: every genome is inside."""
+    cheap, dear = extremes(space)
+    return loss(space, cheap) * 1.01 + 1e-9, space.cost(dear) * 1.01 + 1
+
+
+def exact_front(space) -> list[tuple]:
+    """The true (loss, cost) front of a sparsity or bits space, whose loss and cost
+    are both sums over genes: the least loss at every reachable cost, by dynamic
+    programming over the genes."""
+    assert isinstance(space, (SparsitySpace, BitsSpace))
+    start = space.uniform()
+    base = loss(space, start)
+
+    def gene_loss(i: int, level: int) -> float:
+        return loss(space, start[:i] + (level,) + start[i + 1 :]) - base
+
+    best: dict[int, tuple[float, tuple]] = {0: (0.0, ())}
+    for i in range(len(space)):
+        grown: dict[int, tuple[float, tuple]] = {}
+        for cost, (lost, genes) in best.items():
+            for lv in range(space.n_levels(i)):
+                c, f = cost + space.level_cost(i, lv), lost + gene_loss(i, lv)
+                if c not in grown or f < grown[c][0]:
+                    grown[c] = (f, (*genes, lv))
+        best = grown
+    return pareto_front(points(space, [genes for _, genes in best.values()]))
+
+
+def random_valid(space, seed: int, n: int) -> list[tuple]:
+    """``n`` distinct random valid genomes over the cost range: walks from the start
+    of random length and random rise (the random baseline of multi-objective search)."""
+    rng = random.Random(seed)
+    start, out = space.uniform(), {space.uniform()}
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        out.add(space.wander(start, rng, steps=rng.randint(1, span(space)), rise=rng.random()))
+    return list(out)
 
 
 def random_best(space, seed: int, samples: int) -> float:
