@@ -15,6 +15,7 @@ from evocomp.evaluators import EVALUATORS
 from evocomp.evaluators.data import DataConfig
 from evocomp.registry import Registry
 from evocomp.search import OPTIMIZERS
+from evocomp.search.executor import EXECUTORS
 from evocomp.spaces import SPACES
 from evocomp.supernet import COMPRESSORS
 from evocomp.supernet.models import ModelConfig
@@ -31,8 +32,17 @@ class Component(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     registry: ClassVar[Registry[Any]]
+    default: ClassVar[str]
+    """The component a section without ``name`` means (as when the section is absent)."""
     name: str
     _params: BaseModel = PrivateAttr()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "name" not in data:
+            return {"name": cls.default, **data}
+        return data
 
     @model_validator(mode="after")
     def _resolve(self) -> Component:
@@ -62,18 +72,27 @@ class Component(BaseModel):
 
 class CompressorSpec(Component):
     registry = COMPRESSORS
+    default = "sparsegpt"
 
 
 class SpaceSpec(Component):
     registry = SPACES
+    default = "sparsity"
 
 
 class OptimizerSpec(Component):
     registry = OPTIMIZERS
+    default = "evopress"
 
 
 class EvaluatorSpec(Component):
     registry = EVALUATORS
+    default = "kl"
+
+
+class ExecutorSpec(Component):
+    registry = EXECUTORS
+    default = "local"
 
 
 class UnitsConfig(BaseModel):
@@ -98,6 +117,11 @@ class StoreConfig(BaseModel):
         "sqlite", description="sqlite | journal | journal:PATH | an SQLAlchemy URL"
     )
     study: str | None = Field(None, description="study name; default: the experiment name")
+    grace_s: float = Field(
+        60.0,
+        gt=0,
+        description="a worker silent this long has its claimed evaluations taken over",
+    )
 
 
 class FinalEvalConfig(BaseModel):
@@ -116,10 +140,11 @@ class Config(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     units: UnitsConfig = Field(default_factory=UnitsConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    compressor: CompressorSpec = Field(default_factory=lambda: CompressorSpec(name="sparsegpt"))
-    space: SpaceSpec = Field(default_factory=lambda: SpaceSpec(name="sparsity"))
-    evaluator: EvaluatorSpec = Field(default_factory=lambda: EvaluatorSpec(name="kl"))
-    search: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(name="evopress"))
+    compressor: CompressorSpec = Field(default_factory=CompressorSpec)
+    space: SpaceSpec = Field(default_factory=SpaceSpec)
+    evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
+    search: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     final_eval: FinalEvalConfig = Field(default_factory=FinalEvalConfig)
@@ -127,7 +152,7 @@ class Config(BaseModel):
     def dump(self) -> dict[str, Any]:
         """The fully resolved config, every default written out."""
         out = self.model_dump(mode="json")
-        for key in ("compressor", "space", "evaluator", "search"):
+        for key in ("compressor", "space", "evaluator", "search", "executor"):
             out[key] = getattr(self, key).dump()
         return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -24,8 +25,10 @@ from evocomp.evaluators.data import TokenSplits, load_splits
 from evocomp.evaluators.metrics import PerplexityEvaluator
 from evocomp.evaluators.reference import reference_key
 from evocomp.paths import cache_dir
-from evocomp.search.base import OPTIMIZERS, Optimizer
-from evocomp.search.store import Record, TrialStore, storage_url
+from evocomp.results import pareto_front
+from evocomp.search.base import OPTIMIZERS, Optimizer, Request
+from evocomp.search.executor import EXECUTORS, Executor
+from evocomp.search.store import Claim, Job, Key, Record, TrialStore, storage_url
 from evocomp.spaces.base import SPACES, Genome, SearchSpace
 from evocomp.supernet.compressors import COMPRESSORS
 from evocomp.supernet.database import (
@@ -217,6 +220,10 @@ class RunDir:
         return self.path / "trials.parquet"
 
     @property
+    def pareto(self) -> Path:
+        return self.path / "pareto.parquet"
+
+    @property
     def eval(self) -> Path:
         return self.path / "eval.json"
 
@@ -264,85 +271,160 @@ class SearchResult:
     seconds: float
 
 
+def search_signature(cfg: Config) -> str:
+    """What makes two processes run the same search (and so able to share a study):
+    everything that changes which genomes are asked or what they score, and
+    nothing about where they run (device, executor, run dir, storage)."""
+    dump = cfg.dump()
+    same = {
+        "seed": dump["seed"],
+        "model": {k: dump["model"][k] for k in ("name", "dtype")},
+        **{k: dump[k] for k in ("units", "data", "compressor", "space", "evaluator", "search")},
+    }
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_store(exp: Experiment, run: RunDir) -> TrialStore:
+    """The run's trial store (``store.storage``; shared when several workers name it)."""
+    cfg = exp.cfg
+    return TrialStore(
+        storage_url(cfg.store.storage, run.path),
+        cfg.store.study or cfg.name,
+        unit_names=exp.space.param_names(),
+        metric=type(exp.evaluator).metric,
+        signature=search_signature(cfg),
+        grace_s=cfg.store.grace_s,
+    )
+
+
+class _Evaluations:
+    """Turns a batch of requests into records: reused from the store, evaluated by
+    this worker's executor, or awaited from the workers that claimed them."""
+
+    def __init__(
+        self, exp: Experiment, store: TrialStore, executor: Executor, *, budgeted: bool
+    ) -> None:
+        self.exp, self.store, self.executor = exp, store, executor
+        self.budgeted = budgeted
+        self.metric = type(exp.evaluator).metric
+        self.uniform = exp.space.uniform()
+        self.evaluated = self.reused = 0
+
+    def __call__(self, requests: list[Request], name: str) -> list[Record]:
+        space, store = self.exp.space, self.store
+        jobs: dict[Key, Job] = {}
+        for req in requests:
+            if (req.genome, req.tokens) in jobs or store.lookup(req.genome, req.tokens):
+                continue
+            ok = space.is_feasible(req.genome) if self.budgeted else space.is_valid(req.genome)
+            if not ok:
+                what = "an infeasible" if self.budgeted else "an invalid"
+                raise RuntimeError(f"{name} asked for {what} genome")
+            role = "baseline" if req.genome == self.uniform else "candidate"
+            cost = space.cost(req.genome)
+            jobs[(req.genome, req.tokens)] = Job(req.genome, req.tokens, cost, role)
+        self.reused += len(requests) - len(jobs)
+        pending = list(jobs)
+        while pending:
+            # A few jobs at a time, so that other workers sharing the store take their
+            # share of the batch meanwhile (two per executor worker amortise the reads).
+            limit = 2 * self.executor.workers
+            mine, held = store.claim([jobs[k] for k in pending], limit=limit)
+            if mine:
+                self._run(mine)
+            elif held:  # everything left is being evaluated elsewhere
+                store.wait(held)
+            pending = [k for k in pending if store.lookup(*k) is None]
+        out = []
+        for req in requests:
+            rec = store.lookup(req.genome, req.tokens)
+            assert rec is not None
+            out.append(rec)
+        return out
+
+    def _run(self, claims: list[Claim]) -> None:
+        done: set[int] = set()
+        try:
+            jobs = [Request(c.job.genome, c.job.tokens) for c in claims]
+            for i, metrics, seconds in self.executor.map(jobs):
+                self.store.complete(claims[i], metrics[self.metric], metrics, seconds)
+                done.add(i)
+                self.evaluated += 1
+        finally:  # interrupted or failed: let other workers (or a resume) take the rest
+            self.store.release([c for i, c in enumerate(claims) if i not in done])
+
+
 def run_search(exp: Experiment, run: RunDir) -> SearchResult:
-    """Run (or resume) the configured optimizer, recording every evaluation.
+    """Run (or resume, or join) the configured optimizer, recording every evaluation.
 
     Evaluations already in the trial store are not repeated: the optimizer is
     replayed from its seed and takes stored results, so a killed search resumes
-    exactly where it stopped.
+    exactly where it stopped, and workers sharing a store split the work.
     """
     cfg = exp.cfg
     space = exp.space
-    # Build everything up front so the search's progress bar measures search alone.
-    _ = exp.database, exp.swapper
+    # Build everything up front so the search's progress bar measures search alone
+    # (and Ray actors find the database and reference logits ready).
+    _ = exp.database, exp.swapper, exp.evaluator
     metric = type(exp.evaluator).metric
-    store = TrialStore(
-        storage_url(cfg.store.storage, run.path),
-        cfg.store.study or cfg.name,
-        unit_names=space.param_names(),
-        metric=metric,
-    )
     optimizer: Optimizer = OPTIMIZERS.get(cfg.search.name)(
         space, cfg.search.params, seed=cfg.seed
     )
+    if not optimizer.budgeted and not space.cost_is_size:
+        raise EvocompError(
+            f"search {cfg.search.name!r} trades cost against quality, but space "
+            f"{cfg.space.name!r} counts removed sublayers, not size: use a joint space "
+            "(e.g. depth with sparsity) or an optimizer with a budget"
+        )
     optimizer.prepare(exp.model, exp.splits.calibration)
+    store = open_store(exp, run)
     started = time.perf_counter()
-    evaluated = reused = 0
-    uniform = space.uniform()
     done, total = optimizer.progress
     bar = tqdm(total=total, initial=done, desc="search", unit="gen", disable=not exp.progress)
+    executor = EXECUTORS.get(cfg.executor.name)(exp, cfg.executor.params)
+    evaluations = _Evaluations(exp, store, executor, budgeted=optimizer.budgeted)
     try:
-        while requests := optimizer.ask():
-            fitness = []
-            for req in requests:
-                rec = store.lookup(req.genome, req.tokens)
-                if rec is None:
-                    if not space.is_feasible(req.genome):
-                        raise RuntimeError(f"{optimizer.name} asked for an infeasible genome")
-                    metrics, seconds = exp.evaluate(req.genome, req.tokens)
-                    rec = store.add(
-                        Record(
-                            genome=req.genome,
-                            tokens=req.tokens,
-                            fitness=metrics[metric],
-                            metrics=metrics,
-                            cost=space.cost(req.genome),
-                            seconds=seconds,
-                            role="baseline" if req.genome == uniform else "candidate",
-                        )
-                    )
-                    evaluated += 1
-                else:
-                    reused += 1
-                fitness.append(rec.fitness)
-            optimizer.tell(fitness)
-            if optimizer.progress[0] != bar.n:
-                bar.update(optimizer.progress[0] - bar.n)
-                bar.set_postfix({metric: f"{optimizer.best_fitness:.4f}"})
-                _write_best(run, exp, optimizer)
+        with store, executor:
+            while requests := optimizer.ask():
+                records = evaluations(requests, optimizer.name)
+                optimizer.tell([r.fitness for r in records])
+                if optimizer.progress[0] != bar.n:
+                    bar.update(optimizer.progress[0] - bar.n)
+                    bar.set_postfix({metric: f"{optimizer.best_fitness:.4f}"})
+                    _write_best(run, exp, optimizer)
     finally:
         bar.close()
-        store.to_dataframe().to_parquet(run.trials)
+        _write_trials(run, store)
     assert optimizer.best_genome is not None
     _write_best(run, exp, optimizer)
     result = SearchResult(
         best=optimizer.best_genome,
         fitness=optimizer.best_fitness,
-        evaluations=evaluated,
-        reused=reused,
+        evaluations=evaluations.evaluated,
+        reused=evaluations.reused,
         seconds=time.perf_counter() - started,
     )
     log.info(
-        "search done: best %s %.5f (%s %.5f), %d evaluations (%d reused) in %.0f s",
+        "search done: best %s %.5f (%s %.5f), %d evaluations here (%d reused) in %.0f s",
         metric,
         result.fitness,
         space.baseline_name,
-        _uniform_fitness(store, uniform),
-        evaluated,
-        reused,
+        _uniform_fitness(store, space.uniform()),
+        result.evaluations,
+        result.reused,
         result.seconds,
     )
     return result
+
+
+def _write_trials(run: RunDir, store: TrialStore) -> None:
+    """trials.parquet (every evaluation) and pareto.parquet (the non-dominated
+    cost/fitness trade-offs among evaluations at the largest token budget)."""
+    trials = store.to_dataframe()
+    trials.to_parquet(run.trials)
+    if not trials.empty:
+        final = trials[trials.tokens == trials.tokens.max()]
+        pareto_front(final).to_parquet(run.pareto)
 
 
 def _uniform_fitness(store: TrialStore, uniform: Genome) -> float:

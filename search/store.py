@@ -1,24 +1,75 @@
-"""The trial store: every evaluation of a search, in an Optuna storage.
+"""The trial store: every evaluation of a search, in an Optuna storage, shared by
+any number of workers.
 
-Each (genome, token budget) evaluation is one COMPLETE Optuna trial whose value
-is the fitness and whose user attributes hold the genome, token budget, all
-metrics, cost and wall time. The genome is kept as one compact attribute rather
-than one Optuna parameter per gene: with hundreds of genes that makes SQLite
-writes ~25x cheaper (14 ms instead of 330 ms per trial, measured), and optuna
-samplers that need real parameters record them themselves.
+Each (genome, token budget) evaluation is one Optuna trial whose value is the
+fitness and whose user attributes hold the genome, token budget, all metrics,
+cost and wall time. The genome is kept as one compact attribute rather than one
+Optuna parameter per gene: with hundreds of genes that makes SQLite writes ~25x
+cheaper (14 ms instead of 330 ms per trial, measured), and optuna samplers that
+need real parameters record them themselves.
+
+Sharing one study
+-----------------
+Several ``evocomp search`` processes (on one machine or many) may run the same
+search on one storage: each replays the same seeded optimizer, and the store
+splits every batch between them so that no candidate is evaluated twice or lost.
+
+* **Claims.** Before evaluating, a worker *claims* each job nobody holds by
+  creating a RUNNING trial for it. Optuna numbers trials in creation order
+  (RDB storages lock the study row while creating a trial; a journal is one
+  ordered log), so when two workers claim the same job at once, both see both
+  claims afterwards and the lower trial number owns the job; the other claim is
+  failed at once. A worker evaluates what it owns, completing its own trials,
+  and waits for the results of jobs others own.
+* **Liveness.** Workers record a heartbeat in the study every ``grace_s / 6``
+  seconds. A claim whose worker has not beaten for ``grace_s`` seconds (killed,
+  lost its machine) is failed by whoever waits for it, and the job is claimed
+  again, so nothing is lost. Heartbeats use wall clocks: keep the workers'
+  clocks synchronised to well within ``grace_s``.
+* **One search per study.** The study remembers its units and a signature of the
+  search settings (model, data, space, compressor, evaluator, optimizer, seed);
+  a worker with different settings is refused instead of mixing results.
+
+Failed trials (lost or stale claims) are bookkeeping: only COMPLETE trials are
+results, and only they appear in :meth:`TrialStore.records`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import optuna
 import pandas as pd
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
 
 from evocomp.errors import EvocompError
 from evocomp.spaces.base import Genome
+
+log = logging.getLogger("evocomp")
+
+Key = tuple[Genome, int]
+"""What an evaluation is of: (genome, tokens)."""
+
+_Held = tuple[int, int, FrozenTrial]
+"""A trial holding a job: (trial number, trial id, trial)."""
+
+_ALIVE = "evocomp:alive:"
+_RESULTS = (TrialState.COMPLETE,)
+_HELD = (TrialState.RUNNING, TrialState.COMPLETE)
+"""A job's claims and results: the lowest trial number among them owns it."""
 
 
 @dataclass(frozen=True)
@@ -33,12 +84,38 @@ class Record:
     seconds: float
     role: str = "candidate"  # or "baseline"
     number: int = -1
+    worker: str = ""
 
 
-def storage_url(spec: str, run_dir: Path) -> str | optuna.storages.BaseStorage:
+@dataclass(frozen=True)
+class Job:
+    """An evaluation a worker may have to run: what it is of, and what the
+    record will say about it before it is measured."""
+
+    genome: Genome
+    tokens: int
+    cost: int
+    role: str = "candidate"
+
+    @property
+    def key(self) -> Key:
+        return self.genome, self.tokens
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This worker's right (a RUNNING trial it created) to evaluate ``job``."""
+
+    job: Job
+    trial_id: int
+    number: int
+
+
+def storage_url(spec: str, run_dir: Path) -> str | BaseStorage:
     """Resolve a storage setting: ``sqlite`` (the run dir's trials.db, default),
     ``journal`` (trials.journal, a plain append-only file for shared
-    filesystems), ``journal:PATH``, or any SQLAlchemy URL (``postgresql://...``)."""
+    filesystems), ``journal:PATH``, or any SQLAlchemy URL (``postgresql://...``,
+    ``sqlite:////shared/trials.db``)."""
     if spec == "sqlite":
         return f"sqlite:///{run_dir / 'trials.db'}"
     if spec == "journal" or spec.startswith("journal:"):
@@ -58,61 +135,79 @@ def decode_genome(text: str) -> Genome:
     return tuple(int(x) for x in text.split(",")) if text else ()
 
 
+def worker_name() -> str:
+    """A name for this process that no other worker shares: host, pid, random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
 class TrialStore:
-    """Evaluations of one search, remembered across restarts."""
+    """Evaluations of one search, remembered across restarts and shared by workers.
+
+    Use it as a context manager while searching: that keeps the heartbeat that
+    tells other workers this one is alive (see the module docstring).
+    """
 
     def __init__(
         self,
-        storage: str | optuna.storages.BaseStorage,
+        storage: str | BaseStorage,
         study_name: str,
         *,
         unit_names: list[str],
         metric: str,
+        signature: str = "",
+        grace_s: float = 60.0,
+        worker: str | None = None,
     ) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            self.study = optuna.create_study(
-                storage=storage, study_name=study_name, direction="minimize", load_if_exists=True
+            self.storage = optuna.storages.get_storage(storage)
+            study = optuna.create_study(
+                storage=self.storage,
+                study_name=study_name,
+                direction="minimize",
+                load_if_exists=True,
             )
         except Exception as err:  # SQLAlchemy/driver errors: bad URL, server down
             raise EvocompError(f"cannot open trial store {storage!r}: {err}") from None
-        attrs = self.study.user_attrs
-        if "units" in attrs and attrs["units"] != unit_names:
-            raise EvocompError(
-                f"trial store study {study_name!r} belongs to a search over other units; "
-                "use a new run directory or study name"
-            )
-        if "units" not in attrs:
-            self.study.set_user_attr("units", unit_names)
-            self.study.set_user_attr("metric", metric)
-        self.metric = metric
-        self._index: dict[tuple[Genome, int], Record] = {}
-        for trial in self.study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)
+        self.study = study
+        self.study_id = self.storage.get_study_id_from_name(study_name)
+        attrs = study.user_attrs
+        for key, value, what in (
+            ("units", unit_names, "other units"),
+            ("signature", signature, "other settings (model, data, space, compressor, "
+             "evaluator, search or seed)"),
         ):
-            rec = _to_record(trial)
-            self._index[(rec.genome, rec.tokens)] = rec
+            if key in attrs and attrs[key] != value:
+                raise EvocompError(
+                    f"trial store study {study_name!r} belongs to a search over {what}; "
+                    "use a new study name (store.study) or storage"
+                )
+            if key not in attrs:
+                study.set_user_attr(key, value)
+        if "metric" not in attrs:
+            study.set_user_attr("metric", metric)
+        self.metric = metric
+        self.grace_s = grace_s
+        self.worker = worker or worker_name()
+        self._index: dict[Key, Record] = {}
+        self._seen: set[int] = set()
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+        self.refresh()
+
+    # -- results -------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Take in results other workers completed since the last look."""
+        for trial in self.storage.get_all_trials(self.study_id, deepcopy=False, states=_RESULTS):
+            if trial._trial_id not in self._seen:
+                self._seen.add(trial._trial_id)
+                rec = _to_record(trial)
+                # Two completions of one job can only come from stores written before
+                # claims existed; the first one stands.
+                self._index.setdefault((rec.genome, rec.tokens), rec)
 
     def lookup(self, genome: Genome, tokens: int) -> Record | None:
         return self._index.get((genome, tokens))
-
-    def add(self, record: Record) -> Record:
-        # Optuna rejects non-finite values; a diverged candidate is stored as 1e30.
-        trial = optuna.trial.create_trial(
-            value=record.fitness if math.isfinite(record.fitness) else 1e30,
-            user_attrs={
-                "genome": encode_genome(record.genome),
-                "tokens": record.tokens,
-                "metrics": record.metrics,
-                "cost": record.cost,
-                "seconds": record.seconds,
-                "role": record.role,
-            },
-        )
-        self.study.add_trial(trial)
-        stored = Record(**{**record.__dict__, "number": len(self._index)})
-        self._index[(record.genome, record.tokens)] = stored
-        return stored
 
     def records(self) -> list[Record]:
         return sorted(self._index.values(), key=lambda r: r.number)
@@ -120,9 +215,195 @@ class TrialStore:
     def __len__(self) -> int:
         return len(self._index)
 
+    # -- claims --------------------------------------------------------------------
+    def claim(
+        self, jobs: Sequence[Job], *, limit: int | None = None
+    ) -> tuple[list[Claim], list[Key]]:
+        """Claim (at most ``limit`` of) the jobs that have no result and no claim yet.
+        Returns the claims this worker owns (to evaluate and :meth:`complete`) and
+        the keys of unfinished jobs another worker holds (:meth:`wait`). Claiming a
+        few jobs at a time lets workers share one batch."""
+        self.refresh()
+        held = self._claims()
+        mine: list[tuple[Job, int]] = []
+        others: list[Key] = []
+        for job in dict((j.key, j) for j in jobs).values():
+            if job.key in self._index:
+                continue
+            if job.key in held:
+                others.append(job.key)
+                continue
+            if limit is not None and len(mine) >= limit:
+                continue
+            template = optuna.trial.create_trial(
+                state=TrialState.RUNNING, user_attrs=self._claim_attrs(job)
+            )
+            mine.append((job, self.storage.create_new_trial(self.study_id, template)))
+        if not mine:
+            return [], others
+        # Everyone who claimed one of these jobs before us is visible now: the
+        # lowest trial number holding a job owns it.
+        ours = {encode_genome(job.genome) for job, _ in mine}
+        holders: dict[Key, list[_Held]] = {}
+        for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=_HELD):
+            if t.user_attrs.get("genome") in ours:
+                key = (decode_genome(t.user_attrs["genome"]), int(t.user_attrs["tokens"]))
+                holders.setdefault(key, []).append((t.number, t._trial_id, t))
+        won: list[Claim] = []
+        for job, trial_id in mine:
+            number, owner, _ = min(holders[job.key])
+            if owner == trial_id:
+                won.append(Claim(job, trial_id, number))
+            else:
+                self._fail(trial_id)
+                others.append(job.key)
+        return won, others
+
+    def complete(
+        self, claim: Claim, fitness: float, metrics: dict[str, float], seconds: float
+    ) -> Record:
+        """Record the result of a job this worker owns."""
+        # Optuna rejects non-finite values; a diverged candidate is stored as 1e30.
+        value = fitness if math.isfinite(fitness) else 1e30
+        job = claim.job
+        trial_id, number = claim.trial_id, claim.number
+        try:
+            # One attribute (one write) for everything measured.
+            result = {"metrics": metrics, "seconds": seconds}
+            self.storage.set_trial_user_attr(trial_id, "result", result)
+            self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [value])
+        except UpdateFinishedTrialError:
+            # Another worker judged this one dead (silent past grace_s) and failed the
+            # claim; the result is still good, so it is recorded as a trial of its own.
+            log.warning("claim %d was taken over by another worker; recording anyway", number)
+            trial_id = self.storage.create_new_trial(
+                self.study_id,
+                optuna.trial.create_trial(
+                    value=value,
+                    user_attrs={**self._claim_attrs(job), "result": result},
+                ),
+            )
+            number = self.storage.get_trial_number_from_id(trial_id)
+        rec = Record(  # with the stored value, so every worker and every replay agree
+            genome=job.genome,
+            tokens=job.tokens,
+            fitness=value,
+            metrics=metrics,
+            cost=job.cost,
+            seconds=seconds,
+            role=job.role,
+            number=number,
+            worker=self.worker,
+        )
+        self._seen.add(trial_id)
+        self._index[job.key] = rec
+        return rec
+
+    def release(self, claims: Sequence[Claim]) -> None:
+        """Give up claims (an evaluation failed or was interrupted): others may take them."""
+        for claim in claims:
+            self._fail(claim.trial_id)
+
+    def wait(self, keys: Sequence[Key], *, poll_s: float = 0.05) -> list[Key]:
+        """Block until every job in ``keys`` has a result, or its claim is gone or
+        stale. Returns the keys that need claiming again (their owner failed)."""
+        pending = [k for k in keys if k not in self._index]
+        delay = poll_s
+        while pending:
+            self.refresh()
+            pending = [k for k in pending if k not in self._index]
+            if not pending:
+                break
+            held = self._claims()
+            alive = self._alive()
+            orphaned = []
+            for key in pending:
+                claims = held.get(key, [])
+                live = [c for c in claims if self._is_live(c[2], alive)]
+                for c in claims:
+                    if c not in live:
+                        self._fail(c[1])
+                if not live:
+                    orphaned.append(key)
+            if orphaned:
+                self.refresh()  # an owner may have finished just before we looked
+                return [k for k in orphaned if k not in self._index]
+            self._beat()
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        return []
+
+    def _claims(self) -> dict[Key, list[_Held]]:
+        """Open claims per job."""
+        out: dict[Key, list[_Held]] = {}
+        running = (TrialState.RUNNING,)
+        for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=running):
+            a = t.user_attrs
+            if "genome" in a:
+                key = (decode_genome(a["genome"]), int(a["tokens"]))
+                out.setdefault(key, []).append((t.number, t._trial_id, t))
+        return out
+
+    def _claim_attrs(self, job: Job) -> dict[str, object]:
+        return {
+            "genome": encode_genome(job.genome),
+            "tokens": job.tokens,
+            "cost": job.cost,
+            "role": job.role,
+            "worker": self.worker,
+        }
+
+    def _fail(self, trial_id: int) -> None:
+        # Finished meanwhile (completed by its owner, or failed by another waiter): fine.
+        with contextlib.suppress(UpdateFinishedTrialError):
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+    # -- liveness ------------------------------------------------------------------
+    def _alive(self) -> dict[str, float]:
+        attrs = self.storage.get_study_system_attrs(self.study_id)
+        return {k[len(_ALIVE):]: float(v) for k, v in attrs.items() if k.startswith(_ALIVE)}
+
+    def _is_live(self, trial: FrozenTrial, alive: dict[str, float]) -> bool:
+        worker = trial.user_attrs.get("worker", "")
+        if worker == self.worker:
+            return True
+        now = time.time()
+        last = alive.get(worker)
+        if last is None:  # never beat: judge by when the claim was made
+            start = trial.datetime_start
+            last = start.timestamp() if start is not None else now
+        return now - last < self.grace_s
+
+    def _beat(self) -> None:
+        self.storage.set_study_system_attr(self.study_id, _ALIVE + self.worker, time.time())
+
+    def _beat_loop(self) -> None:
+        while not self._beat_stop.wait(self.grace_s / 6):
+            # A storage hiccup must not kill the search; the next beat retries.
+            with contextlib.suppress(Exception):
+                self._beat()
+
+    def __enter__(self) -> TrialStore:
+        self._beat()
+        self._beat_stop.clear()
+        self._beat_thread = threading.Thread(target=self._beat_loop, daemon=True)
+        self._beat_thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._beat_stop.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join()
+
+    # -- export --------------------------------------------------------------------
     def to_dataframe(self) -> pd.DataFrame:
         """One row per evaluation: number, role, tokens, fitness, cost, seconds,
-        every metric, and the genome as a string."""
+        worker, every metric, and the genome as a string."""
         rows = [
             {
                 "number": r.number,
@@ -131,6 +412,7 @@ class TrialStore:
                 "fitness": r.fitness,
                 "cost": r.cost,
                 "seconds": r.seconds,
+                "worker": r.worker,
                 **{f"metric.{k}": v for k, v in r.metrics.items()},
                 "genome": encode_genome(r.genome),
             }
@@ -139,15 +421,17 @@ class TrialStore:
         return pd.DataFrame(rows)
 
 
-def _to_record(trial: optuna.trial.FrozenTrial) -> Record:
+def _to_record(trial: FrozenTrial) -> Record:
     a = trial.user_attrs
+    result = a.get("result", a)  # stores written before claims kept these at the top level
     return Record(
         genome=decode_genome(a["genome"]),
         tokens=int(a["tokens"]),
         fitness=float(trial.value) if trial.value is not None else float("inf"),
-        metrics=dict(a.get("metrics", {})),
+        metrics=dict(result.get("metrics", {})),
         cost=int(a.get("cost", 0)),
-        seconds=float(a.get("seconds", 0.0)),
+        seconds=float(result.get("seconds", 0.0)),
         role=str(a.get("role", "candidate")),
         number=trial.number,
+        worker=str(a.get("worker", "")),
     )

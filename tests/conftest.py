@@ -4,6 +4,14 @@ built in memory so the suite runs in minutes on 2 CPU cores."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +164,67 @@ def exported_model(run: Path, out: Path) -> tuple[LlamaForCausalLM, list[dict[st
     searched = json.loads((run / "eval.json").read_text())["ppl"]["searched"]
     assert PerplexityEvaluator(heldout).evaluate(model)["ppl"] == pytest.approx(searched, rel=1e-5)
     return model, json.loads((out / "evocomp.json").read_text())["layers"]
+
+
+# -- a real PostgreSQL server for shared trial stores --------------------------------
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """An SQLAlchemy URL of an empty PostgreSQL database: ``$EVOCOMP_TEST_POSTGRES``,
+    else a throwaway server started here from the installed binaries (``.ci/run``
+    installs them). Skipped when neither exists, unless ``EVOCOMP_REQUIRE_POSTGRES``
+    is set (as in CI), where that is a failure."""
+    if url := os.environ.get("EVOCOMP_TEST_POSTGRES"):
+        yield url
+        return
+    bindir = _postgres_bin()
+    if bindir is None:
+        if os.environ.get("EVOCOMP_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL is required here but initdb was not found")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    # PostgreSQL refuses to run as root: as root, the server runs as user postgres
+    # in a directory it owns (outside pytest's root-only tmp dirs).
+    root = Path(tempfile.mkdtemp(prefix="evocomp-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres", "postgres")
+    data, log = root / "data", root / "server.log"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = partial(subprocess.run, check=True, capture_output=True)
+    run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"])
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w",
+         "start"])
+    try:
+        import psycopg
+
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres",
+                             autocommit=True) as conn:
+            conn.execute("CREATE DATABASE evocomp")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/evocomp"
+    finally:
+        run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def fresh_database(server_url: str) -> str:
+    """A new empty database on the test server, so each test has its own study."""
+    import psycopg
+
+    base, _, _ = server_url.rpartition("/")
+    name = f"t{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base.replace("+psycopg", "") + "/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"{base}/{name}"

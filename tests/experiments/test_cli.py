@@ -82,9 +82,24 @@ def test_search_beats_uniform_on_a_model_with_uneven_layers(tmp_path, uneven_mod
     assert mean[0] < mean[3]  # the sensitive first block keeps more weights
 
 
-def test_resume_after_a_kill_reevaluates_nothing(tmp_path, tiny_model_dir, monkeypatch):
-    cfg = search_config(tmp_path, tiny_model_dir, final_eval={"enabled": False})
-    full = search_config(tmp_path, tiny_model_dir, name="full", final_eval={"enabled": False})
+RESUMABLE = {
+    "evopress": None,  # the default in search_config
+    "ga": {"name": "ga", "population": 6, "offspring": 6, "generations": 3, "tokens": 128},
+    "optuna": {"name": "optuna", "trials": 20, "batch": 4, "startup": 6, "tokens": 128},
+    "random": {"name": "random", "samples": 16, "batch": 4, "tokens": 128},
+    "nsga2": {"name": "nsga2", "population": 8, "offspring": 8, "generations": 2, "tokens": 128},
+}
+
+
+@pytest.mark.parametrize("optimizer", list(RESUMABLE))
+def test_resume_after_a_kill_reevaluates_nothing(
+    tmp_path, tiny_model_dir, monkeypatch, optimizer
+):
+    search = {"search": RESUMABLE[optimizer]} if RESUMABLE[optimizer] else {}
+    cfg = search_config(tmp_path, tiny_model_dir, final_eval={"enabled": False}, **search)
+    full = search_config(
+        tmp_path, tiny_model_dir, name="full", final_eval={"enabled": False}, **search
+    )
     calls = {"n": 0}
     original = runner.Experiment.evaluate
 
@@ -106,6 +121,7 @@ def test_resume_after_a_kill_reevaluates_nothing(tmp_path, tiny_model_dir, monke
     uninterrupted = pd.read_parquet(tmp_path / "runs" / "full" / "trials.parquet")
     assert len(resumed) == len(uninterrupted)
     assert resumed.genome.tolist() == uninterrupted.genome.tolist()
+    assert resumed.fitness.tolist() == uninterrupted.fitness.tolist()
     best = json.loads((run / "best.json").read_text())
     assert best["genome"] == json.loads((tmp_path / "runs/full/best.json").read_text())["genome"]
 
@@ -122,11 +138,14 @@ def test_resume_after_a_kill_reevaluates_nothing(tmp_path, tiny_model_dir, monke
         (["space.levels=9"], "at most 5 levels fit"),
         (["serch.generations=3"], "did you mean 'search'"),
         (["search.generation=3"], "did you mean 'generations'"),
-        (
-            ["search.name=cmaes"],
-            "allowed: 'drop-last', 'evopress', 'ga', 'optuna', 'random', 'shortgpt', 'sleb'",
-        ),
+        (["search.name=cmaes"], "unknown optimizer 'cmaes'; allowed: 'drop-last', 'evopress'"),
+        (["executor.name=dask"], "unknown executor 'dask'; allowed: 'local', 'ray'"),
+        (["executor.num_workers=2"], "bad options for executor 'local': num_workers"),
         (["data.corpus=nope"], "allowed:"),
+        (
+            ["space.name=depth", "space.remove=2", "search.name=nsga2"],
+            "counts removed sublayers, not size",
+        ),
         (["model.dtype=float8"], "model.dtype"),
         (["data.search=100000"], "has 5024 sequences of 64 tokens"),
     ],
