@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -220,6 +221,10 @@ class RunDir:
         return self.path / "trials.parquet"
 
     @property
+    def units(self) -> Path:
+        return self.path / "units.json"
+
+    @property
     def pareto(self) -> Path:
         return self.path / "pareto.parquet"
 
@@ -377,6 +382,8 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
             "(e.g. depth with sparsity) or an optimizer with a budget"
         )
     optimizer.prepare(exp.model, exp.splits.calibration)
+    # What a genome's genes are, so that analysis can rebuild the space without the model.
+    _write_json(run.units, [dataclasses.asdict(u) for u in exp.units])
     store = open_store(exp, run)
     started = time.perf_counter()
     done, total = optimizer.progress
