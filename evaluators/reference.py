@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from evocomp.evaluators.base import forward_logits
+from evocomp.paths import locked
 
 
 @dataclass
@@ -71,10 +72,30 @@ def compute_reference(
     cache_path: Path | None = None,
     progress: bool = True,
 ) -> DenseReference:
-    """Dense outputs of ``model`` on ``tokens``, read from ``cache_path`` if there."""
-    if cache_path is not None and cache_path.exists():
-        data = load_file(str(cache_path))
-        return DenseReference(data["probs"], data.get("neg_entropy"), data.get("indices"))
+    """Dense outputs of ``model`` on ``tokens``, read from ``cache_path`` if there
+    (concurrent callers with one ``cache_path`` take turns: one computes, the others
+    read what it wrote)."""
+    if cache_path is None:
+        return _compute(model, tokens, topk=topk, batch_size=batch_size, progress=progress)
+    with locked(cache_path.with_suffix(".lock")):
+        if cache_path.exists():
+            data = load_file(str(cache_path))
+            return DenseReference(data["probs"], data.get("neg_entropy"), data.get("indices"))
+        ref = _compute(model, tokens, topk=topk, batch_size=batch_size, progress=progress)
+        tensors = {"probs": ref.probs.contiguous()}
+        for name in ("neg_entropy", "indices"):
+            value = getattr(ref, name)
+            if value is not None:
+                tensors[name] = value.contiguous()
+        tmp = cache_path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, cache_path)
+        return ref
+
+
+def _compute(
+    model: nn.Module, tokens: torch.Tensor, *, topk: int | None, batch_size: int, progress: bool
+) -> DenseReference:
     probs, neg_entropy, indices = [], [], []
     with torch.inference_mode():
         for batch in tqdm(tokens.split(batch_size), desc="dense reference", disable=not progress):
@@ -90,19 +111,8 @@ def compute_reference(
                 neg_entropy.append(
                     torch.stack([logit_terms(pr, lr) for pr, lr in zip(p, logits, strict=True)])
                 )
-    ref = DenseReference(
+    return DenseReference(
         torch.cat(probs),
         None if topk else torch.cat(neg_entropy),
         torch.cat(indices) if topk else None,
     )
-    if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"probs": ref.probs.contiguous()}
-        for name in ("neg_entropy", "indices"):
-            value = getattr(ref, name)
-            if value is not None:
-                tensors[name] = value.contiguous()
-        tmp = cache_path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, cache_path)
-    return ref

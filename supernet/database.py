@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from evocomp.errors import EvocompError
+from evocomp.paths import locked
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor
 from evocomp.supernet.units import Unit, find_blocks
 
@@ -290,8 +291,29 @@ def build_database(
 
     Resumes a partial build of the same spec; refuses a directory holding a
     database of another spec. Returns False when the database was already complete.
+    Concurrent builders of one database (workers, sweep trials) take turns: the
+    first builds, the others find it complete.
     """
     root.mkdir(parents=True, exist_ok=True)
+    with locked(root / ".lock"):
+        return _build_database(
+            model, units, spec, root, calibration, params=params, batch_size=batch_size,
+            progress=progress, on_block=on_block,
+        )
+
+
+def _build_database(
+    model: nn.Module,
+    units: Sequence[Unit],
+    spec: DatabaseSpec,
+    root: Path,
+    calibration: torch.Tensor,
+    *,
+    params: Any,
+    batch_size: int,
+    progress: bool,
+    on_block: Callable[[int], None] | None,
+) -> bool:
     manifest = _read_manifest(root)
     if manifest is not None:
         _check_same(root, manifest, spec)
