@@ -1,16 +1,20 @@
 """evocomp.evaluators: HOW GOOD a candidate is (and on which tokens)."""
 
 from evocomp.evaluators.base import EVALUATORS, Evaluator, forward_logits
+from evocomp.evaluators.downstream import DownstreamParams, LMEvalEvaluator, downstream_scores
 from evocomp.evaluators.metrics import KLEvaluator, PerplexityEvaluator, kl_divergence
 from evocomp.evaluators.reference import DenseReference, compute_reference
 
 __all__ = [
     "EVALUATORS",
     "DenseReference",
+    "DownstreamParams",
     "Evaluator",
     "KLEvaluator",
+    "LMEvalEvaluator",
     "PerplexityEvaluator",
     "compute_reference",
+    "downstream_scores",
     "forward_logits",
     "kl_divergence",
 ]
