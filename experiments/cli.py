@@ -43,14 +43,33 @@ def _parser() -> argparse.ArgumentParser:
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     with_config(dbsub.add_parser("build", help="build the variant database for a config"))
 
-    p = sub.add_parser("eval", help="held-out perplexity: dense vs uniform vs searched")
+    p = sub.add_parser(
+        "eval", help="held-out perplexity and lm-eval tasks: dense vs uniform vs searched"
+    )
     p.add_argument("run_dir")
+    p.add_argument("--front", action="store_true", help="also every Pareto-front candidate")
+    p.add_argument("--corpora", nargs="+", metavar="CORPUS", help="held-out corpora (e.g. books)")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-eval tasks (e.g. arc_easy piqa)")
+    p.add_argument("--limit", type=int, help="lm-eval documents per task")
+    p.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples")
 
     p = sub.add_parser("export", help="save the searched model as a Hugging Face directory")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output directory")
 
+    p = sub.add_parser(
+        "report", help="plots and a markdown summary of a run (Pareto front, progress, layers)"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/report)")
+
     sub.add_parser("configs", help="list the built-in configs")
+
+    p = sub.add_parser("sweep", help="run many searches as Ray Tune trials (a sweep file)")
+    p.add_argument("sweep", help="sweep YAML file or built-in sweep name (e.g. sparsity_targets)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep in its root"
+    )
     return parser
 
 
@@ -81,11 +100,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "database":
         return commands.database_build(args.config, args.overrides, progress=progress)
     if args.command == "eval":
-        return commands.evaluate(Path(args.run_dir), progress=progress)
+        return commands.evaluate(
+            Path(args.run_dir),
+            front=args.front,
+            corpora=args.corpora,
+            tasks=args.tasks,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            progress=progress,
+        )
     if args.command == "export":
         return commands.export(Path(args.run_dir), Path(args.out), progress=progress)
+    if args.command == "report":
+        return commands.report(Path(args.run_dir), Path(args.out) if args.out else None)
     if args.command == "configs":
         return commands.list_configs()
+    if args.command == "sweep":
+        return commands.sweep(args.sweep, resume=args.resume, progress=progress)
     raise AssertionError(args.command)
 
 

@@ -10,8 +10,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from evocomp.config import BUILTIN_CONFIGS, load_config
+import pandas as pd
+from pydantic import ValidationError
+
+from evocomp.config import (
+    BUILTIN_CONFIGS,
+    FinalEvalConfig,
+    format_validation_error,
+    load_config,
+)
 from evocomp.errors import EvocompError
+from evocomp.results import markdown_table
 from evocomp.runner import (
     Experiment,
     final_eval,
@@ -68,10 +77,22 @@ def search(
 
 
 def _table(report: dict[str, Any]) -> str:
-    rows = [f"held-out perplexity ({report['heldout_tokens']} tokens)"]
+    """The held-out perplexities; with other corpora or tasks, the whole comparison."""
+    rows = report.get("rows", [])
+    tasks = bool(rows) and any(k.startswith("task.") for k in rows[0])
+    if tasks or len(report.get("corpora", [])) > 1:
+        keep = [
+            c
+            for c in rows[0]
+            if c in ("name", "cost_of_budget")
+            or c.startswith("ppl.")
+            or (c.startswith("task.") and c.endswith("accuracy"))
+        ]
+        return markdown_table(pd.DataFrame(rows)[keep])
+    lines = [f"held-out perplexity ({report['heldout_tokens']} tokens)"]
     for name, ppl in report["ppl"].items():
-        rows.append(f"  {name:<9} {ppl:10.3f}")
-    return "\n".join(rows)
+        lines.append(f"  {name:<9} {ppl:10.3f}")
+    return "\n".join(lines)
 
 
 def database_build(config: str | None, overrides: list[str], *, progress: bool = True) -> int:
@@ -85,12 +106,42 @@ def database_build(config: str | None, overrides: list[str], *, progress: bool =
     return 0
 
 
-def evaluate(run_dir: Path, *, progress: bool = True) -> int:
+def evaluate(
+    run_dir: Path,
+    *,
+    front: bool = False,
+    corpora: list[str] | None = None,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    progress: bool = True,
+) -> int:
+    """Score the run's best genome (``front``: its whole Pareto front) and the dense
+    and uniform baselines on held-out perplexity of each corpus and on lm-eval
+    tasks; settings not given come from the run's ``final_eval`` section."""
     cfg, run = load_run_config(run_dir)
     best = load_best(run)
+    fe = cfg.final_eval.model_dump()
+    if front:
+        fe["front"] = True
+    if corpora:
+        fe["corpora"] = corpora
+    if tasks or limit is not None or num_fewshot is not None:
+        downstream = dict(fe.get("downstream") or {})
+        for key, value in (("tasks", tasks), ("limit", limit), ("num_fewshot", num_fewshot)):
+            if value:
+                downstream[key] = value
+        fe["downstream"] = downstream
+    try:
+        cfg = cfg.model_copy(update={"final_eval": FinalEvalConfig(**fe)})
+    except ValidationError as err:
+        raise EvocompError(
+            "bad evaluation options:\n" + format_validation_error(err, FinalEvalConfig)
+        ) from None
     with _logging_to(run.log):
         report = final_eval(Experiment(cfg, progress=progress), run, best)
     print(_table(report))
+    print(f"table: {run.path / 'eval.md'} ({run.path / 'eval.parquet'})")
     return 0
 
 
@@ -141,6 +192,39 @@ def _fully_removed_blocks(exp: Experiment, genome: tuple[int, ...]) -> set[int]:
 def list_configs() -> int:
     for path in sorted(BUILTIN_CONFIGS.glob("*.yaml")):
         print(path.stem)
+    return 0
+
+
+def report(run_dir: Path, out: Path | None = None) -> int:
+    """Plots (pareto.png, progress.png, allocation.png) and report.md of a run,
+    in ``out`` (default ``RUN_DIR/report``); loads no model."""
+    from evocomp.analysis import load_run, write_report
+
+    path = write_report(load_run(run_dir), out)
+    print(f"report written to {path}")
+    return 0
+
+
+def sweep(spec: str, *, resume: bool = False, progress: bool = True) -> int:
+    """Run a sweep file (or built-in sweep) on Ray Tune and print its results table."""
+    import sys
+
+    from evocomp.sweep import load_sweep, results_markdown, run_sweep, sweep_root
+
+    table = run_sweep(spec, resume=resume, progress=progress)
+    root = sweep_root(load_sweep(spec))
+    print(results_markdown(table))
+    print(f"results: {root / 'results.parquet'} (run directories in {root / 'runs'})")
+    failed = table[table.status != "done"] if not table.empty else table
+    for row in failed.itertuples():
+        print(f"{row.search}: {row.status} {row.error}".rstrip(), file=sys.stderr)
+    if len(failed):
+        print(
+            f"evocomp: {len(failed)} of {len(table)} searches did not finish; "
+            "`evocomp sweep ... --resume` continues them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

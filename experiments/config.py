@@ -8,11 +8,20 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evocomp.errors import EvocompError, choices
 from evocomp.evaluators import EVALUATORS
-from evocomp.evaluators.data import DataConfig
+from evocomp.evaluators.data import CORPORA, DataConfig
+from evocomp.evaluators.downstream import DownstreamParams
 from evocomp.registry import Registry
 from evocomp.search import OPTIMIZERS
 from evocomp.search.executor import EXECUTORS
@@ -125,9 +134,29 @@ class StoreConfig(BaseModel):
 
 
 class FinalEvalConfig(BaseModel):
+    """What ``search`` (at its end) and ``eval`` score: dense, the baseline and the
+    searched genome (``front``: every Pareto-front candidate too) on held-out text
+    of each corpus, and on lm-eval tasks when ``downstream`` is set."""
+
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     batch_size: int = Field(4, ge=1)
+    corpora: list[str] = Field(
+        default_factory=list, description="held-out corpora besides data.corpus (e.g. [books])"
+    )
+    front: bool = Field(False, description="also score every candidate of pareto.parquet")
+    downstream: DownstreamParams | None = Field(
+        None, description="lm-eval tasks: {tasks: [arc_easy, piqa], limit: 100, ...}; null: none"
+    )
+
+    @field_validator("corpora")
+    @classmethod
+    def _packaged_corpora(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in CORPORA or name == "text":
+                allowed = [n for n in CORPORA.names() if n != "text"]
+                raise ValueError(f"unknown corpus {name!r}; allowed: {choices(allowed)}")
+        return names
 
 
 class Config(BaseModel):

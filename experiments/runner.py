@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -26,10 +27,19 @@ from evocomp.evaluators.data import TokenSplits, load_splits
 from evocomp.evaluators.metrics import PerplexityEvaluator
 from evocomp.evaluators.reference import reference_key
 from evocomp.paths import cache_dir
-from evocomp.results import pareto_front
+from evocomp.results import markdown_table, pareto_front
 from evocomp.search.base import OPTIMIZERS, Optimizer, Request
 from evocomp.search.executor import EXECUTORS, Executor
-from evocomp.search.store import Claim, Job, Key, Record, TrialStore, storage_url
+from evocomp.search.store import (
+    Claim,
+    Job,
+    Key,
+    Record,
+    TrialStore,
+    decode_genome,
+    encode_genome,
+    storage_url,
+)
 from evocomp.spaces.base import SPACES, Genome, SearchSpace
 from evocomp.supernet.compressors import COMPRESSORS
 from evocomp.supernet.database import (
@@ -186,16 +196,24 @@ class Experiment:
             with self.swapper.apply(genome, export=export) as model:
                 yield model
 
-    def heldout(self, genomes: dict[str, Genome | None]) -> dict[str, dict[str, float]]:
-        """Held-out perplexity for each named genome (``None`` = dense)."""
-        if self.splits.heldout.shape[0] == 0:
+    def heldout(
+        self,
+        genomes: dict[str, Genome | None],
+        *,
+        tokens: torch.Tensor | None = None,
+        label: str = "held-out",
+    ) -> dict[str, dict[str, float]]:
+        """Perplexity of each named genome (``None`` = dense) on ``tokens`` (default:
+        the held-out split)."""
+        tokens = self.splits.heldout if tokens is None else tokens
+        if tokens.shape[0] == 0:
             raise EvocompError("data.heldout is 0; held-out evaluation needs sequences")
-        ev = PerplexityEvaluator(self.splits.heldout, batch_size=self.cfg.final_eval.batch_size)
+        ev = PerplexityEvaluator(tokens, batch_size=self.cfg.final_eval.batch_size)
         out = {}
-        for name, genome in tqdm(genomes.items(), desc="held-out", disable=not self.progress):
+        for name, genome in tqdm(genomes.items(), desc=label, disable=not self.progress):
             with self.applied(genome) as model:
                 out[name] = ev.evaluate(model)
-            log.info("held-out ppl %-9s %.3f", name, out[name]["ppl"])
+            log.info("%s ppl %-9s %.3f", label, name, out[name]["ppl"])
         return out
 
 
@@ -477,15 +495,73 @@ def load_run_config(run_dir: str | Path) -> tuple[Config, RunDir]:
 
 
 def final_eval(exp: Experiment, run: RunDir, best: Genome) -> dict[str, Any]:
-    """Held-out perplexity of dense, uniform and searched; written to eval.json."""
-    space = exp.space
+    """Score dense, the baseline and the searched genome (with ``final_eval.front``,
+    every candidate of pareto.parquet too) on held-out perplexity of each corpus and,
+    with ``final_eval.downstream``, on lm-eval tasks. Writes eval.parquet and
+    eval.md (one row per candidate) and eval.json; returns what eval.json holds."""
+    cfg, space = exp.cfg, exp.space
+    fe = cfg.final_eval
     base = space.baseline_name
-    ppl = exp.heldout({"dense": None, base: space.uniform(), "searched": best})
+    genomes: dict[str, Genome | None] = {"dense": None, base: space.uniform(), "searched": best}
+    if fe.front:
+        genomes.update(_front_genomes(run))
+    corpora = list(dict.fromkeys([cfg.data.corpus, *fe.corpora]))
+    rows: dict[str, dict[str, Any]] = {name: _row(exp, run, name, g) for name, g in genomes.items()}
+    for corpus in corpora:
+        tokens = exp.splits.heldout if corpus == cfg.data.corpus else _heldout(exp, corpus)
+        for name, metrics in exp.heldout(genomes, tokens=tokens, label=corpus).items():
+            rows[name][f"ppl.{corpus}"] = metrics["ppl"]
+    if fe.downstream is not None:
+        from evocomp.evaluators.downstream import downstream_scores
+
+        for name, genome in tqdm(genomes.items(), desc="lm-eval", disable=not exp.progress):
+            started = time.perf_counter()
+            with exp.applied(genome) as model:
+                scores = downstream_scores(model, exp.loaded.tokenizer, fe.downstream,
+                                           progress=False)
+            rows[name].update({f"task.{k}": v for k, v in scores.items()})
+            rows[name]["task.seconds"] = time.perf_counter() - started
+            log.info("lm-eval %-9s accuracy %.4f", name, scores["accuracy"])
+    table = pd.DataFrame(list(rows.values()))
+    table.to_parquet(run.path / "eval.parquet")
+    (run.path / "eval.md").write_text(markdown_table(table.drop(columns="genome")) + "\n")
+    main = f"ppl.{cfg.data.corpus}"
     result = {
         "heldout_tokens": int(exp.splits.heldout.numel()),
-        "ppl": {k: v["ppl"] for k, v in ppl.items()},
-        "cost": {base: space.cost(space.uniform()), "searched": space.cost(best)},
-        "budget": exp.space.budget,
+        "ppl": {name: row[main] for name, row in rows.items()},
+        "cost": {name: row["cost"] for name, row in rows.items() if name != "dense"},
+        "budget": space.budget,
+        "corpora": corpora,
+        "rows": table.drop(columns="genome").to_dict(orient="records"),
     }
     _write_json(run.eval, result)
     return result
+
+
+def _front_genomes(run: RunDir) -> dict[str, Genome]:
+    if not run.pareto.exists():
+        raise EvocompError(f"{run.path} has no pareto.parquet yet; has the search run?")
+    front = pd.read_parquet(run.pareto).sort_values("cost")
+    return {f"front-{k:02d}": decode_genome(g) for k, g in enumerate(front.genome, start=1)}
+
+
+def _row(exp: Experiment, run: RunDir, name: str, genome: Genome | None) -> dict[str, Any]:
+    """A candidate's identity in the eval table: name, genome, cost (of the space's
+    budget), and its search fitness when the trial store has it."""
+    if genome is None:
+        return {"name": name, "genome": None, "cost": None, "cost_of_budget": None}
+    cost = exp.space.cost(genome)
+    row = {"name": name, "genome": encode_genome(genome), "cost": cost,
+           "cost_of_budget": cost / exp.space.budget if exp.space.budget else None}
+    if run.trials.exists():
+        trials = pd.read_parquet(run.trials, columns=["genome", "tokens", "fitness"])
+        mine = trials[trials.genome == row["genome"]]
+        if not mine.empty:
+            row["search_fitness"] = float(mine.sort_values("tokens").fitness.iloc[-1])
+    return row
+
+
+def _heldout(exp: Experiment, corpus: str) -> torch.Tensor:
+    """Held-out sequences of another packaged corpus, shaped like the run's."""
+    data = exp.cfg.data.model_copy(update={"corpus": corpus, "path": None})
+    return load_splits(data, exp.loaded.tokenizer).heldout

@@ -359,6 +359,11 @@ class TrialStore:
             self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
     # -- liveness ------------------------------------------------------------------
+    def alive_workers(self) -> list[str]:
+        """The workers (this one included) that beat within the last ``grace_s``."""
+        now = time.time()
+        return sorted(w for w, t in self._alive().items() if now - t < self.grace_s)
+
     def _alive(self) -> dict[str, float]:
         attrs = self.storage.get_study_system_attrs(self.study_id)
         return {k[len(_ALIVE):]: float(v) for k, v in attrs.items() if k.startswith(_ALIVE)}

@@ -59,3 +59,24 @@ def test_a_multi_objective_search_writes_its_front(tmp_path, uneven_model_dir):
     feasible = trials[trials.cost <= best["budget"]]
     assert best["cost"] <= best["budget"]
     assert best["fitness"] == pytest.approx(feasible.fitness.min())
+    # `evocomp eval --front`: every front candidate plus dense, uniform and searched,
+    # on two corpora and an lm-eval task.
+    args = ["-q", "eval", str(run), "--front", "--corpora", "books", "--tasks", "arc_easy",
+            "--limit", "4"]
+    assert main(args) == 0
+    table = pd.read_parquet(run / "eval.parquet")
+    names = table.name.tolist()
+    assert names[:3] == ["dense", "uniform", "searched"] and len(names) == 3 + len(front)
+    assert {"ppl.wiki", "ppl.books", "task.arc_easy/accuracy", "task.arc_easy/n"} <= set(table)
+    assert (table["task.arc_easy/n"] == 4).all()
+    assert table["task.arc_easy/accuracy"].between(0, 1).all()
+    rows = table.set_index("name")
+    assert pd.isna(rows.loc["dense", "cost"]) and rows.loc["searched", "cost_of_budget"] <= 1
+    fronts = table[table.name.str.startswith("front-")]
+    assert fronts.cost.is_monotonic_increasing
+    # The same genome scores the same wherever it appears in the table.
+    same = fronts[fronts.genome == rows.loc["searched", "genome"]]
+    assert len(same) == 1 and same["ppl.books"].iloc[0] == rows.loc["searched", "ppl.books"]
+    report = json.loads((run / "eval.json").read_text())
+    assert report["ppl"]["dense"] == rows.loc["dense", "ppl.wiki"]
+    assert "| name |" in (run / "eval.md").read_text()

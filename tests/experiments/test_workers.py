@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -15,6 +16,9 @@ import pytest
 from conftest import fresh_database, search_config
 
 from evocomp.cli import main
+from evocomp.config import load_config
+from evocomp.runner import Experiment, RunDir, open_store
+from evocomp.search.store import Job
 
 SEARCH = {
     "name": "evopress",
@@ -56,14 +60,26 @@ def test_two_workers_share_one_study(tmp_path, tiny_model_dir, backend, request)
     else:
         storage = fresh_database(request.getfixturevalue("postgres_url"))
     runs = [tmp_path / f"w{k}" for k in range(2)]
-    procs = [worker(cfg, run, storage) for run in runs]
+    # A gate, so that the workers search side by side however late either starts: this
+    # process holds the search's first job until both workers are alive, then lets go.
+    gate_cfg = load_config(cfg, [f"store.storage={storage}", "store.study=shared"])
+    exp = Experiment(gate_cfg, progress=False)
+    with open_store(exp, RunDir(tmp_path / "gate")) as gate:
+        first = Job(exp.space.uniform(), SEARCH["stages"][-1]["tokens"], 0, "baseline")
+        held, _ = gate.claim([first])
+        assert len(held) == 1
+        procs = [worker(cfg, run, storage) for run in runs]
+        deadline = time.time() + 300
+        while len(gate.alive_workers()) < 3 and time.time() < deadline:
+            time.sleep(0.2)
+        gate.release(held)
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out
 
-    shared = [pd.read_parquet(run / "trials.parquet") for run in runs]
+    tables = [pd.read_parquet(run / "trials.parquet") for run in runs]
     # Every worker ends with the whole study, and it is exactly the solo search's.
-    for df in shared:
+    for df in tables:
         assert sorted(zip(df.genome, df.tokens, strict=True)) == sorted(
             zip(solo.genome, solo.tokens, strict=True)
         )
@@ -71,7 +87,7 @@ def test_two_workers_share_one_study(tmp_path, tiny_model_dir, backend, request)
             solo.set_index(["genome", "tokens"]).fitness.sort_index().tolist(), rel=1e-6
         )
     # Both took a share of the evaluations, and none was evaluated twice.
-    assert shared[0].worker.nunique() == 2
+    assert tables[0].worker.nunique() == 2
     best = [json.loads((run / "best.json").read_text())["genome"] for run in runs]
     assert best[0] == best[1] == json.loads((tmp_path / "solo" / "best.json").read_text())["genome"]
     if backend == "journal":
