@@ -44,7 +44,7 @@ from evocomp.config import (
 )
 from evocomp.errors import EvocompError, choices
 from evocomp.results import markdown_table
-from evocomp.search.executor import forwarded_env
+from evocomp.search.executor import forwarded_env, start_ray
 
 log = logging.getLogger("evocomp")
 
@@ -447,19 +447,8 @@ def _ray(sweep: SweepConfig) -> Iterator[None]:
         from ray import tune  # noqa: F401  (Tune has extra requirements)
     except ImportError as err:
         raise EvocompError(f"sweeps need Ray Tune: pip install 'ray[tune]' ({err})") from None
-    if ray.is_initialized():
-        yield
-        return
-    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if sweep.address is None:
-        # Ray warns on every start that it chose token authentication; noise here.
-        auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
-        level = auth.level
-        auth.setLevel(logging.ERROR)
-        try:
-            ray.init(address="local", include_dashboard=False, **quiet)
-        finally:
-            auth.setLevel(level)
+    started = start_ray(sweep.address, who=f"sweep {sweep.name!r}")
+    if started and sweep.address is None:
         have = ray.cluster_resources()
         res = sweep.resources
         for what, need in (("CPU", res.cpu), ("GPU", res.gpu)):
@@ -469,17 +458,11 @@ def _ray(sweep: SweepConfig) -> Iterator[None]:
                     f"sweep {sweep.name!r} asks {need:g} {what} per search; this machine "
                     f"has {have.get(what, 0):g} (lower resources.{what.lower()})"
                 )
-    else:
-        try:
-            ray.init(address=sweep.address, **quiet)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise EvocompError(
-                f"sweep {sweep.name!r} cannot join the Ray cluster at {sweep.address!r}: {err}"
-            ) from None
     try:
         yield
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def run_sweep(path: str | Path, *, resume: bool = False, progress: bool = True) -> pd.DataFrame:

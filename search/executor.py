@@ -103,6 +103,35 @@ def forwarded_env() -> dict[str, str]:
     }
 
 
+def start_ray(address: str | None, *, who: str, num_cpus: int | None = None) -> bool:
+    """Connect this process to Ray, quietly: keep a Ray already initialised here,
+    start a fresh local one (``address`` None; ``num_cpus`` sized), or join a
+    cluster (``"auto"``, ``"ray://host:port"``). Returns whether Ray was started or
+    joined here, i.e. whether the caller should ``ray.shutdown()`` when done."""
+    import ray
+
+    if ray.is_initialized():
+        return False  # someone else's Ray: use it, and leave it running
+    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if address is None:
+        # Ray warns on every start that it chose token authentication by default;
+        # the choice is right (keep it) and the warning is noise in every run.
+        auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = auth_log.level
+        auth_log.setLevel(logging.ERROR)
+        try:
+            # "local", not $RAY_ADDRESS: no address means a fresh local instance.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+        finally:
+            auth_log.setLevel(level)
+        return True
+    try:
+        ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise EvocompError(f"{who} cannot join the Ray cluster at {address!r}: {err}") from None
+    return True
+
+
 @EXECUTORS.register("ray")
 class RayExecutor(Executor):
     """Evaluates jobs on a pool of long-lived Ray actors, one job per actor at a time.
@@ -177,41 +206,20 @@ class RayExecutor(Executor):
         return self.params.num_workers
 
     def _connect(self) -> None:
-        ray, p = self._ray, self.params
-        if ray.is_initialized():
-            return  # someone else's Ray: use it, and leave it running on close()
-        quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-        if p.address is None:
-            # Ray warns on every start that it chose token authentication by default;
-            # the choice is right (keep it) and the warning is noise in every run.
-            auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-            level = auth_log.level
-            auth_log.setLevel(logging.ERROR)
-            try:
-                ray.init(
-                    address="local",  # not $RAY_ADDRESS: null means a fresh local instance
-                    num_cpus=max(1, math.ceil(p.num_workers * p.cpus_per_worker)),
-                    include_dashboard=False,
-                    **quiet,
-                )
-            finally:
-                auth_log.setLevel(level)
-            self._started = True
-            need = p.num_workers * p.gpus_per_worker
-            have = ray.cluster_resources().get("GPU", 0)
-            if need > have:  # otherwise the actors would wait forever for GPUs
-                raise EvocompError(
-                    f"executor 'ray' needs {p.num_workers} workers x {p.gpus_per_worker:g} GPU "
-                    f"= {need:g} GPUs; this machine has {have:g}"
-                )
-        else:
-            try:
-                ray.init(address=p.address, **quiet)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                raise EvocompError(
-                    f"executor 'ray' cannot join the Ray cluster at {p.address!r}: {err}"
-                ) from None
-            self._started = True
+        p = self.params
+        self._started = start_ray(
+            p.address,
+            who="executor 'ray'",
+            num_cpus=max(1, math.ceil(p.num_workers * p.cpus_per_worker)),
+        )
+        need = p.num_workers * p.gpus_per_worker
+        have = self._ray.cluster_resources().get("GPU", 0)
+        if self._started and p.address is None and need > have:
+            # Otherwise the actors would wait forever for GPUs.
+            raise EvocompError(
+                f"executor 'ray' needs {p.num_workers} workers x {p.gpus_per_worker:g} GPU "
+                f"= {need:g} GPUs; this machine has {have:g}"
+            )
 
     def _spawn(self) -> None:
         ray, p = self._ray, self.params

@@ -202,8 +202,9 @@ def test_ray_is_started_quietly_and_only_what_was_started_is_shut_down(tmp_path,
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append(("shutdown", {})))
     sweep = load_sweep(sweep_file(tmp_path, "quickstart", name="s", grid={"seed": [0]}))
     with _ray(sweep):
-        assert calls == [("init", {"address": "local", "include_dashboard": False,
-                                   "log_to_driver": False, "logging_level": 30})]
+        assert calls == [("init", {"address": "local", "num_cpus": None,
+                                   "include_dashboard": False, "log_to_driver": False,
+                                   "logging_level": 30})]
     assert calls[-1][0] == "shutdown"
 
     calls.clear()
