@@ -49,7 +49,7 @@ def main() -> None:
     jobs = [Job(g, 512, cost=1) for g in genomes]
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        figures["sqlite"] = per_job_ms(f"sqlite:///{Path(tmp) / 'trials.db'}", jobs)
+        figures["sqlite"] = per_job_ms(storage_url("sqlite", Path(tmp)), jobs)
         journal = storage_url(f"journal:{Path(tmp) / 'trials.journal'}", Path(tmp))
         figures["journal"] = per_job_ms(journal, jobs)
         if args.postgres:

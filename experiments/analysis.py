@@ -74,7 +74,7 @@ class Run:
             raise EvocompError(
                 f"{rundir.path} has no trials.parquet yet: it is written when a search ends "
                 f"or is interrupted (watch a running search with `optuna-dashboard "
-                f"sqlite:///{rundir.path / 'trials.db'}`)"
+                f"{rundir.path / 'trials.journal'}`)"
             )
         trials = pd.read_parquet(rundir.trials)
         if trials.empty:

@@ -123,7 +123,7 @@ class DatabaseConfig(BaseModel):
 class StoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     storage: str = Field(
-        "sqlite", description="sqlite | journal | journal:PATH | an SQLAlchemy URL"
+        "journal", description="journal | journal:PATH | sqlite | an SQLAlchemy URL"
     )
     study: str | None = Field(None, description="study name; default: the experiment name")
     grace_s: float = Field(

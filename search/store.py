@@ -112,19 +112,44 @@ class Claim:
 
 
 def storage_url(spec: str, run_dir: Path) -> str | BaseStorage:
-    """Resolve a storage setting: ``sqlite`` (the run dir's trials.db, default),
-    ``journal`` (trials.journal, a plain append-only file for shared
-    filesystems), ``journal:PATH``, or any SQLAlchemy URL (``postgresql://...``,
-    ``sqlite:////shared/trials.db``)."""
-    if spec == "sqlite":
-        return f"sqlite:///{run_dir / 'trials.db'}"
+    """Resolve a storage setting: ``journal`` (the run dir's trials.journal, an
+    append-only file; the default), ``journal:PATH`` (e.g. on a shared filesystem),
+    ``sqlite`` (the run dir's trials.db), or any SQLAlchemy URL
+    (``postgresql+psycopg://...``, ``sqlite:////shared/trials.db``).
+
+    The journal is the default because it is cheap: 2.5 ms of bookkeeping per
+    evaluation against 21 ms for SQLite (benchmarks/store_overhead.py), which
+    matters when a candidate takes 50 ms on a GPU. SQLite databases get WAL mode,
+    which halves their cost and lets several processes read while one writes."""
     if spec == "journal" or spec.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         path = spec.partition(":")[2] or str(run_dir / "trials.journal")
         return JournalStorage(JournalFileBackend(path))
-    return spec
+    url = f"sqlite:///{run_dir / 'trials.db'}" if spec == "sqlite" else spec
+    if url.startswith("sqlite:"):
+        return _sqlite(url)
+    return url
+
+
+def _sqlite(url: str) -> BaseStorage:
+    import sqlalchemy
+    from optuna.storages import RDBStorage
+
+    def wal(dbapi_conn: object, _record: object) -> None:
+        cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it safe
+        cur.close()
+
+    try:
+        storage = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    except Exception as err:
+        raise EvocompError(f"cannot open trial store {url!r}: {err}") from None
+    sqlalchemy.event.listen(storage.engine, "connect", wal)
+    storage.engine.dispose()  # reconnect with the pragmas
+    return storage
 
 
 def encode_genome(genome: Genome) -> str:

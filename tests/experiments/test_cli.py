@@ -22,7 +22,7 @@ def test_search_eval_export_reload(tmp_path, tiny_model_dir, capsys):
     run = tmp_path / "runs" / "tiny"
     for name in (
         "config.yaml",
-        "trials.db",
+        "trials.journal",
         "trials.parquet",
         "best.json",
         "eval.json",
