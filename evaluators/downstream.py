@@ -40,6 +40,7 @@ from evocomp.evaluators.lm_tasks import (
     OFFLINE_TASKS,
     offline_leaves,
     offline_task_names,
+    require_lm_eval,
     task_manager,
 )
 
@@ -217,13 +218,9 @@ def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase:
 
 
 def _hflm(model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> HFLM:
-    try:
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        raise EvocompError(
-            "downstream evaluation needs lm-eval: `pip install 'evocomp[downstream]'` "
-            "(or `pip install lm-eval`)"
-        ) from None
+    require_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
     with _lm_eval_logs_below_error():
         # HFLM sets a pad token on the tokenizer it is given: give it its own copy.
         return HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)

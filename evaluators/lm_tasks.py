@@ -295,7 +295,8 @@ def task_dir() -> Path:
     return final
 
 
-def _require_lm_eval() -> None:
+def require_lm_eval() -> None:
+    """Fail with the install hint when lm-eval is missing."""
     try:
         import lm_eval  # noqa: F401
     except ImportError:
@@ -314,7 +315,7 @@ def task_manager(online: bool = False) -> TaskManager:
     ``online`` on never changes what ``arc_easy`` means. Built once per process and
     task folder (indexing lm-eval's few thousand YAML files takes seconds).
     """
-    _require_lm_eval()
+    require_lm_eval()
     return _task_manager(str(task_dir()), online)
 
 

@@ -129,7 +129,7 @@ def evaluate(
     if tasks or limit is not None or num_fewshot is not None:
         downstream = dict(fe.get("downstream") or {})
         for key, value in (("tasks", tasks), ("limit", limit), ("num_fewshot", num_fewshot)):
-            if value:
+            if value is not None:
                 downstream[key] = value
         fe["downstream"] = downstream
     try:

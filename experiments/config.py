@@ -249,16 +249,23 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def resolve_yaml(spec: str | Path, builtin: Path, what: str) -> Path:
+    """A YAML path, or the name of a YAML file in ``builtin`` (a built-in ``what``)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    named = builtin / f"{spec}.yaml"
+    if named.is_file():
+        return named
+    names = sorted(p.stem for p in builtin.glob("*.yaml"))
+    raise EvocompError(
+        f"{what} {str(spec)!r} is not a file or a built-in {what} ({choices(names)})"
+    )
+
+
 def resolve_config_path(spec: str) -> Path:
     """A YAML path, or the name of a built-in config (``quickstart``)."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    builtin = BUILTIN_CONFIGS / f"{spec}.yaml"
-    if builtin.exists():
-        return builtin
-    names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
-    raise EvocompError(f"config {spec!r} is not a file or a built-in config ({choices(names)})")
+    return resolve_yaml(spec, BUILTIN_CONFIGS, "config")
 
 
 def load_config(spec: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -506,7 +506,8 @@ def final_eval(exp: Experiment, run: RunDir, best: Genome) -> dict[str, Any]:
     if fe.front:
         genomes.update(_front_genomes(run))
     corpora = list(dict.fromkeys([cfg.data.corpus, *fe.corpora]))
-    rows: dict[str, dict[str, Any]] = {name: _row(exp, run, name, g) for name, g in genomes.items()}
+    fitness = _search_fitness(run)
+    rows = {name: _row(exp, fitness, name, g) for name, g in genomes.items()}
     for corpus in corpora:
         tokens = exp.splits.heldout if corpus == cfg.data.corpus else _heldout(exp, corpus)
         for name, metrics in exp.heldout(genomes, tokens=tokens, label=corpus).items():
@@ -545,7 +546,18 @@ def _front_genomes(run: RunDir) -> dict[str, Genome]:
     return {f"front-{k:02d}": decode_genome(g) for k, g in enumerate(front.genome, start=1)}
 
 
-def _row(exp: Experiment, run: RunDir, name: str, genome: Genome | None) -> dict[str, Any]:
+def _search_fitness(run: RunDir) -> dict[str, float]:
+    """Each evaluated genome's fitness at the largest token budget it was scored on."""
+    if not run.trials.exists():
+        return {}
+    trials = pd.read_parquet(run.trials, columns=["genome", "tokens", "fitness"])
+    last = trials.sort_values("tokens").groupby("genome").fitness.last()
+    return {g: float(f) for g, f in last.items()}
+
+
+def _row(
+    exp: Experiment, fitness: dict[str, float], name: str, genome: Genome | None
+) -> dict[str, Any]:
     """A candidate's identity in the eval table: name, genome, cost (of the space's
     budget), and its search fitness when the trial store has it."""
     if genome is None:
@@ -553,11 +565,8 @@ def _row(exp: Experiment, run: RunDir, name: str, genome: Genome | None) -> dict
     cost = exp.space.cost(genome)
     row = {"name": name, "genome": encode_genome(genome), "cost": cost,
            "cost_of_budget": cost / exp.space.budget if exp.space.budget else None}
-    if run.trials.exists():
-        trials = pd.read_parquet(run.trials, columns=["genome", "tokens", "fitness"])
-        mine = trials[trials.genome == row["genome"]]
-        if not mine.empty:
-            row["search_fitness"] = float(mine.sort_values("tokens").fitness.iloc[-1])
+    if row["genome"] in fitness:
+        row["search_fitness"] = fitness[row["genome"]]
     return row
 
 

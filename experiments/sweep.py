@@ -41,6 +41,7 @@ from evocomp.config import (
     format_validation_error,
     load_config,
     resolve_config_path,
+    resolve_yaml,
 )
 from evocomp.errors import EvocompError, choices
 from evocomp.results import markdown_table
@@ -188,14 +189,7 @@ class SweepConfig(BaseModel):
 
 def resolve_sweep_path(spec: str | Path) -> Path:
     """A sweep YAML path, or the name of a built-in sweep (``sparsity_targets``)."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path
-    builtin = BUILTIN_SWEEPS / f"{spec}.yaml"
-    if builtin.is_file():
-        return builtin
-    names = sorted(p.stem for p in BUILTIN_SWEEPS.glob("*.yaml"))
-    raise EvocompError(f"sweep {str(spec)!r} is not a file or a built-in sweep ({choices(names)})")
+    return resolve_yaml(spec, BUILTIN_SWEEPS, "sweep")
 
 
 def load_sweep(spec: str | Path) -> SweepConfig:

@@ -353,7 +353,6 @@ class TrialStore:
             if orphaned:
                 self.refresh()  # an owner may have finished just before we looked
                 return [k for k in orphaned if k not in self._index]
-            self._beat()
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
         return []
