@@ -117,8 +117,8 @@ def storage_url(spec: str, run_dir: Path) -> str | BaseStorage:
     ``sqlite`` (the run dir's trials.db), or any SQLAlchemy URL
     (``postgresql+psycopg://...``, ``sqlite:////shared/trials.db``).
 
-    The journal is the default because it is cheap: 2.5 ms of bookkeeping per
-    evaluation against 21 ms for SQLite (benchmarks/store_overhead.py), which
+    The journal is the default because it is cheap: 4.8 ms of bookkeeping per
+    evaluation against 27.8 ms for SQLite (benchmarks/RESULTS.md), which
     matters when a candidate takes 50 ms on a GPU. SQLite databases get WAL mode,
     which halves their cost and lets several processes read while one writes."""
     if spec == "journal" or spec.startswith("journal:"):
