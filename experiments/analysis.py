@@ -37,7 +37,7 @@ from evocomp.results import markdown_table, pareto_front
 from evocomp.runner import RunDir, load_run_config
 from evocomp.search.store import decode_genome, encode_genome
 from evocomp.spaces.base import SPACES, Genome, SearchSpace
-from evocomp.supernet.units import Unit
+from evocomp.spaces.units import Unit
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -387,21 +387,14 @@ def _as_runs(runs: Run | Runs | Iterable[Run]) -> list[Run]:
 
 
 def _cost_axis(run: Run) -> tuple[float, str]:
-    """How to show a run's cost: ``(divisor, axis label)``. Sizes are per searched
-    weight, so runs on different models compare and dense is 1 (sparsity) or the
-    bits a weight is stored in; other costs (removed sublayers) stay raw."""
+    """How to show a run's cost: ``(divisor, axis label)``, as its space says
+    (:meth:`~evocomp.spaces.base.SearchSpace.cost_axis`); raw cost when the space
+    cannot be rebuilt."""
     space = run._space_or_none()
     if space is None:
         return 1.0, "cost"
-    if not space.cost_is_size:
-        return 1.0, "cost (removed sublayers)" if space.name == "depth" else "cost"
-    parts = {p.name for p in getattr(space, "parts", [space])}
-    if not parts <= {"sparsity", "bits", "depth"}:
-        return 1.0, "cost"
-    weights = sum(u.numel for u in space.units if u.kind == "linear")
-    if "bits" in parts:
-        return float(weights), "stored bits per weight"
-    return float(weights), "kept weights (fraction of dense)"
+    axis = space.cost_axis()
+    return axis.scale, axis.label
 
 
 def _final(run: Run) -> pd.DataFrame:

@@ -29,11 +29,8 @@ from evocomp.runner import (
     prepare_run_dir,
     run_search,
 )
-from evocomp.supernet.sublayers import (
-    SUBLAYER_KINDS,
-    find_sublayer_units,
-    without_blocks,
-)
+from evocomp.supernet.sublayers import without_blocks
+from evocomp.supernet.units import find_sublayer_units
 
 log = logging.getLogger("evocomp")
 
@@ -180,7 +177,7 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
 
 def _fully_removed_blocks(exp: Experiment, genome: tuple[int, ...]) -> set[int]:
     """Blocks whose every sublayer the genome removes: export leaves them out."""
-    removed = {u.name for u, _ in exp.space.placements(genome) if u.kind in SUBLAYER_KINDS}
+    removed = {u.name for u, _ in exp.space.placements(genome) if u.family == "sublayer"}
     if not removed:
         return set()
     by_block: dict[int, list[str]] = {}

@@ -41,6 +41,7 @@ from evocomp.search.store import (
     storage_url,
 )
 from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.spaces.units import Unit
 from evocomp.supernet.compressors import COMPRESSORS
 from evocomp.supernet.database import (
     DatabaseSpec,
@@ -50,7 +51,7 @@ from evocomp.supernet.database import (
 )
 from evocomp.supernet.models import LoadedModel, load_model
 from evocomp.supernet.swap import Swapper
-from evocomp.supernet.units import Unit
+from evocomp.supernet.units import find_units
 
 log = logging.getLogger("evocomp")
 
@@ -75,8 +76,8 @@ class Experiment:
 
     @cached_property
     def units(self) -> list[Unit]:
-        space_cls = SPACES.get(self.cfg.space.name)
-        return space_cls.find_units(self.model, self.cfg.units.targets, self.cfg.units.ignore)
+        queries = SPACES.get(self.cfg.space.name).unit_queries(self.cfg.space.params)
+        return find_units(self.model, queries, self.cfg.units.targets, self.cfg.units.ignore)
 
     @cached_property
     def space(self) -> SearchSpace:

@@ -19,18 +19,17 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, ClassVar
-
-from pydantic import BaseModel, ConfigDict
-from torch import nn
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from evocomp.errors import EvocompError
-from evocomp.registry import Registry
-from evocomp.supernet.database import VariantKey
-from evocomp.supernet.units import Unit, find_linear_units
+from evocomp.registry import Registry, StrictModel
+from evocomp.spaces.units import Unit, UnitFamily, UnitQuery, VariantKey
 
 Genome = tuple[int, ...]
+
+P = TypeVar("P", bound=StrictModel)
 
 Step = dict[int, int]
 """A small valid change of a genome: gene -> new level."""
@@ -39,30 +38,67 @@ _DRAWS = 24
 """Random draws before a step search falls back to listing every option."""
 
 
-class SearchSpace(ABC):
+SizeUnit = Literal["fraction", "bits"]
+"""What a size factor measures per weight: the kept fraction, or stored bits."""
+
+SIZE_LABELS: dict[SizeUnit, str] = {
+    "fraction": "kept weights (fraction of dense)",
+    "bits": "stored bits per weight",
+}
+
+KEY_ORDER = ("sparsity", "bits")
+"""Compressor kinds in the order composite variant keys list them: ``(zeros, bits)``."""
+
+
+@dataclass(frozen=True)
+class CostAxis:
+    """How reports and plots show a space's cost: ``cost / scale``, labelled ``label``."""
+
+    scale: float
+    label: str
+
+
+class SearchSpace(ABC, Generic[P]):
     """Units × levels plus a budget: the contract optimizers, the Swapper and the
     runner rely on. A genome is feasible when it is valid (:meth:`is_valid`) and
-    ``cost(genome) <= budget``."""
+    ``cost(genome) <= budget``.
+
+    When each hook is called:
+
+    * :meth:`unit_queries` (a classmethod), before the space exists: the runner
+      finds these units in the model and passes them to the constructor.
+    * ``__init__(units, params)``: once per run (and again by analysis, from the
+      run's ``units.json``, with no model loaded).
+    * :meth:`variants`: once, before the search, to build or open the variant
+      database; :meth:`placements`: for every candidate, by the Swapper.
+    * :meth:`uniform`, :meth:`random`, :meth:`mutate`, :meth:`repair`,
+      :meth:`steps`, :meth:`wander`, :meth:`make_valid`: by optimizers, as often as
+      they like; they must be cheap and, given the ``rng``, deterministic.
+    * :meth:`cost`, :meth:`is_feasible`: by the runner for every request, and by
+      optimizers.
+    * :meth:`describe`, :meth:`cost_axis`, :attr:`baseline_name`: for reports.
+    """
 
     name: ClassVar[str]
+    Params: ClassVar[type[StrictModel]] = StrictModel
+    """The options of this space (``space:`` in a config), validated by pydantic."""
     compressor_kind: ClassVar[str | None] = None
     """The kind of compressor whose variants the levels name (None: no database)."""
     cost_is_size: ClassVar[bool] = True
     """Whether cost grows with the model's size, so that multi-objective searches can
     trade it against quality (False for depth, whose cost counts removed sublayers)."""
+    unit_family: ClassVar[UnitFamily] = "linear"
+    """The units the space searches, unless :meth:`unit_queries` says otherwise."""
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    def __init__(self, units: Sequence[Unit]) -> None:
+    def __init__(self, units: Sequence[Unit], params: P) -> None:
         self.units: tuple[Unit, ...] = tuple(units)
+        self.params: P = params
 
     @classmethod
-    def find_units(
-        cls, model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
-    ) -> list[Unit]:
-        """The units this space searches in ``model`` (default: block linears)."""
-        return find_linear_units(model, targets, ignore)
+    def unit_queries(cls, params: P) -> tuple[UnitQuery, ...]:
+        """Which units of the model the space searches (called before it exists):
+        by default every unit of :attr:`unit_family`, narrowed by ``units.targets``."""
+        return (UnitQuery(cls.unit_family),)
 
     # -- what every space provides -------------------------------------------------
     def __len__(self) -> int:
@@ -207,24 +243,35 @@ class SearchSpace(ABC):
         if all(self.mutate(start, rng) == start for _ in range(200)):
             raise EvocompError(
                 f"space {self.name!r} has no budget-preserving level switch: no two units "
-                "can trade cost (add more units via model.targets, or more levels)"
+                "can trade cost (add more units via units.targets, or more levels)"
             )
 
     def param_names(self) -> list[str]:
         """One name per gene, for trial stores and Optuna encodings."""
         return [u.name for u in self.units]
 
-    def size_factor(self, gene: int, level: int) -> Fraction:
-        """The factor by which ``level`` scales the stored size of the linear weights
-        gene ``gene`` covers (kept fraction, bits per weight, 0 when removed). Joint
-        spaces multiply their parts' factors; a space without one cannot join."""
-        raise EvocompError(f"space {self.name!r} cannot be part of a joint space")
+    def cost_axis(self) -> CostAxis:
+        """How to show this space's cost in plots and reports. The default: sizes per
+        searched linear weight (so runs on different models compare), labelled by
+        what a weight's size factor measures; raw cost when cost is not a size."""
+        if not self.cost_is_size:
+            return CostAxis(1.0, "cost")
+        weights = sum(u.numel for u in self.units if u.family == "linear")
+        return CostAxis(float(weights), "cost per weight")
 
 
-class LevelSpace(SearchSpace):
+class LevelSpace(SearchSpace[P]):
     """A space whose cost is a sum of per-gene integer cost tables. Subclasses
     define the levels and their costs; level switches, repair, placements and
     descriptions follow."""
+
+    joinable: ClassVar[bool] = False
+    """Whether the space can be a part of a joint space (it has :meth:`size_factor`)."""
+    dense_variant: ClassVar[int | None] = None
+    """The database key component that leaves a weight as it is (0 zeros, 16 bits):
+    a joint space fills it in for this part where another part compresses."""
+    size_unit: ClassVar[SizeUnit] = "fraction"
+    """What :meth:`size_factor` measures: a kept fraction, or bits per weight."""
 
     # -- what subclasses provide -------------------------------------------------
     @abstractmethod
@@ -240,7 +287,17 @@ class LevelSpace(SearchSpace):
     def describe_level(self, gene: int, level: int) -> dict[str, Any]:
         """Readable values of one gene's level (e.g. ``{"sparsity": 0.55}``)."""
 
+    def size_factor(self, gene: int, level: int) -> Fraction:
+        """The factor by which ``level`` scales the stored size of the linear weights
+        gene ``gene`` covers (kept fraction, bits per weight, 0 when removed). Joint
+        spaces multiply their parts' factors; a space without one cannot join."""
+        raise EvocompError(f"space {self.name!r} cannot be part of a joint space")
+
     # -- shared behaviour ----------------------------------------------------------
+    def cost_axis(self) -> CostAxis:
+        axis = super().cost_axis()
+        return CostAxis(axis.scale, SIZE_LABELS[self.size_unit]) if self.cost_is_size else axis
+
     def cost(self, genome: Genome) -> int:
         return sum(self.level_cost(i, g) for i, g in enumerate(genome))
 
@@ -354,4 +411,4 @@ class LevelSpace(SearchSpace):
         ]
 
 
-SPACES: Registry[type[SearchSpace]] = Registry("space")
+SPACES: Registry[type[SearchSpace[Any]]] = Registry("space", SearchSpace)

@@ -7,15 +7,42 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from evocomp.errors import EvocompError
+from evocomp.registry import StrictModel
 from evocomp.spaces.base import SPACES, Genome, LevelSpace
-from evocomp.supernet.units import Unit
+from evocomp.spaces.units import Unit
+
+
+class BitsParams(StrictModel):
+    """Options of the ``bits`` space."""
+
+    target: float = Field(3.0, gt=0, description="average bits per weight")
+    bits: list[int] = Field(
+        default_factory=lambda: [2, 3, 4, 5, 6, 8], description="allowed bitwidths"
+    )
+    seed: int = Field(0, description="seed of the greedy start for off-level targets")
+
+    @field_validator("bits")
+    @classmethod
+    def _sorted_unique(cls, bits: list[int]) -> list[int]:
+        if not bits or any(b < 2 or b > 16 for b in bits):
+            raise ValueError("bits must be a non-empty list of bitwidths in 2..16")
+        return sorted(set(bits))
+
+    @model_validator(mode="after")
+    def _reachable(self) -> BitsParams:
+        if not self.bits[0] <= self.target <= self.bits[-1]:
+            raise ValueError(
+                f"target {self.target} bits is outside the allowed bitwidths "
+                f"{self.bits[0]}..{self.bits[-1]}"
+            )
+        return self
 
 
 @SPACES.register("bits")
-class BitsSpace(LevelSpace):
+class BitsSpace(LevelSpace[BitsParams]):
     """Each linear layer picks a bitwidth from ``bits``; the budget is
     ``target`` bits per weight on average over all searched weights.
 
@@ -29,35 +56,15 @@ class BitsSpace(LevelSpace):
     name = "bits"
     compressor_kind = "bits"
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        target: float = Field(3.0, gt=0, description="average bits per weight")
-        bits: list[int] = Field(
-            default_factory=lambda: [2, 3, 4, 5, 6, 8], description="allowed bitwidths"
-        )
-        seed: int = Field(0, description="seed of the greedy start for off-level targets")
+    Params = BitsParams
+    joinable = True
+    dense_variant = 16
+    size_unit = "bits"
 
-        @field_validator("bits")
-        @classmethod
-        def _sorted_unique(cls, bits: list[int]) -> list[int]:
-            if not bits or any(b < 2 or b > 16 for b in bits):
-                raise ValueError("bits must be a non-empty list of bitwidths in 2..16")
-            return sorted(set(bits))
-
-        @model_validator(mode="after")
-        def _reachable(self) -> BitsSpace.Params:
-            if not self.bits[0] <= self.target <= self.bits[-1]:
-                raise ValueError(
-                    f"target {self.target} bits is outside the allowed bitwidths "
-                    f"{self.bits[0]}..{self.bits[-1]}"
-                )
-            return self
-
-    def __init__(self, units: Sequence[Unit], params: Params) -> None:
-        super().__init__(units)
-        if any(u.kind != "linear" for u in units):
+    def __init__(self, units: Sequence[Unit], params: BitsParams) -> None:
+        super().__init__(units, params)
+        if any(u.family != "linear" for u in units):
             raise EvocompError("the bits space applies to linear units only")
-        self.params = params
         self._budget = int(params.target * sum(u.numel for u in self.units))
         self._start = self._greedy_start()
 

@@ -33,65 +33,67 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import nn
+from pydantic import Field, model_validator
 
 from evocomp.errors import EvocompError
-from evocomp.spaces.base import SPACES, Genome, LevelSpace
-from evocomp.supernet.sublayers import SUBLAYER_KINDS, find_sublayer_units
-from evocomp.supernet.units import Unit
+from evocomp.registry import StrictModel
+from evocomp.spaces.base import SPACES, CostAxis, Genome, LevelSpace
+from evocomp.spaces.units import SUBLAYER_KINDS, Unit
 
 _GROUP_BLOCKS = {"sublayer": 0, "block": 1, "pair": 2}
 
 
+class DepthParams(StrictModel):
+    """Options of the ``depth`` space."""
+
+    remove: int | None = Field(None, ge=0, description="sublayers removed (exact)")
+    remove_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="fraction of all sublayers removed"
+    )
+    granularity: Literal["sublayer", "block", "pair"] = Field(
+        "sublayer", description="remove single sublayers, whole blocks, or pairs of blocks"
+    )
+    swap: Literal["same-kind", "any"] = Field(
+        "same-kind", description="mutation trades attn with attn / mlp with mlp, or any"
+    )
+    attn_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="share of the removals that are attention (start genome; sublayer only)",
+    )
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> DepthParams:
+        if (self.remove is None) == (self.remove_fraction is None):
+            raise ValueError("give exactly one of remove (a count) or remove_fraction")
+        if self.attn_fraction is not None and self.granularity != "sublayer":
+            raise ValueError(
+                f"attn_fraction needs granularity 'sublayer' (a {self.granularity} "
+                "removes attention and MLP together)"
+            )
+        return self
+
+
 @SPACES.register("depth")
-class DepthSpace(LevelSpace):
+class DepthSpace(LevelSpace[DepthParams]):
     """Remove exactly ``remove`` attention / MLP sublayers (see the module docstring
     for the cost, budget and granularity design)."""
 
     name = "depth"
     cost_is_size = False  # cost counts removed sublayers: the more, the smaller the model
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        remove: int | None = Field(None, ge=0, description="sublayers removed (exact)")
-        remove_fraction: float | None = Field(
-            None, ge=0.0, le=1.0, description="fraction of all sublayers removed"
-        )
-        granularity: Literal["sublayer", "block", "pair"] = Field(
-            "sublayer", description="remove single sublayers, whole blocks, or pairs of blocks"
-        )
-        swap: Literal["same-kind", "any"] = Field(
-            "same-kind", description="mutation trades attn with attn / mlp with mlp, or any"
-        )
-        attn_fraction: float | None = Field(
-            None,
-            ge=0.0,
-            le=1.0,
-            description="share of the removals that are attention (start genome; sublayer only)",
-        )
+    Params = DepthParams
+    unit_family = "sublayer"
+    joinable = True
 
-        @model_validator(mode="after")
-        def _one_budget(self) -> DepthSpace.Params:
-            if (self.remove is None) == (self.remove_fraction is None):
-                raise ValueError("give exactly one of remove (a count) or remove_fraction")
-            if self.attn_fraction is not None and self.granularity != "sublayer":
-                raise ValueError(
-                    f"attn_fraction needs granularity 'sublayer' (a {self.granularity} "
-                    "removes attention and MLP together)"
-                )
-            return self
-
-    params: Params
-
-    def __init__(self, units: Sequence[Unit], params: Params) -> None:
-        super().__init__(units)
-        if not units or any(u.kind not in SUBLAYER_KINDS for u in units):
+    def __init__(self, units: Sequence[Unit], params: DepthParams) -> None:
+        super().__init__(units, params)
+        if not units or any(u.family != "sublayer" for u in units):
             raise EvocompError(
                 "the depth space needs sublayer units (kinds 'attn' and 'mlp'; "
-                "find them with DepthSpace.find_units)"
+                "find them with evocomp.supernet.find_units)"
             )
-        self.params = params
         # Execution order: by block, attention before MLP.
         order = sorted(range(len(units)), key=lambda i: (units[i].block, units[i].kind != "attn"))
         self.groups: tuple[tuple[int, ...], ...] = self._make_groups(order)
@@ -169,13 +171,6 @@ class DepthSpace(LevelSpace):
             for i in genes[len(genes) - n :]:
                 g[i] = 1
         return tuple(g)
-
-    @classmethod
-    def find_units(
-        cls, model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
-    ) -> list[Unit]:
-        """The units this space searches: every attention and MLP sublayer."""
-        return find_sublayer_units(model, targets, ignore)
 
     # -- the SearchSpace contract --------------------------------------------------------
     def n_levels(self, gene: int) -> int:
@@ -262,6 +257,9 @@ class DepthSpace(LevelSpace):
     @property
     def baseline_name(self) -> str:
         return "drop-last"
+
+    def cost_axis(self) -> CostAxis:
+        return CostAxis(1.0, "cost (removed sublayers)")
 
     def repair(self, genome: Genome, rng: random.Random) -> Genome:
         """Any genome (e.g. after crossover) moved exactly onto the budget: each group

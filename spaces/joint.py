@@ -37,83 +37,96 @@ from fractions import Fraction
 from itertools import product
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from evocomp.errors import EvocompError, choices
-from evocomp.spaces.base import SPACES, Genome, SearchSpace, Step, VariantKey
-from evocomp.supernet.sublayers import SUBLAYER_KINDS
-from evocomp.supernet.units import Unit, find_linear_units
+from evocomp.registry import StrictModel
+from evocomp.spaces.base import (
+    KEY_ORDER,
+    SIZE_LABELS,
+    SPACES,
+    CostAxis,
+    Genome,
+    LevelSpace,
+    SearchSpace,
+    Step,
+)
+from evocomp.spaces.units import Unit, UnitQuery, VariantKey
 
 
 def _part_classes() -> list[str]:
-    return [n for n in SPACES.names() if n != "joint"]
+    """The spaces that can join: level spaces with a size factor."""
+    return [
+        n
+        for n in SPACES.names()
+        if issubclass(cls := SPACES.get(n), LevelSpace) and cls.joinable
+    ]
 
 
-def _parse_part(part: dict[str, Any]) -> tuple[type[SearchSpace], BaseModel]:
+def _parse_part(part: dict[str, Any]) -> tuple[type[LevelSpace[Any]], StrictModel]:
     """A part spec ``{name, ...options}`` as its space class and validated options."""
     cls = SPACES.get(part["name"])
+    assert issubclass(cls, LevelSpace)  # _part_classes() let only level spaces in
     return cls, cls.Params(**{k: v for k, v in part.items() if k != "name"})
 
 
+class JointParams(StrictModel):
+    """Options of the ``joint`` space."""
+
+    spaces: list[dict[str, Any]] = Field(
+        description="the parts: [{name: sparsity|bits|depth, ...their options}]"
+    )
+    target: float | None = Field(
+        None,
+        gt=0,
+        description="joint cost per searched weight (bits per weight with a bits part, "
+        "else kept fraction); default: the parts' starts combined",
+    )
+    trade: float = Field(
+        0.5, ge=0, le=1, description="share of moves that trade cost between genes freely"
+    )
+    seed: int = Field(0, description="seed of the repaired start when target is given")
+
+    @field_validator("spaces")
+    @classmethod
+    def _parts(cls, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if len(parts) < 2:
+            raise ValueError("a joint space needs at least two parts")
+        names = []
+        for k, part in enumerate(parts):
+            name = part.get("name")
+            if name not in _part_classes():
+                raise ValueError(f"spaces[{k}].name={name!r}: choose {choices(_part_classes())}")
+            if name in names:
+                raise ValueError(f"spaces[{k}]: {name!r} appears twice")
+            names.append(name)
+            try:
+                _parse_part(part)
+            except ValidationError as err:
+                errs = "; ".join(
+                    f"spaces[{k}]{''.join('.' + str(x) for x in e['loc'])}: {e['msg']}"
+                    for e in err.errors()
+                )
+                raise ValueError(errs) from None
+        if all(SPACES.get(n).unit_family != "linear" for n in names):
+            raise ValueError("a joint space needs a part over linear layers")
+        return parts
+
+
 @SPACES.register("joint")
-class JointSpace(SearchSpace):
+class JointSpace(SearchSpace[JointParams]):
     """Parts searched together under one stored-size budget (see the module docstring)."""
 
     name = "joint"
+    Params = JointParams
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        spaces: list[dict[str, Any]] = Field(
-            description="the parts: [{name: sparsity|bits|depth, ...their options}]"
-        )
-        target: float | None = Field(
-            None,
-            gt=0,
-            description="joint cost per searched weight (bits per weight with a bits part, "
-            "else kept fraction); default: the parts' starts combined",
-        )
-        trade: float = Field(
-            0.5, ge=0, le=1, description="share of moves that trade cost between genes freely"
-        )
-        seed: int = Field(0, description="seed of the repaired start when target is given")
-
-        @field_validator("spaces")
-        @classmethod
-        def _parts(cls, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            if len(parts) < 2:
-                raise ValueError("a joint space needs at least two parts")
-            names = []
-            for k, part in enumerate(parts):
-                name = part.get("name")
-                if name not in _part_classes():
-                    raise ValueError(
-                        f"spaces[{k}].name={name!r}: choose {choices(_part_classes())}"
-                    )
-                if name in names:
-                    raise ValueError(f"spaces[{k}]: {name!r} appears twice")
-                names.append(name)
-                try:
-                    _parse_part(part)
-                except ValidationError as err:
-                    errs = "; ".join(
-                        f"spaces[{k}]{''.join('.' + str(x) for x in e['loc'])}: {e['msg']}"
-                        for e in err.errors()
-                    )
-                    raise ValueError(errs) from None
-            if all(n == "depth" for n in names):
-                raise ValueError("a joint space needs a part over linear layers")
-            return parts
-
-    params: Params
-
-    def __init__(self, units: Sequence[Unit], params: Params) -> None:
+    def __init__(self, units: Sequence[Unit], params: JointParams) -> None:
         self.params = params
-        self.parts: list[SearchSpace] = []
+        self.parts: list[LevelSpace[Any]] = []
         for part in params.spaces:
             cls, options = _parse_part(part)
-            wanted = [u for u in units if (u.kind in SUBLAYER_KINDS) == (part["name"] == "depth")]
-            self.parts.append(cls(wanted, options))
-        super().__init__([u for p in self.parts for u in p.units])
+            self.parts.append(cls([u for u in units if u.family == cls.unit_family], options))
+        super().__init__([u for p in self.parts for u in p.units], params)
         self._offsets = [0]
         for p in self.parts:
             self._offsets.append(self._offsets[-1] + len(p))
@@ -138,13 +151,13 @@ class JointSpace(SearchSpace):
         atoms: dict[str, Unit] = {}
         for p in self.parts:
             for u in p.units:
-                if u.kind not in SUBLAYER_KINDS:
+                if u.family == "linear":
                     atoms.setdefault(u.name, u)
         self.atoms: tuple[Unit, ...] = tuple(atoms.values())
         index = {u.name: a for a, u in enumerate(self.atoms)}
         self._covers: list[list[int]] = []
         for u in self.units:
-            if u.kind in SUBLAYER_KINDS:
+            if u.family == "sublayer":
                 prefix = u.name + "."
                 self._covers.append([a for n, a in index.items() if n.startswith(prefix)])
             else:
@@ -155,7 +168,7 @@ class JointSpace(SearchSpace):
                 self._genes_of[a].append(gene)
         # Per atom, the genes of the linear parts: they choose its stored weight.
         self._linear_genes: list[list[int]] = [
-            [g for g in genes if self.units[g].kind not in SUBLAYER_KINDS]
+            [g for g in genes if self.units[g].family == "linear"]
             for genes in self._genes_of
         ]
         self._atom_costs: dict[tuple[int, tuple[int, ...]], int] = {}
@@ -165,13 +178,15 @@ class JointSpace(SearchSpace):
         return [tuple(genome[a:b]) for a, b in zip(self._offsets, self._offsets[1:], strict=False)]
 
     @classmethod
-    def find_units(
-        cls, model: Any, targets: list[str] | None = None, ignore: list[str] | None = None
-    ) -> list[Unit]:
-        """Linear units and sublayer units; each part takes the kind it searches."""
-        from evocomp.spaces.depth import DepthSpace
-
-        return [*find_linear_units(model, targets, ignore), *DepthSpace.find_units(model)]
+    def unit_queries(cls, params: JointParams) -> tuple[UnitQuery, ...]:
+        """The units the parts search: linear layers narrowed by ``units.targets``,
+        and every sublayer when a part searches sublayers (depth)."""
+        families = {_parse_part(part)[0].unit_family for part in params.spaces}
+        return tuple(
+            UnitQuery(family, filtered=family == "linear")
+            for family in ("linear", "sublayer")
+            if family in families
+        )
 
     # -- cost ------------------------------------------------------------------------------
     def _atom_cost(self, atom: int, levels: tuple[int, ...]) -> int:
@@ -231,7 +246,13 @@ class JointSpace(SearchSpace):
     def compressor_kind(self) -> str | None:  # type: ignore[override]
         kinds = {p.compressor_kind for p in self.parts} - {None}
         # One canonical name per combination, whatever the parts' order.
-        return "+".join(k for k in ("sparsity", "bits") if k in kinds) or None
+        return "+".join(k for k in KEY_ORDER if k in kinds) or None
+
+    def cost_axis(self) -> CostAxis:
+        """Cost per searched linear weight: stored bits when a part counts bits,
+        else the kept fraction."""
+        unit = "bits" if any(p.size_unit == "bits" for p in self.parts) else "fraction"
+        return CostAxis(float(sum(u.numel for u in self.atoms)), SIZE_LABELS[unit])
 
     def is_valid(self, genome: Genome) -> bool:
         return len(genome) == len(self) and all(
@@ -368,20 +389,32 @@ class JointSpace(SearchSpace):
     # -- what a genome puts in the model -----------------------------------------------
     def _atom_key(self, atom: int, levels: Sequence[int]) -> VariantKey | None:
         """The database key of one linear given the levels of its linear genes: the
-        part's own key, or (zeros, bits) when sparsity and bits are both searched."""
-        keys: dict[str, Any] = {}
+        part's own key, or, when several parts compress it, one component per
+        compressor kind in :data:`KEY_ORDER` (``(zeros, bits)``), each part that
+        leaves the weight alone giving its ``dense_variant``."""
+        keys: dict[str | None, tuple[VariantKey | None, LevelSpace[Any]]] = {}
         for gene, level in zip(self._linear_genes[atom], levels, strict=True):
             k, local = self._where[gene]
-            keys[self.parts[k].name] = self.parts[k].variant(local, level)  # type: ignore[attr-defined]
-        if "sparsity" in keys and "bits" in keys:
-            zeros, bits = keys["sparsity"] or 0, keys["bits"] or 16
-            return None if zeros == 0 and bits >= 16 else (zeros, bits)
-        (key,) = keys.values()
-        return key
+            part = self.parts[k]
+            keys[part.compressor_kind] = (part.variant(local, level), part)
+        if len(keys) == 1:
+            ((key, _),) = keys.values()
+            return key
+        if all(key is None for key, _ in keys.values()):
+            return None
+        combined: list[int] = []
+        for kind in KEY_ORDER:
+            if kind in keys:
+                key, part = keys[kind]
+                component = part.dense_variant if key is None else key
+                if not isinstance(component, int):
+                    raise EvocompError(f"space {part.name!r} cannot share a weight's variant")
+                combined.append(component)
+        return tuple(combined)
 
     def _removed(self, genome: Genome, atom: int) -> bool:
         return any(
-            self.units[gene].kind in SUBLAYER_KINDS and genome[gene]
+            self.units[gene].family == "sublayer" and genome[gene]
             for gene in self._genes_of[atom]
         )
 
@@ -389,7 +422,7 @@ class JointSpace(SearchSpace):
         out: list[tuple[Unit, VariantKey]] = [
             (u, 1)
             for u, g in zip(self.units, genome, strict=True)
-            if u.kind in SUBLAYER_KINDS and g
+            if u.family == "sublayer" and g
         ]
         for a, atom in enumerate(self.atoms):
             if self._removed(genome, a):
@@ -416,11 +449,7 @@ class JointSpace(SearchSpace):
             row: dict[str, Any] = {"unit": atom.name, "block": atom.block}
             for gene in self._genes_of[a]:
                 k, local = self._where[gene]
-                part = self.parts[k]
-                if part.name == "depth":
-                    row["removed"] = bool(genome[gene])
-                else:
-                    row.update(part.describe_level(local, genome[gene]))  # type: ignore[attr-defined]
+                row.update(self.parts[k].describe_level(local, genome[gene]))
             row["cost"] = self._atom_cost(a, self._levels(genome, a))
             rows.append(row)
         return rows

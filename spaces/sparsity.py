@@ -6,15 +6,37 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from evocomp.errors import EvocompError
+from evocomp.registry import StrictModel
 from evocomp.spaces.base import SPACES, Genome, LevelSpace
-from evocomp.supernet.units import Unit
+from evocomp.spaces.units import Unit
+
+
+class SparsityParams(StrictModel):
+    """Options of the ``sparsity`` space."""
+
+    target: float = Field(0.5, gt=0.0, lt=1.0, description="average sparsity")
+    step: float = Field(0.05, gt=0.0, lt=1.0, description="sparsity between levels")
+    levels: int = Field(4, ge=1, le=64, description="levels on each side of target")
+
+    @model_validator(mode="after")
+    def _levels_fit(self) -> SparsityParams:
+        lo = self.target - self.levels * self.step
+        hi = self.target + self.levels * self.step
+        if lo < -1e-9 or hi > 1 + 1e-9:
+            fit = int(min(self.target, 1 - self.target) / self.step + 1e-9)
+            raise ValueError(
+                f"levels={self.levels} with step={self.step} around target={self.target} "
+                f"reaches sparsity {lo:.3g}..{hi:.3g}, outside [0, 1]; at most {fit} "
+                "levels fit on each side"
+            )
+        return self
 
 
 @SPACES.register("sparsity")
-class SparsitySpace(LevelSpace):
+class SparsitySpace(LevelSpace[SparsityParams]):
     """Each linear layer picks a sparsity ``target + k * step`` for
     ``k in -levels .. levels``; the budget is the uniform total of nonzeros.
 
@@ -26,30 +48,14 @@ class SparsitySpace(LevelSpace):
     name = "sparsity"
     compressor_kind = "sparsity"
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        target: float = Field(0.5, gt=0.0, lt=1.0, description="average sparsity")
-        step: float = Field(0.05, gt=0.0, lt=1.0, description="sparsity between levels")
-        levels: int = Field(4, ge=1, le=64, description="levels on each side of target")
+    Params = SparsityParams
+    joinable = True
+    dense_variant = 0
 
-        @model_validator(mode="after")
-        def _levels_fit(self) -> SparsitySpace.Params:
-            lo = self.target - self.levels * self.step
-            hi = self.target + self.levels * self.step
-            if lo < -1e-9 or hi > 1 + 1e-9:
-                fit = int(min(self.target, 1 - self.target) / self.step + 1e-9)
-                raise ValueError(
-                    f"levels={self.levels} with step={self.step} around target={self.target} "
-                    f"reaches sparsity {lo:.3g}..{hi:.3g}, outside [0, 1]; at most {fit} "
-                    "levels fit on each side"
-                )
-            return self
-
-    def __init__(self, units: Sequence[Unit], params: Params) -> None:
-        super().__init__(units)
-        if any(u.kind != "linear" for u in units):
+    def __init__(self, units: Sequence[Unit], params: SparsityParams) -> None:
+        super().__init__(units, params)
+        if any(u.family != "linear" for u in units):
             raise EvocompError("the sparsity space applies to linear units only")
-        self.params = params
         self._center = params.levels
         self._zeros = [
             [self._zeros_at(u.numel, k) for k in range(-params.levels, params.levels + 1)]

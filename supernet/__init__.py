@@ -3,14 +3,8 @@
 from evocomp.supernet.composite import PruneQuantize
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor, Pruner
 from evocomp.supernet.quantizers import GPTQ, RTN, Quantizer
-from evocomp.supernet.sublayers import (
-    find_sublayer_units,
-    skip,
-    span_importance,
-    sublayer_importance,
-    zeroed,
-)
-from evocomp.supernet.units import Unit, find_blocks, find_linear_units
+from evocomp.supernet.sublayers import skip, span_importance, sublayer_importance, zeroed
+from evocomp.supernet.units import find_blocks, find_linear_units, find_sublayer_units, find_units
 
 __all__ = [
     "COMPRESSORS",
@@ -20,10 +14,10 @@ __all__ = [
     "PruneQuantize",
     "Pruner",
     "Quantizer",
-    "Unit",
     "find_blocks",
     "find_linear_units",
     "find_sublayer_units",
+    "find_units",
     "skip",
     "span_importance",
     "sublayer_importance",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import operator
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -35,29 +34,13 @@ from tqdm.auto import tqdm
 
 from evocomp.errors import EvocompError
 from evocomp.paths import locked
+from evocomp.spaces.units import Unit, VariantKey, variant_key
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor
-from evocomp.supernet.units import Unit, find_blocks
+from evocomp.supernet.units import find_blocks
 
 log = logging.getLogger("evocomp")
 
 FORMAT_VERSION = 1
-
-VariantKey = int | tuple[int, ...]
-"""A stored variant of a unit: a level (e.g. a zero count or a bitwidth), or a tuple
-of levels for composite compressors (e.g. ``(zeros, bits)``)."""
-
-
-def variant_key(key: object) -> VariantKey:
-    """``key`` as a hashable VariantKey: JSON brings tuples back as lists."""
-    try:
-        if isinstance(key, (tuple, list)) and key:
-            return tuple(operator.index(k) for k in key)
-        return operator.index(key)  # type: ignore[call-overload]
-    except TypeError:
-        raise EvocompError(
-            f"a variant key is an int or a non-empty tuple of ints, got {key!r}"
-        ) from None
-
 
 def variant_name(unit: str, key: VariantKey) -> str:
     """The stored tensor name of ``unit`` at ``key``: ``unit@7`` for an int key (the

@@ -17,56 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from evocomp.errors import EvocompError
-from evocomp.supernet.units import Unit, find_blocks, select_units
-
-SUBLAYER_KINDS = ("attn", "mlp")
-
-# Attribute names of the two sublayers inside a decoder block, per kind, tried in
-# order: self_attn (Llama, Mistral, Qwen2, Phi-3, Gemma, OPT), attn (GPT-2),
-# attention (GPT-NeoX); mlp everywhere except OPT, whose MLP is fc1/fc2 directly
-# on the block and so cannot be skipped as one module.
-_ATTRS: dict[str, tuple[str, ...]] = {"attn": ("self_attn", "attn", "attention"), "mlp": ("mlp",)}
-_SUPPORTED = (
-    "Llama, Mistral, Qwen2, Phi-3, Gemma (self_attn + mlp), GPT-2 (attn + mlp), "
-    "GPT-NeoX (attention + mlp)"
-)
-
-
-def _sublayer(block: nn.Module, kind: str) -> tuple[str, nn.Module] | None:
-    for attr in _ATTRS[kind]:
-        module = getattr(block, attr, None)
-        if isinstance(module, nn.Module):
-            return attr, module
-    return None
-
-
-def find_sublayer_units(
-    model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
-) -> list[Unit]:
-    """The attention and MLP sublayer of every decoder block, in execution order
-    (``attn`` of block 0, ``mlp`` of block 0, ``attn`` of block 1, ...).
-
-    ``Unit.name`` is the sublayer's dotted path (``model.layers.3.self_attn``),
-    ``Unit.kind`` is ``"attn"`` or ``"mlp"``, and ``Unit.shape`` is
-    ``(parameters of the sublayer, 1)`` so that ``Unit.numel`` is its parameter
-    count (biases included). ``targets`` / ``ignore`` filter by name exactly as for
-    linear units (``self_attn``, ``re:model\\.layers\\.0\\..*``).
-    """
-    path, blocks = find_blocks(model)
-    units: list[Unit] = []
-    for b, block in enumerate(blocks):
-        for kind in SUBLAYER_KINDS:
-            found = _sublayer(block, kind)
-            if found is None:
-                raise EvocompError(
-                    f"block {path}.{b} ({type(block).__name__}) has no {kind} sublayer module "
-                    f"(looked for {', '.join(_ATTRS[kind])}); depth search supports {_SUPPORTED}"
-                )
-            attr, module = found
-            params = sum(p.numel() for p in module.parameters())
-            units.append(Unit(f"{path}.{b}.{attr}", kind, b, (params, 1)))
-    return select_units(units, targets, ignore, what="sublayer")
-
+from evocomp.spaces.units import Unit
+from evocomp.supernet.units import find_blocks, find_sublayer_units, sublayer_module
 
 # -- skipping ------------------------------------------------------------------------
 
@@ -245,8 +197,8 @@ def span_importance(
         def after_mlp(_m: nn.Module, _a: Any, out: Any, b: int = b, t: int = t_mlp + 1) -> None:
             reach(t, mid.pop(b) + first(out).double(), end=True, start=False)
 
-        _, attn = _sublayer(block, "attn")  # type: ignore[misc]
-        _, mlp = _sublayer(block, "mlp")  # type: ignore[misc]
+        _, attn = sublayer_module(block, "attn")  # type: ignore[misc]
+        _, mlp = sublayer_module(block, "mlp")  # type: ignore[misc]
         handles += [
             block.register_forward_pre_hook(pre, with_kwargs=True),
             attn.register_forward_hook(after_attn),

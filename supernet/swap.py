@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from evocomp.spaces.base import Genome, SearchSpace
+from evocomp.spaces.units import Unit
 from evocomp.supernet.database import VariantDatabase
-from evocomp.supernet.sublayers import SUBLAYER_KINDS, skip, zeroed
-from evocomp.supernet.units import Unit
+from evocomp.supernet.sublayers import skip, zeroed
 
 
 class Swapper:
@@ -42,7 +42,7 @@ class Swapper:
         self._active = True
         try:
             for unit, key in self.space.placements(genome):
-                if unit.kind in SUBLAYER_KINDS:
+                if unit.family == "sublayer":
                     removed.append(unit)  # depth: skipped, no database
                     continue
                 if self.database is None:

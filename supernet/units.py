@@ -1,38 +1,18 @@
-"""Units: the named compressible pieces of a model, found from its module tree."""
+"""Unit discovery: the named compressible pieces of a model, found from its module tree
+(the :class:`~evocomp.spaces.units.Unit` records themselves are torch-free)."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from torch import nn
 
 from evocomp.errors import EvocompError
+from evocomp.spaces.units import SUBLAYER_KINDS, Unit, UnitQuery, select_units
 
 # Where decoder blocks live in the architectures we know: Llama, Mistral, Qwen2,
 # Phi-3, Gemma (model.layers), GPT-2 (transformer.h), OPT (model.decoder.layers).
 _BLOCK_PATHS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers")
-
-
-@dataclass(frozen=True)
-class Unit:
-    """A compressible piece of the model.
-
-    ``kind`` is ``"linear"`` for a weight matrix (the unit of sparsity and
-    bitwidth search); sublayer kinds (``"attn"``, ``"mlp"``) are for depth search.
-    ``shape`` is always ``(out_features, in_features)``; ``transposed`` marks
-    modules that store the weight as ``(in, out)`` (GPT-2's Conv1D).
-    """
-
-    name: str
-    kind: str
-    block: int
-    shape: tuple[int, int]
-    transposed: bool = False
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -49,14 +29,6 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         f"cannot find the decoder blocks of {type(model).__name__}; supported layouts: "
         + ", ".join(_BLOCK_PATHS)
     )
-
-
-def matches(name: str, pattern: str) -> bool:
-    """``re:<regex>`` is matched against the whole name; a plain pattern matches the
-    name itself or any dotted suffix of it (``down_proj``, ``mlp.down_proj``)."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
 
 
 def _weight_shape(module: nn.Module) -> tuple[tuple[int, int], bool] | None:
@@ -88,24 +60,67 @@ def find_linear_units(
     return select_units(found, targets, ignore, what="linear layer")
 
 
-def select_units(
-    units: list[Unit], targets: list[str] | None, ignore: list[str] | None, *, what: str
+# Attribute names of the two sublayers inside a decoder block, per kind, tried in
+# order: self_attn (Llama, Mistral, Qwen2, Phi-3, Gemma, OPT), attn (GPT-2),
+# attention (GPT-NeoX); mlp everywhere except OPT, whose MLP is fc1/fc2 directly
+# on the block and so cannot be skipped as one module.
+_ATTRS: dict[str, tuple[str, ...]] = {"attn": ("self_attn", "attn", "attention"), "mlp": ("mlp",)}
+_SUPPORTED = (
+    "Llama, Mistral, Qwen2, Phi-3, Gemma (self_attn + mlp), GPT-2 (attn + mlp), "
+    "GPT-NeoX (attention + mlp)"
+)
+
+
+def sublayer_module(block: nn.Module, kind: str) -> tuple[str, nn.Module] | None:
+    """The ``(attribute, module)`` of ``block``'s sublayer of ``kind``, or None."""
+    for attr in _ATTRS[kind]:
+        module = getattr(block, attr, None)
+        if isinstance(module, nn.Module):
+            return attr, module
+    return None
+
+
+def find_sublayer_units(
+    model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None
 ) -> list[Unit]:
-    """The units matching any of ``targets`` (all when empty) and none of ``ignore``;
-    selecting nothing is an error that shows what names look like."""
-    selected = [
-        u
-        for u in units
-        if (not targets or any(matches(u.name, p) for p in targets))
-        and not any(matches(u.name, p) for p in ignore or [])
-    ]
-    if not selected:
-        examples = ", ".join(u.name for u in units[:4])
-        raise EvocompError(
-            f"units.targets={targets} / units.ignore={ignore} select no {what}; "
-            f"names look like: {examples}"
-        )
-    return selected
+    """The attention and MLP sublayer of every decoder block, in execution order
+    (``attn`` of block 0, ``mlp`` of block 0, ``attn`` of block 1, ...).
+
+    ``Unit.name`` is the sublayer's dotted path (``model.layers.3.self_attn``),
+    ``Unit.kind`` is ``"attn"`` or ``"mlp"``, and ``Unit.shape`` is
+    ``(parameters of the sublayer, 1)`` so that ``Unit.numel`` is its parameter
+    count (biases included). ``targets`` / ``ignore`` filter by name exactly as for
+    linear units (``self_attn``, ``re:model\\.layers\\.0\\..*``).
+    """
+    path, blocks = find_blocks(model)
+    units: list[Unit] = []
+    for b, block in enumerate(blocks):
+        for kind in SUBLAYER_KINDS:
+            found = sublayer_module(block, kind)
+            if found is None:
+                raise EvocompError(
+                    f"block {path}.{b} ({type(block).__name__}) has no {kind} sublayer module "
+                    f"(looked for {', '.join(_ATTRS[kind])}); depth search supports {_SUPPORTED}"
+                )
+            attr, module = found
+            params = sum(p.numel() for p in module.parameters())
+            units.append(Unit(f"{path}.{b}.{attr}", kind, b, (params, 1)))
+    return select_units(units, targets, ignore, what="sublayer")
+
+
+def find_units(
+    model: nn.Module,
+    queries: Sequence[UnitQuery],
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
+) -> list[Unit]:
+    """The units a space asks for (:meth:`~evocomp.spaces.base.SearchSpace.unit_queries`),
+    query by query; ``targets`` / ``ignore`` filter the queries marked ``filtered``."""
+    found: list[Unit] = []
+    for query in queries:
+        find = find_linear_units if query.family == "linear" else find_sublayer_units
+        found += find(model, targets, ignore) if query.filtered else find(model)
+    return found
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

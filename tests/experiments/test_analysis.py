@@ -23,6 +23,7 @@ from evocomp.cli import main
 from evocomp.config import Config
 from evocomp.errors import EvocompError
 from evocomp.spaces import SPACES
+from evocomp.supernet.units import find_units
 
 NOTEBOOK = Path(__file__).parents[2] / "experiments" / "notebooks" / "analysis.ipynb"
 SPACE = {"name": "sparsity", "target": 0.5, "step": 0.1, "levels": 4}  # levels 0.1 .. 0.9
@@ -230,7 +231,7 @@ def _fake_run(tmp_path: Path, space: dict) -> Path:
     enough for the analysis, which never loads the model."""
     cfg = Config(name="fake", space=space, compressor={"name": "prune-quantize"})
     cls = SPACES.get(cfg.space.name)
-    units = cls.find_units(tiny_llama())
+    units = find_units(tiny_llama(), cls.unit_queries(cfg.space.params))
     built = cls(units, cfg.space.params)
     start = built.uniform()
     other = built.mutate(start, random.Random(0))

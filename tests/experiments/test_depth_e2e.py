@@ -6,7 +6,8 @@ from conftest import search_config
 from transformers import AutoModelForCausalLM
 
 from evocomp.cli import main
-from evocomp.supernet.sublayers import find_sublayer_units, skip
+from evocomp.supernet.sublayers import skip
+from evocomp.supernet.units import find_sublayer_units
 
 
 @pytest.fixture(autouse=True)

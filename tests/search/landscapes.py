@@ -15,7 +15,7 @@ from evocomp.cli import main
 from evocomp.search import RandomSearch
 from evocomp.search.base import pareto_front
 from evocomp.spaces import BitsSpace, DepthSpace, JointSpace, SparsitySpace
-from evocomp.supernet.units import Unit
+from evocomp.spaces.units import Unit
 
 # Layer i hurts in proportion to WEIGHTS[i]: the optimum moves compression from the
 # sensitive (heavy) layers to the robust ones.

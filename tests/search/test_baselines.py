@@ -10,7 +10,7 @@ from evocomp.search.evopress import EvoPress
 from evocomp.spaces import SparsitySpace
 from evocomp.spaces.depth import DepthSpace
 from evocomp.supernet.sublayers import skip, sublayer_importance
-from evocomp.supernet.units import find_linear_units
+from evocomp.supernet.units import find_linear_units, find_sublayer_units
 
 # Synthetic damage of removing each of the 8 sublayers of a 4-block model.
 DAMAGE = [9.0, 5.0, 0.5, 6.0, 0.1, 7.0, 0.3, 8.0]
@@ -18,7 +18,7 @@ TOKENS = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(
 
 
 def _space(layers: int = 4, **kw) -> DepthSpace:
-    return DepthSpace(DepthSpace.find_units(tiny_llama(layers=layers)), DepthSpace.Params(**kw))
+    return DepthSpace(find_sublayer_units(tiny_llama(layers=layers)), DepthSpace.Params(**kw))
 
 
 def _damage(genome) -> float:
@@ -97,7 +97,7 @@ def test_sleb_with_nothing_to_remove_scores_the_dense_model():
 def test_sleb_on_a_real_model_removes_the_weakest_blocks():
     model = uneven_llama()  # blocks write into the residual with scales 3, 2, 0.5, 0.2
     params = DepthSpace.Params(remove=4, granularity="block")
-    space = DepthSpace(DepthSpace.find_units(model), params)
+    space = DepthSpace(find_sublayer_units(model), params)
     with torch.no_grad():
         dense = model(TOKENS, use_cache=False).logits
 
@@ -121,7 +121,7 @@ def _quiet_block_1():
 
 def test_shortgpt_removes_the_least_important_sublayers():
     model = _quiet_block_1()
-    space = DepthSpace(DepthSpace.find_units(model), DepthSpace.Params(remove=2))
+    space = DepthSpace(find_sublayer_units(model), DepthSpace.Params(remove=2))
     opt = ShortGPT(space, ShortGPT.Params(tokens=128, batch_size=1))
     with pytest.raises(RuntimeError, match="prepare"):
         opt.ask()
@@ -138,7 +138,7 @@ def test_shortgpt_removes_the_least_important_sublayers():
 def test_shortgpt_blocks_use_block_influence():
     model = uneven_llama()
     params = DepthSpace.Params(remove=2, granularity="block")
-    space = DepthSpace(DepthSpace.find_units(model), params)
+    space = DepthSpace(find_sublayer_units(model), params)
     opt = ShortGPT(space, ShortGPT.Params())
     opt.prepare(model, TOKENS)
     assert opt.importance is not None and len(opt.importance) == 4
@@ -156,7 +156,7 @@ def test_depth_baselines_reject_other_spaces():
 
 def test_evopress_can_start_from_the_shortgpt_genome():
     model = _quiet_block_1()
-    space = DepthSpace(DepthSpace.find_units(model), DepthSpace.Params(remove=2))
+    space = DepthSpace(find_sublayer_units(model), DepthSpace.Params(remove=2))
     params = EvoPress.Params(
         generations=0, start_from=["shortgpt"], stages=[{"tokens": 64, "keep": 1}]
     )

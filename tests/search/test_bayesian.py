@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from evocomp.search import OPTIMIZERS, OptunaSearch
 from evocomp.search.base import pareto_front
 from evocomp.spaces import BitsSpace, SparsitySpace
-from evocomp.supernet.units import Unit
+from evocomp.spaces.units import Unit
 
 
 def _search(space, seed=0, **params):

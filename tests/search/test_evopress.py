@@ -3,7 +3,7 @@ from pydantic import ValidationError
 
 from evocomp.search import OPTIMIZERS, EvoPress, Stage
 from evocomp.spaces import SparsitySpace
-from evocomp.supernet.units import Unit
+from evocomp.spaces.units import Unit
 
 # A synthetic landscape: layer i hurts in proportion to weight[i] * sparsity^2,
 # so the optimum moves sparsity from sensitive layers to robust ones.

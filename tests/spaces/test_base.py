@@ -6,7 +6,7 @@ import time
 import pytest
 
 from evocomp.spaces import BitsSpace, SearchSpace, SparsitySpace
-from evocomp.supernet.units import Unit
+from evocomp.spaces.units import Unit
 
 
 def _units(n: int = 10, sizes=((16, 16), (16, 32))) -> list[Unit]:

@@ -7,12 +7,13 @@ from pydantic import ValidationError
 from evocomp.errors import EvocompError
 from evocomp.spaces import SPACES
 from evocomp.spaces.depth import DepthSpace
-from evocomp.supernet.units import Unit, find_linear_units
+from evocomp.spaces.units import Unit
+from evocomp.supernet.units import find_linear_units, find_sublayer_units
 
 
 def _space(model=None, **kw) -> DepthSpace:
     model = model if model is not None else tiny_llama()
-    return DepthSpace(DepthSpace.find_units(model), DepthSpace.Params(**kw))
+    return DepthSpace(find_sublayer_units(model), DepthSpace.Params(**kw))
 
 
 def _kinds(space: DepthSpace, genome) -> tuple[int, int]:

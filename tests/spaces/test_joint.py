@@ -5,7 +5,7 @@ from pydantic import ValidationError
 
 from evocomp.errors import EvocompError
 from evocomp.spaces import JointSpace
-from evocomp.supernet.units import Unit
+from evocomp.spaces.units import Unit
 
 SPARSITY = {"name": "sparsity", "target": 0.5, "step": 0.125, "levels": 2}
 BITS = {"name": "bits", "bits": [2, 3, 4, 5, 6], "target": 4}

@@ -5,7 +5,8 @@ from pydantic import ValidationError
 
 from evocomp.errors import EvocompError
 from evocomp.spaces import SPACES, SparsitySpace
-from evocomp.supernet.units import Unit, find_linear_units
+from evocomp.spaces.units import Unit
+from evocomp.supernet.units import find_linear_units
 
 
 def _space(model, **kw) -> SparsitySpace:

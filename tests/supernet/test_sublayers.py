@@ -4,13 +4,8 @@ from conftest import tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 from evocomp.errors import EvocompError
-from evocomp.supernet.sublayers import (
-    find_sublayer_units,
-    skip,
-    span_importance,
-    sublayer_importance,
-    zeroed,
-)
+from evocomp.supernet.sublayers import skip, span_importance, sublayer_importance, zeroed
+from evocomp.supernet.units import find_sublayer_units
 
 TOKENS = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
 
