@@ -24,12 +24,13 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from evocomp.errors import EvocompError
@@ -258,6 +259,10 @@ def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+# unit name -> (its compressor, the forward hook feeding it)
+_Attached: TypeAlias = dict[str, tuple[LayerCompressor, RemovableHandle]]
+
+
 def build_database(
     model: nn.Module,
     units: Sequence[Unit],
@@ -297,28 +302,9 @@ def _build_database(
     progress: bool,
     on_block: Callable[[int], None] | None,
 ) -> bool:
-    manifest = _read_manifest(root)
-    if manifest is not None:
-        _check_same(root, manifest, spec)
-        if manifest.get("complete"):
-            return False
-    else:
-        manifest = {
-            "key": spec.key,
-            "parts": spec.parts(),
-            "units": {
-                u.name: {
-                    "block": u.block,
-                    "shape": list(u.shape),
-                    "variants": spec.variants[u.name],
-                }
-                for u in units
-            },
-            "done_blocks": [],
-            "complete": False,
-        }
-        _atomic_write_json(root / "manifest.json", manifest)
-
+    manifest = _start_manifest(root, spec, units)
+    if manifest.get("complete"):
+        return False
     compressor_cls = COMPRESSORS.get(spec.compressor)
     by_block: dict[int, list[Unit]] = {}
     for u in units:
@@ -331,33 +317,13 @@ def _build_database(
         inputs = capture_block_inputs(model, calibration, batch_size)
         bar = tqdm(range(last + 1), desc="database", unit="block", disable=not progress)
         for b in bar:
-            block_units = by_block.get(b, [])
-            todo = [u for u in block_units if b not in done]
+            todo = [] if b in done else by_block.get(b, [])
             compressors = _attach(model, todo, compressor_cls, params)
-            try:
-                inputs = [(_block_output(blocks[b](hidden, **kw)), kw) for hidden, kw in inputs]
-            finally:
-                for _, handle in compressors.values():
-                    handle.remove()
+            inputs = _forward_block(blocks[b], inputs, compressors)
             if todo:
-                tensors: dict[str, torch.Tensor] = {}
-                for u in todo:
-                    comp, _ = compressors[u.name]
-                    weight = model.get_submodule(u.name).weight
-                    # Sorted, so that a composite compressor sees every (zeros, bits) of
-                    # one zero count together and can reuse its pruned weight.
-                    for key in sorted(map(variant_key, spec.variants[u.name]), key=_order):
-                        w = comp.compress(key)
-                        tensors[variant_name(u.name, key)] = (
-                            (w.T if u.transposed else w).to(weight.dtype).contiguous().cpu()
-                        )
-                del compressors
-                tmp = root / (_block_file(b) + ".tmp")
-                save_file(tensors, str(tmp))
-                os.replace(tmp, root / _block_file(b))
-                manifest["done_blocks"] = sorted(done | {b})
-                done.add(b)
-                _atomic_write_json(root / "manifest.json", manifest)
+                tensors = _compress_block(model, todo, compressors, spec)
+                del compressors  # free the calibration statistics before the next block
+                _write_block(root, b, tensors, manifest, done)
             if on_block is not None:
                 on_block(b)
     manifest["complete"] = True
@@ -365,9 +331,79 @@ def _build_database(
     return True
 
 
+def _start_manifest(root: Path, spec: DatabaseSpec, units: Sequence[Unit]) -> dict[str, Any]:
+    """The manifest of a build of ``spec`` at ``root``: the one there (refused if it is
+    another spec's; it may already say ``complete``) or a new one, written at once."""
+    manifest = _read_manifest(root)
+    if manifest is not None:
+        _check_same(root, manifest, spec)
+        return manifest
+    manifest = {
+        "key": spec.key,
+        "parts": spec.parts(),
+        "units": {
+            u.name: {
+                "block": u.block,
+                "shape": list(u.shape),
+                "variants": spec.variants[u.name],
+            }
+            for u in units
+        },
+        "done_blocks": [],
+        "complete": False,
+    }
+    _atomic_write_json(root / "manifest.json", manifest)
+    return manifest
+
+
+def _forward_block(
+    block: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]], compressors: _Attached
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Run ``block`` on every calibration batch (feeding the attached compressors) and
+    return its outputs, the next block's inputs; the hooks are removed afterwards."""
+    try:
+        return [(_block_output(block(hidden, **kw)), kw) for hidden, kw in inputs]
+    finally:
+        for _, handle in compressors.values():
+            handle.remove()
+
+
+def _compress_block(
+    model: nn.Module, units: Sequence[Unit], compressors: _Attached, spec: DatabaseSpec
+) -> dict[str, torch.Tensor]:
+    """Every variant of ``units`` (one block's), by stored tensor name: in module layout
+    (Conv1D transposed back), in the weight's dtype, contiguous, on the CPU."""
+    tensors: dict[str, torch.Tensor] = {}
+    for u in units:
+        comp, _ = compressors[u.name]
+        weight = model.get_submodule(u.name).weight
+        # Sorted, so that a composite compressor sees every (zeros, bits) of one
+        # zero count together and can reuse its pruned weight.
+        for key in sorted(map(variant_key, spec.variants[u.name]), key=_order):
+            w = comp.compress(key)
+            tensors[variant_name(u.name, key)] = (
+                (w.T if u.transposed else w).to(weight.dtype).contiguous().cpu()
+            )
+    return tensors
+
+
+def _write_block(
+    root: Path, block: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
+    done: set[int],
+) -> None:
+    """Write ``block``'s file atomically, then record the block as done (in ``done``
+    and in the manifest on disk)."""
+    tmp = root / (_block_file(block) + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, root / _block_file(block))
+    manifest["done_blocks"] = sorted(done | {block})
+    done.add(block)
+    _atomic_write_json(root / "manifest.json", manifest)
+
+
 def _attach(
     model: nn.Module, units: Iterable[Unit], cls: type[LayerCompressor], params: Any
-) -> dict[str, tuple[LayerCompressor, torch.utils.hooks.RemovableHandle]]:
+) -> _Attached:
     """A compressor per unit, fed the unit's inputs by a forward hook."""
     attached = {}
     for u in units:
