@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from evocomp.errors import EvocompError
 from evocomp.spaces.units import Unit
@@ -127,6 +129,97 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class _ResidualRecorder:
+    """Rebuilds the residual stream of every sublayer boundary from forward hooks and
+    sums ``cos(before span, after span)`` over tokens, per span.
+
+    Boundary ``t`` is the residual before sublayer ``t`` (the attention of block ``b``
+    is sublayer ``2b``, its MLP ``2b + 1``; ``t = 2·blocks`` is after the last). The
+    residual where a span starts is kept until every span starting there has ended,
+    and is freed then. Residuals are rebuilt in float64, so that a small contribution
+    does not vanish in ``h + out`` (bf16 models).
+    """
+
+    def __init__(self, bounds: Sequence[tuple[int, int]]) -> None:
+        self.bounds = list(bounds)
+        self.ending: dict[int, list[int]] = {}  # boundary -> spans ending there
+        for k, (_, end) in enumerate(self.bounds):
+            self.ending.setdefault(end, []).append(k)
+        self.starts = {s for s, _ in self.bounds}
+        self.sums = [0.0] * len(self.bounds)
+        self.tokens = 0
+        self._kept: dict[int, torch.Tensor] = {}  # boundary -> residual there
+        self._pending: dict[int, int] = {}  # boundary -> spans from it not yet ended
+        self._block_input: dict[int, torch.Tensor] = {}  # block -> its input residual
+        self._mid: dict[int, torch.Tensor] = {}  # block -> residual after its attention
+
+    def start_batch(self) -> None:
+        """Forget the previous batch's residuals; every span is pending again."""
+        self._pending.update({s: sum(1 for b0, _ in self.bounds if b0 == s) for s in self.starts})
+        self._kept.clear()
+
+    def end_batch(self, tokens: int) -> None:
+        """A batch of ``tokens`` tokens went through the model."""
+        self.tokens += tokens
+
+    def reach(self, t: int, state: torch.Tensor, *, end: bool, start: bool) -> None:
+        """The residual at boundary ``t`` is ``state``: close the spans ending here
+        (if ``end``) and keep it for the spans starting here (if ``start``)."""
+        if end:
+            for k in self.ending.get(t, []):
+                s = self.bounds[k][0]
+                cos = F.cosine_similarity(self._kept[s], state, dim=-1)
+                self.sums[k] += cos.sum().item()
+                self._pending[s] -= 1
+                if self._pending[s] == 0:
+                    del self._kept[s]  # free activations as soon as no span needs them
+        if start and t in self.starts:
+            self._kept[t] = state.detach()
+
+    def block_input(self, b: int, _m: nn.Module, args: Any, kwargs: Any) -> None:
+        """Forward pre-hook of block ``b``: the residual before its attention."""
+        x = _hidden_input(args, kwargs).double()
+        self._block_input[b] = x
+        self.reach(2 * b, x, end=False, start=True)  # ends here are reached by the previous mlp
+
+    def attn_output(self, b: int, _m: nn.Module, _a: Any, out: Any) -> None:
+        """Forward hook of block ``b``'s attention: the residual before its MLP."""
+        self._mid[b] = self._block_input.pop(b) + _first(out).double()
+        self.reach(2 * b + 1, self._mid[b], end=True, start=True)
+
+    def mlp_output(self, b: int, _m: nn.Module, _a: Any, out: Any) -> None:
+        """Forward hook of block ``b``'s MLP: the residual after the block."""
+        self.reach(2 * b + 2, self._mid.pop(b) + _first(out).double(), end=True, start=False)
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        """Register the hooks on every block of ``model``; the caller removes them."""
+        # Every block has both sublayers (find_sublayer_units checks); all are looked
+        # up before the first hook goes on, so a failure leaves no hook behind.
+        blocks = [
+            (block, _sublayer(block, "attn"), _sublayer(block, "mlp"))
+            for block in find_blocks(model)[1]
+        ]
+        handles = []
+        for b, (block, attn, mlp) in enumerate(blocks):
+            handles += [
+                block.register_forward_pre_hook(partial(self.block_input, b), with_kwargs=True),
+                attn.register_forward_hook(partial(self.attn_output, b)),
+                mlp.register_forward_hook(partial(self.mlp_output, b)),
+            ]
+        return handles
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _sublayer(block: nn.Module, kind: str) -> nn.Module:
+    found = sublayer_module(block, kind)
+    if found is None:
+        raise EvocompError(f"block {type(block).__name__} has no {kind} sublayer module")
+    return found[1]
+
+
 def span_importance(
     model: nn.Module, tokens: torch.Tensor, spans: Sequence[Sequence[Unit]], batch_size: int = 4
 ) -> list[float]:
@@ -151,74 +244,22 @@ def span_importance(
             raise ValueError("an importance span needs at least one sublayer")
         idx = sorted(pos[u.name] for u in span)
         bounds.append((idx[0], idx[-1] + 1))
-    # Boundary t is the residual before sublayer t (t = len(all_units): after the last).
-    ending: dict[int, list[int]] = {}
-    for k, (_, end) in enumerate(bounds):
-        ending.setdefault(end, []).append(k)
-    starts = {s for s, _ in bounds}
-    sums = [0.0] * len(bounds)
-    count = 0
-    kept: dict[int, torch.Tensor] = {}
-    pending: dict[int, int] = {}
-
-    def reach(t: int, state: torch.Tensor, *, end: bool, start: bool) -> None:
-        if end:
-            for k in ending.get(t, []):
-                s = bounds[k][0]
-                cos = F.cosine_similarity(kept[s], state, dim=-1)
-                sums[k] += cos.sum().item()
-                pending[s] -= 1
-                if pending[s] == 0:
-                    del kept[s]  # free activations as soon as no span needs them
-        if start and t in starts:
-            kept[t] = state.detach()
-
-    _, blocks = find_blocks(model)
-    block_input: dict[int, torch.Tensor] = {}
-    mid: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def first(out: Any) -> torch.Tensor:
-        return out[0] if isinstance(out, tuple) else out
-
-    for b, block in enumerate(blocks):
-        t_attn, t_mlp = 2 * b, 2 * b + 1  # every block has both (find_sublayer_units)
-
-        def pre(_m: nn.Module, args: Any, kwargs: Any, b: int = b, t: int = t_attn) -> None:
-            # float64: a small contribution must not vanish in h + out (bf16 models)
-            x = _hidden_input(args, kwargs).double()
-            block_input[b] = x
-            reach(t, x, end=False, start=True)  # ends here are reached by the previous mlp
-
-        def after_attn(_m: nn.Module, _a: Any, out: Any, b: int = b, t: int = t_mlp) -> None:
-            mid[b] = block_input.pop(b) + first(out).double()
-            reach(t, mid[b], end=True, start=True)
-
-        def after_mlp(_m: nn.Module, _a: Any, out: Any, b: int = b, t: int = t_mlp + 1) -> None:
-            reach(t, mid.pop(b) + first(out).double(), end=True, start=False)
-
-        _, attn = sublayer_module(block, "attn")  # type: ignore[misc]
-        _, mlp = sublayer_module(block, "mlp")  # type: ignore[misc]
-        handles += [
-            block.register_forward_pre_hook(pre, with_kwargs=True),
-            attn.register_forward_hook(after_attn),
-            mlp.register_forward_hook(after_mlp),
-        ]
+    recorder = _ResidualRecorder(bounds)
+    handles = recorder.attach(model)
     try:
         device = _device(model)
         with torch.no_grad():
             for i in range(0, tokens.shape[0], batch_size):
                 batch = tokens[i : i + batch_size].to(device)
-                pending.update({s: sum(1 for b0, _ in bounds if b0 == s) for s in starts})
-                kept.clear()
+                recorder.start_batch()
                 model(batch, use_cache=False)
-                count += batch.numel()
+                recorder.end_batch(batch.numel())
     finally:
         for h in handles:
             h.remove()
-    if count == 0:
+    if recorder.tokens == 0:
         raise EvocompError("importance needs at least one calibration sequence")
-    return [1.0 - s / count for s in sums]
+    return [1.0 - s / recorder.tokens for s in recorder.sums]
 
 
 def sublayer_importance(
