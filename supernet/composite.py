@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import operator
 from collections import OrderedDict
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
@@ -20,12 +20,13 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from evocomp.errors import EvocompError, choices
 from evocomp.supernet.compressors import (
     COMPRESSORS,
+    CholeskyFactor,
     HessianCompressor,
     LayerCompressor,
     Pruner,
     SparseGPT,
 )
-from evocomp.supernet.quantizers import GPTQ, QuantizedWeight, Quantizer, _check_bits
+from evocomp.supernet.quantizers import GPTQ, GPTQFactor, QuantizedWeight, Quantizer, _check_bits
 
 __all__ = ["PruneQuantize"]
 
@@ -72,6 +73,15 @@ def _resolve(
                 )
         raise ValidationError.from_exception_data("PruneQuantize.Params", errors) from None
     return name, params
+
+
+class PrunedWeight(NamedTuple):
+    """A pruning PruneQuantize caches, to quantize at every bitwidth."""
+
+    weight: torch.Tensor
+    """Float32 ``[out, in]``, the pruned entries exactly 0."""
+    keep: torch.Tensor
+    """Bool ``[out, in]``: the entries not pruned."""
 
 
 @COMPRESSORS.register("prune-quantize")
@@ -161,8 +171,8 @@ class PruneQuantize(LayerCompressor):
             and not quantizer.params.act_order
             and pruner.params.dampening == quantizer.params.dampening
         )
-        # zeros -> (pruned float32 weight with exact zeros, keep mask), most recent last
-        self._pruned: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        # zeros -> its pruning, most recent last
+        self._pruned: OrderedDict[int, PrunedWeight] = OrderedDict()
 
     def _accumulate(self, x: torch.Tensor) -> None:
         self.pruner.add_batch(x)
@@ -190,9 +200,9 @@ class PruneQuantize(LayerCompressor):
         self._share_factor()
         if zeros == 0:
             return self.quantizer.quantize(bits)
-        weight, keep = self._prune(zeros)
+        pruned = self._prune(zeros)
         self._share_factor()
-        return self.quantizer.quantize_weight(weight, bits, keep)
+        return self.quantizer.quantize_weight(pruned.weight, bits, pruned.keep)
 
     def _check_level(self, level: object) -> tuple[int, int]:
         try:
@@ -204,14 +214,14 @@ class PruneQuantize(LayerCompressor):
             ) from None
         return self.pruner._check_level(zeros), _check_bits(bits)
 
-    def _prune(self, zeros: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prune(self, zeros: int) -> PrunedWeight:
         hit = self._pruned.get(zeros)
         if hit is not None:
             self._pruned.move_to_end(zeros)
             return hit
         weight, pruned = self.pruner._prune(zeros)
         # A new tensor: ranked pruners hand back their own weight.
-        entry = (weight.masked_fill(pruned, 0.0), ~pruned)
+        entry = PrunedWeight(weight.masked_fill(pruned, 0.0), ~pruned)
         self._pruned[zeros] = entry
         while len(self._pruned) > self.cached_prunings:
             self._pruned.popitem(last=False)
@@ -226,6 +236,6 @@ class PruneQuantize(LayerCompressor):
         assert isinstance(pruner, SparseGPT) and isinstance(quantizer, GPTQ)
         if pruner._factor is None and quantizer._factor is not None:
             # inverse_hessian_cholesky's dead inputs: an all-zero diagonal entry.
-            pruner._factor = (quantizer._factor[1], pruner.hessian.diagonal() == 0)
+            pruner._factor = CholeskyFactor(quantizer._factor.hinv, pruner.hessian.diagonal() == 0)
         elif quantizer._factor is None and pruner._factor is not None:
-            quantizer._factor = (None, pruner._factor[0])
+            quantizer._factor = GPTQFactor(perm=None, hinv=pruner._factor.hinv)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -21,6 +21,7 @@ from evocomp.registry import Registry
 
 __all__ = [
     "COMPRESSORS",
+    "CholeskyFactor",
     "LayerCompressor",
     "Magnitude",
     "Pruner",
@@ -258,9 +259,18 @@ class Wanda(_RankedPruner):
         return self.weight.abs() * self._mean_sq.sqrt()
 
 
+class CholeskyFactor(NamedTuple):
+    """What :func:`inverse_hessian_cholesky` returns, and SparseGPT caches per layer."""
+
+    hinv: torch.Tensor
+    """Upper Cholesky factor ``U`` of the dampened ``H⁻¹`` (``Uᵀ U = H⁻¹``), float32."""
+    dead: torch.Tensor
+    """Bool ``[in]``: inputs that were always zero (their diagonal was set to 1)."""
+
+
 def inverse_hessian_cholesky(
     hessian: torch.Tensor, dampening: float, retries: int = 4
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> CholeskyFactor:
     """Upper Cholesky factor of the dampened inverse Hessian, as in SparseGPT / GPTQ.
 
     Returns ``(U, dead)`` with ``U`` float32 upper-triangular (``Uᵀ U = H⁻¹``) and
@@ -281,7 +291,7 @@ def inverse_hessian_cholesky(
             inverse = torch.cholesky_inverse(lower)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info == 0 and torch.isfinite(upper).all():
-                return upper.to(torch.float32), dead
+                return CholeskyFactor(upper.to(torch.float32), dead)
         damp *= 10
     raise EvocompError(
         f"the calibration Hessian is not positive definite even with dampening {damp / 10:g}; "
@@ -289,15 +299,19 @@ def inverse_hessian_cholesky(
     )
 
 
-class HessianCompressor(LayerCompressor):
+_FactorT = TypeVar("_FactorT", bound=tuple)  # a NamedTuple of tensors
+
+
+class HessianCompressor(LayerCompressor, Generic[_FactorT]):
     """Second-order compressors (SparseGPT, GPTQ): accumulate ``H = 2/n Σ xᵀx`` as
     a running mean, and drop any cached factorisation when more data arrives.
-    Put it first among the bases (``class SparseGPT(HessianCompressor, Pruner)``)."""
+    Put it first among the bases (``class SparseGPT(HessianCompressor[...], Pruner)``);
+    its parameter is the named tuple the subclass caches as its factorisation of H."""
 
     def __init__(self, weight: torch.Tensor, params: LayerCompressor.Params | None = None) -> None:
         super().__init__(weight, params)
         self._hessian = torch.zeros(self.columns, self.columns, device=self.device)
-        self._factor: Any = None  # the subclass's cached factorisation of H
+        self._factor: _FactorT | None = None  # the subclass's cached factorisation of H
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -312,7 +326,7 @@ class HessianCompressor(LayerCompressor):
 
 
 @COMPRESSORS.register("sparsegpt")
-class SparseGPT(HessianCompressor, Pruner):
+class SparseGPT(HessianCompressor[CholeskyFactor], Pruner):
     """SparseGPT (Frantar & Alistarh 2023): blockwise OBS pruning with lazy updates.
 
     Hessian ``H = 2/n Σ xᵀx`` is a running mean over calibration tokens. Columns
@@ -345,7 +359,8 @@ class SparseGPT(HessianCompressor, Pruner):
 
     def _prune(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._factor is None:
-            self._factor = inverse_hessian_cholesky(self._hessian, self.params.dampening)
+            hinv, dead = inverse_hessian_cholesky(self._hessian, self.params.dampening)
+            self._factor = CholeskyFactor(hinv, dead)
         hinv, dead = self._factor
         # Work on Wᵀ so that each input column is a contiguous row: the per-column
         # rank-1 updates below are then ~3x faster on CPU.

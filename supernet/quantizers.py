@@ -18,6 +18,7 @@ import operator
 from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from pydantic import Field
@@ -33,6 +34,7 @@ from evocomp.supernet.compressors import (
 __all__ = [
     "GPTQ",
     "RTN",
+    "GPTQFactor",
     "QuantizedWeight",
     "Quantizer",
     "quantize_dequantize",
@@ -161,8 +163,27 @@ class RTN(Quantizer):
         return _round_to_nearest(weight, bits, self.group_size, self.params.symmetric)
 
 
+class GPTQFactor(NamedTuple):
+    """GPTQ's cached factorisation of a layer's Hessian, shared by every bitwidth and mask."""
+
+    perm: torch.Tensor | None
+    """The order columns are quantized in (``act_order``); None: their own order."""
+    hinv: torch.Tensor
+    """Upper Cholesky factor of the dampened ``H⁻¹`` in that order, float32."""
+
+
+class _Grids(NamedTuple):
+    """GPTQ's grids, group-major: group ``k``'s are ``scale[k]`` and ``zero[k]`` (``[rows]``)."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    lazy: bool
+    """Not computed yet: the sweep fills in each group's grid, from the updated
+    weights, when it reaches the group's first column."""
+
+
 @COMPRESSORS.register("gptq")
-class GPTQ(HessianCompressor, Quantizer):
+class GPTQ(HessianCompressor[GPTQFactor], Quantizer):
     """GPTQ (Frantar et al. 2023): column-by-column quantization with error feedback.
 
     Hessian ``H = 2/n Σ xᵀx`` is a running mean over calibration tokens. Columns are
@@ -201,9 +222,7 @@ class GPTQ(HessianCompressor, Quantizer):
 
     params: GPTQ.Params
 
-    # self._factor: (permutation or None, upper Cholesky factor of the permuted H⁻¹)
-
-    def _factorise(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _factorise(self) -> GPTQFactor:
         if self._factor is None:
             h, perm = self._hessian, None
             if self.params.act_order:
@@ -211,23 +230,53 @@ class GPTQ(HessianCompressor, Quantizer):
                 perm = torch.argsort(h.diagonal(), descending=True, stable=True)
                 h = h[perm][:, perm]
             hinv, _ = inverse_hessian_cholesky(h, self.params.dampening)
-            self._factor = (perm, hinv)
+            self._factor = GPTQFactor(perm, hinv)
         return self._factor
 
     def _quantize_weight(
         self, weight: torch.Tensor, bits: int, keep: torch.Tensor | None = None
     ) -> QuantizedWeight:
-        perm, hinv = self._factorise()
-        maxq, g, sym = 2**bits - 1, self.group_size, self.params.symmetric
+        factor, maxq = self._factorise(), 2**bits - 1
+        grids = self._grids(weight, keep, maxq, permuted=factor.perm is not None)
+        codes = self._sweep(weight, keep, factor, grids, maxq)
+        return QuantizedWeight(
+            codes=codes.to(torch.int32).contiguous(),
+            scale=grids.scale.T.contiguous(),
+            zero=grids.zero.T.contiguous(),
+            bits=bits,
+            group_size=self.group_size,
+        )
+
+    def _grids(
+        self, weight: torch.Tensor, keep: torch.Tensor | None, maxq: int, *, permuted: bool
+    ) -> _Grids:
+        """The grids of ``weight`` (entries outside ``keep`` at 0) before the sweep:
+        computed here for one grid per row and for static groups (``permuted``), left
+        for the sweep to fill in (``lazy``) otherwise."""
+        g = self.group_size
         n_groups = self.columns // g
-        lazy_grids = g < self.columns and perm is None
-        if lazy_grids:
-            scale_t = torch.empty(n_groups, self.rows, device=self.device)
-            zero_t = torch.empty_like(scale_t)
-        else:  # one grid per row, or static groups: all grids from the given weight
-            start = weight if keep is None else weight.masked_fill(~keep, 0.0)
-            scale, zero = _grid(start.reshape(self.rows, n_groups, g), maxq, sym)
-            scale_t, zero_t = scale[..., 0].T.contiguous(), zero[..., 0].T.contiguous()
+        if g < self.columns and not permuted:
+            scale = torch.empty(n_groups, self.rows, device=self.device)
+            return _Grids(scale, torch.empty_like(scale), lazy=True)
+        # one grid per row, or static groups: all grids from the given weight
+        start = weight if keep is None else weight.masked_fill(~keep, 0.0)
+        scale, zero = _grid(start.reshape(self.rows, n_groups, g), maxq, self.params.symmetric)
+        return _Grids(scale[..., 0].T.contiguous(), zero[..., 0].T.contiguous(), lazy=False)
+
+    def _sweep(
+        self,
+        weight: torch.Tensor,
+        keep: torch.Tensor | None,
+        factor: GPTQFactor,
+        grids: _Grids,
+        maxq: int,
+    ) -> torch.Tensor:
+        """Quantize ``weight``'s columns one by one in the factor's order, pushing each
+        column's error onto the columns not yet quantized (lazily, one block at a time);
+        return the codes (float32, ``[out, in]``, original column order). Lazy grids are
+        filled in as their groups are reached. ``weight`` is not modified."""
+        perm, hinv = factor
+        g, sym = self.group_size, self.params.symmetric
         order = torch.arange(self.columns) if perm is None else perm.cpu()
         group_of = (order // g).tolist()  # group of the i-th processed column
 
@@ -241,19 +290,19 @@ class GPTQ(HessianCompressor, Quantizer):
         if keep is not None:
             keep_t = (keep if perm is None else keep[:, perm]).T.contiguous()
         codes_t = torch.empty_like(wt)
-        for i1, i2 in _blocks(self.columns, self.params.blocksize, g if lazy_grids else None):
+        for i1, i2 in _blocks(self.columns, self.params.blocksize, g if grids.lazy else None):
             w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]  # views: updates land in wt
             d = h1.diagonal()
             err = torch.empty_like(w1)
             for j in range(i2 - i1):
                 i = i1 + j
-                if lazy_grids and i % g == 0:
+                if grids.lazy and i % g == 0:
                     block = wt[i : i + g]
                     if keep_t is not None:
                         block = block.masked_fill(~keep_t[i : i + g], 0.0)
                     s, z = _grid(block, maxq, sym, dim=0)
-                    scale_t[i // g], zero_t[i // g] = s[0], z[0]
-                s, z = scale_t[group_of[i]], zero_t[group_of[i]]
+                    grids.scale[i // g], grids.zero[i // g] = s[0], z[0]
+                s, z = grids.scale[group_of[i]], grids.zero[group_of[i]]
                 col = w1[j]
                 # A pruned entry takes the code of 0, which dequantizes to exactly 0; its
                 # error (the feedback it had received) still flows on through e.
@@ -267,13 +316,7 @@ class GPTQ(HessianCompressor, Quantizer):
         codes = codes_t.T if perm is None else torch.empty_like(codes_t.T)
         if perm is not None:
             codes[:, perm] = codes_t.T
-        return QuantizedWeight(
-            codes=codes.to(torch.int32).contiguous(),
-            scale=scale_t.T.contiguous(),
-            zero=zero_t.T.contiguous(),
-            bits=bits,
-            group_size=g,
-        )
+        return codes
 
 
 # --- shared maths: RTN and GPTQ use the same grid and rounding ---------------------
