@@ -63,7 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", help="output directory (default: RUN_DIR/report)")
 
-    sub.add_parser("configs", help="list the built-in configs")
+    p = sub.add_parser("configs", help="list the built-in configs")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="print the configuration reference (docs/configuration.md) instead",
+    )
 
     p = sub.add_parser("sweep", help="run many searches as Ray Tune trials (a sweep file)")
     p.add_argument("sweep", help="sweep YAML file or built-in sweep name (e.g. sparsity_targets)")
@@ -114,6 +119,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         return commands.report(Path(args.run_dir), Path(args.out) if args.out else None)
     if args.command == "configs":
+        if args.reference:
+            from evocomp.reference import config_reference
+
+            sys.stdout.write(config_reference())
+            return 0
         return commands.list_configs()
     if args.command == "sweep":
         return commands.sweep(args.sweep, resume=args.resume, progress=progress)
