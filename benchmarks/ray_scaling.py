@@ -71,7 +71,7 @@ def main() -> None:
         gpus = 0.0 if DEVICE == "cpu" else 1.0 / max(args.workers)
 
     print(f"{len(jobs)} candidates at {args.tokens} tokens, load average {load:.2f}", flush=True)
-    with LocalExecutor(exp, LocalExecutor.Params()) as ex:
+    with LocalExecutor(exp.evaluation(), LocalExecutor.Params()) as ex:
         local = timed(ex, jobs, [Request(uniform, args.tokens)])
     print(f"local, 1 thread: {local['candidates_per_s']:.3f} candidates/s", flush=True)
 
@@ -80,7 +80,7 @@ def main() -> None:
     for n in args.workers:
         params = RayExecutor.Params(num_workers=n, threads_per_worker=1, gpus_per_worker=gpus)
         started = time.perf_counter()
-        with RayExecutor(exp, params) as ex:
+        with RayExecutor(exp.evaluation(), params) as ex:
             startup[n] = time.perf_counter() - started
             ray[n] = timed(ex, jobs, [Request(uniform, args.tokens)] * n)
         print(

@@ -4,43 +4,52 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
-from evocomp.registry import Registry
+from evocomp.registry import Registry, StrictModel
+
+if TYPE_CHECKING:
+    from evocomp.evaluators.reference import ReferenceCache
 
 
-class Evaluator(ABC):
+class EvaluatorParams(StrictModel):
+    """Options of :class:`Evaluator`."""
+
+    batch_size: int = Field(4, ge=1, description="sequences per forward pass")
+
+
+P = TypeVar("P", bound=EvaluatorParams)
+
+
+class Evaluator(ABC, Generic[P]):
     """Scores the model as it is now (a genome already applied) on a fixed token set.
 
     ``evaluate(model, budget_tokens)`` uses the first ``ceil(budget / seq_len)``
     sequences, so every evaluator is multi-fidelity and results at one budget are
     comparable across candidates. Lower ``metric`` is better.
+
+    When each hook is called: :meth:`create` once per process that evaluates (the
+    runner, each Ray worker), with the dense model; :meth:`evaluate` for every
+    candidate, with the candidate applied to that same model in place.
     """
 
     name: ClassVar[str]
     metric: ClassVar[str]
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        batch_size: int = Field(4, ge=1, description="sequences per forward pass")
+    Params: ClassVar[type[EvaluatorParams]] = EvaluatorParams
 
     @classmethod
     def create(
-        cls,
-        model: nn.Module,
-        tokens: torch.Tensor,
-        params: Params,
-        *,
-        cache_path: Path | None = None,
-        progress: bool = True,
-    ) -> Evaluator:
-        """Build the evaluator for ``tokens``; evaluators that compare against
-        the dense model compute (or load from ``cache_path``) its outputs here."""
+        cls, model: nn.Module, tokens: torch.Tensor, params: Any, *,
+        cache: ReferenceCache | None = None, progress: bool = True,
+    ) -> Evaluator[Any]:
+        """Build the evaluator for ``tokens`` from its options (a ``cls.Params``);
+        evaluators that compare against the dense model compute its outputs here,
+        or load them from ``cache``."""
         return cls(tokens, batch_size=params.batch_size)
 
     def __init__(self, tokens: torch.Tensor, *, batch_size: int = 4) -> None:
@@ -70,4 +79,4 @@ def forward_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return model(batch.to(device), use_cache=False).logits.float()
 
 
-EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator")
+EVALUATORS: Registry[type[Evaluator[Any]]] = Registry("evaluator", Evaluator)

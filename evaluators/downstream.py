@@ -24,7 +24,6 @@ import os
 import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, redirect_stderr
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from evocomp.errors import EvocompError, choices
-from evocomp.evaluators.base import EVALUATORS, Evaluator
+from evocomp.evaluators.base import EVALUATORS, Evaluator, EvaluatorParams
 from evocomp.evaluators.lm_tasks import (
     HEADLINE_METRIC,
     MMLU_SUBJECTS,
@@ -49,6 +48,8 @@ if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
     from transformers import PreTrainedTokenizerBase
 
+    from evocomp.evaluators.reference import ReferenceCache
+
 ACCURACY_METRICS = ("acc", "acc_norm", "exact_match")
 """What counts as a task's accuracy, in order of preference, unless
 :data:`~evocomp.evaluators.lm_tasks.HEADLINE_METRIC` names its usual one."""
@@ -59,8 +60,45 @@ _OFFLINE_HINT = (
 )
 
 
+class LMEvalEvaluatorParams(EvaluatorParams):
+    """Options of :class:`LMEvalEvaluator`."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["arc_easy", "piqa"],
+        min_length=1,
+        description="lm-eval task, group or tag names",
+    )
+    limit: int | None = Field(
+        100, ge=1, description="documents per task (per subject for groups); null = all"
+    )
+    num_fewshot: int = Field(0, ge=0, description="few-shot examples in each prompt")
+    batch_size: int = Field(8, ge=1, description="requests per forward pass")
+    online: bool = Field(False, description="also allow lm-eval's own (downloading) tasks")
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> LMEvalEvaluatorParams:
+        repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if repeated:
+            raise ValueError(f"tasks are listed twice: {choices(repeated)}")
+        if not self.online:
+            known = set(offline_task_names())
+            unknown = [t for t in self.tasks if t not in known]
+            if unknown:
+                raise ValueError(
+                    f"unknown offline task {unknown[0]!r}; allowed: {_OFFLINE_HINT}"
+                )
+            for i, a in enumerate(self.tasks):
+                for b in self.tasks[i + 1 :]:
+                    if offline_leaves(a) & offline_leaves(b):
+                        raise ValueError(
+                            f"tasks {a!r} and {b!r} overlap (a group or tag includes "
+                            "the other); list each task once"
+                        )
+        return self
+
+
 @EVALUATORS.register("lm_eval")
-class LMEvalEvaluator(Evaluator):
+class LMEvalEvaluator(Evaluator[LMEvalEvaluatorParams]):
     """Downstream accuracy with lm-eval-harness; fitness ``error = 1 - mean accuracy``.
 
     Expensive: see the module docstring. The token budget of multi-fidelity search
@@ -73,73 +111,35 @@ class LMEvalEvaluator(Evaluator):
     name = "lm_eval"
     metric = "error"
 
-    class Params(Evaluator.Params):
-        tasks: list[str] = Field(
-            default_factory=lambda: ["arc_easy", "piqa"],
-            min_length=1,
-            description="lm-eval task, group or tag names",
-        )
-        limit: int | None = Field(
-            100, ge=1, description="documents per task (per subject for groups); null = all"
-        )
-        num_fewshot: int = Field(0, ge=0, description="few-shot examples in each prompt")
-        batch_size: int = Field(8, ge=1, description="requests per forward pass")
-        online: bool = Field(False, description="also allow lm-eval's own (downloading) tasks")
-
-        @model_validator(mode="after")
-        def _known_tasks(self) -> LMEvalEvaluator.Params:
-            repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
-            if repeated:
-                raise ValueError(f"tasks are listed twice: {choices(repeated)}")
-            if not self.online:
-                known = set(offline_task_names())
-                unknown = [t for t in self.tasks if t not in known]
-                if unknown:
-                    raise ValueError(
-                        f"unknown offline task {unknown[0]!r}; allowed: {_OFFLINE_HINT}"
-                    )
-                for i, a in enumerate(self.tasks):
-                    for b in self.tasks[i + 1 :]:
-                        if offline_leaves(a) & offline_leaves(b):
-                            raise ValueError(
-                                f"tasks {a!r} and {b!r} overlap (a group or tag includes "
-                                "the other); list each task once"
-                            )
-            return self
-
-    @classmethod
-    def create(
-        cls,
-        model: nn.Module,
-        tokens: torch.Tensor,
-        params: Evaluator.Params,
-        *,
-        cache_path: Path | None = None,
-        progress: bool = True,
-    ) -> LMEvalEvaluator:
-        """The evaluator for ``model``, with the tokenizer saved beside its weights
-        (``model.name_or_path``, where ``load_model`` loaded both from).
-
-        ``tokens`` (the search split) only sets the scale of token budgets; no
-        reference outputs are needed, so ``cache_path`` is unused.
-        """
-        assert isinstance(params, LMEvalEvaluator.Params)
-        evaluator = cls(tokens, tokenizer=tokenizer_of(model), params=params)
-        # Names only online tasks could have are checked here, before the search starts.
-        _check_tasks(task_manager(params.online), params.tasks, params.online)
-        return evaluator
+    Params = LMEvalEvaluatorParams
 
     def __init__(
         self,
         tokens: torch.Tensor,
         *,
         tokenizer: PreTrainedTokenizerBase,
-        params: LMEvalEvaluator.Params,
+        params: LMEvalEvaluatorParams,
     ) -> None:
         super().__init__(tokens, batch_size=params.batch_size)
         self.tokenizer = tokenizer
         self.params = params
         self._lm: HFLM | None = None
+
+    @classmethod
+    def create(
+        cls, model: nn.Module, tokens: torch.Tensor, params: LMEvalEvaluatorParams, *,
+        cache: ReferenceCache | None = None, progress: bool = True,
+    ) -> LMEvalEvaluator:
+        """The evaluator for ``model``, with the tokenizer saved beside its weights
+        (``model.name_or_path``, where ``load_model`` loaded both from).
+
+        ``tokens`` (the search split) only sets the scale of token budgets; no
+        reference outputs are needed, so ``cache`` is unused.
+        """
+        evaluator = cls(tokens, tokenizer=tokenizer_of(model), params=params)
+        # Names only online tasks could have are checked here, before the search starts.
+        _check_tasks(task_manager(params.online), params.tasks, params.online)
+        return evaluator
 
     def limit_for(self, budget_tokens: int | None) -> int | float | None:
         """Documents per task at ``budget_tokens``: an int, ``None`` (all), or a
@@ -167,7 +167,7 @@ class LMEvalEvaluator(Evaluator):
         return scores
 
 
-DownstreamParams = LMEvalEvaluator.Params
+DownstreamParams = LMEvalEvaluatorParams
 """The options of :func:`downstream_scores` (the ``lm_eval`` evaluator's ``Params``)."""
 
 
@@ -220,6 +220,7 @@ def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase:
 def _hflm(model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> HFLM:
     require_lm_eval()
     from lm_eval.models.huggingface import HFLM
+
 
     with _lm_eval_logs_below_error():
         # HFLM sets a pad token on the tokenizer it is given: give it its own copy.

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from evocomp.evaluators.base import EVALUATORS, Evaluator, forward_logits
-from evocomp.evaluators.reference import DenseReference, compute_reference, logit_terms
+from evocomp.evaluators.base import EVALUATORS, Evaluator, EvaluatorParams, forward_logits
+from evocomp.evaluators.reference import (
+    DenseReference,
+    ReferenceCache,
+    compute_reference,
+    logit_terms,
+)
 
 
 def kl_divergence(
@@ -51,8 +55,16 @@ def _kl_and_nll(
     return kl.item(), nll.item()
 
 
+class KLEvaluatorParams(EvaluatorParams):
+    """Options of :class:`KLEvaluator`."""
+
+    topk: int | None = Field(
+        None, ge=1, description="keep only the dense top-k tokens (large vocabularies)"
+    )
+
+
 @EVALUATORS.register("kl")
-class KLEvaluator(Evaluator):
+class KLEvaluator(Evaluator[KLEvaluatorParams]):
     """Mean per-token KL divergence from the dense model's next-token
     distribution (the EvoPress fitness); also reports the candidate's perplexity
     on the same tokens, which comes for free."""
@@ -60,32 +72,7 @@ class KLEvaluator(Evaluator):
     name = "kl"
     metric = "kl"
 
-    class Params(Evaluator.Params):
-        topk: int | None = Field(
-            None, ge=1, description="keep only the dense top-k tokens (large vocabularies)"
-        )
-
-    @classmethod
-    def create(
-        cls,
-        model: nn.Module,
-        tokens: torch.Tensor,
-        params: Evaluator.Params,
-        *,
-        cache_path: Path | None = None,
-        progress: bool = True,
-    ) -> KLEvaluator:
-        assert isinstance(params, KLEvaluator.Params)
-        reference = compute_reference(
-            model,
-            tokens,
-            topk=params.topk,
-            batch_size=params.batch_size,
-            cache_path=cache_path,
-            progress=progress,
-        )
-        device = next(model.parameters()).device
-        return cls(tokens, reference.to(device), batch_size=params.batch_size)
+    Params = KLEvaluatorParams
 
     def __init__(
         self, tokens: torch.Tensor, reference: DenseReference, *, batch_size: int = 4
@@ -94,6 +81,22 @@ class KLEvaluator(Evaluator):
         if reference.probs.shape[:2] != tokens.shape:
             raise ValueError("reference does not match the evaluation tokens")
         self.reference = reference
+
+    @classmethod
+    def create(
+        cls, model: nn.Module, tokens: torch.Tensor, params: KLEvaluatorParams, *,
+        cache: ReferenceCache | None = None, progress: bool = True,
+    ) -> KLEvaluator:
+        reference = compute_reference(
+            model,
+            tokens,
+            topk=params.topk,
+            batch_size=params.batch_size,
+            cache_path=None if cache is None else cache.path(params.topk),
+            progress=progress,
+        )
+        device = next(model.parameters()).device
+        return cls(tokens, reference.to(device), batch_size=params.batch_size)
 
     def evaluate(self, model: nn.Module, budget_tokens: int | None = None) -> dict[str, float]:
         n = self.sequences_for(budget_tokens)
@@ -117,7 +120,7 @@ class KLEvaluator(Evaluator):
 
 
 @EVALUATORS.register("ppl")
-class PerplexityEvaluator(Evaluator):
+class PerplexityEvaluator(Evaluator[EvaluatorParams]):
     """Perplexity: exp of the mean next-token negative log-likelihood."""
 
     name = "ppl"

@@ -63,6 +63,21 @@ def reference_key(model_fingerprint: str, tokens_fingerprint: str, topk: int | N
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class ReferenceCache:
+    """Where dense outputs of one model on one token set are kept: a file per
+    variant (full distribution, or top-k) in ``root``, named by the fingerprints,
+    so any change of model or tokens computes them afresh."""
+
+    root: Path
+    model_fingerprint: str
+    tokens_fingerprint: str
+
+    def path(self, topk: int | None) -> Path:
+        key = reference_key(self.model_fingerprint, self.tokens_fingerprint, topk)
+        return self.root / f"{key}.safetensors"
+
+
 def compute_reference(
     model: nn.Module,
     tokens: torch.Tensor,

@@ -4,25 +4,27 @@ field and the allowed values, and ``--set key=value`` overrides."""
 from __future__ import annotations
 
 import difflib
+from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from evocomp.errors import EvocompError, choices
 from evocomp.evaluators import EVALUATORS
 from evocomp.evaluators.data import CORPORA, DataConfig
 from evocomp.evaluators.downstream import DownstreamParams
-from evocomp.registry import Registry
+from evocomp.registry import Registry, StrictModel
 from evocomp.search import OPTIMIZERS
 from evocomp.search.executor import EXECUTORS
 from evocomp.spaces import SPACES
@@ -32,46 +34,27 @@ from evocomp.supernet.models import ModelConfig
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 
 
-class Component(BaseModel):
-    """``{name: <registered name>, <that component's options>...}``.
+class ComponentSpec(BaseModel):
+    """A config section that names a registered component: ``{name: <registered
+    name>, <that component's options>...}``.
 
     The options are validated by the registered class's own ``Params`` model, so
-    a misspelled option is reported with the options that component accepts.
+    a misspelled option is reported with the options that component accepts. Which
+    registry a section draws from is part of its field's type (:func:`component`),
+    so one class serves compressors, spaces, evaluators, optimizers and executors.
     """
 
     model_config = ConfigDict(extra="allow")
-    registry: ClassVar[Registry[Any]]
-    default: ClassVar[str]
-    """The component a section without ``name`` means (as when the section is absent)."""
     name: str
-    _params: BaseModel = PrivateAttr()
+    _params: StrictModel = PrivateAttr()
 
-    @model_validator(mode="before")
     @classmethod
-    def _default_name(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "name" not in data:
-            return {"name": cls.default, **data}
-        return data
-
-    @model_validator(mode="after")
-    def _resolve(self) -> Component:
-        if self.name not in self.registry:
-            raise ValueError(
-                f"unknown {self.registry.kind} {self.name!r}; allowed: "
-                f"{choices(self.registry.names())}"
-            )
-        params_cls = self.registry.get(self.name).Params
-        try:
-            self._params = params_cls(**(self.model_extra or {}))
-        except ValidationError as err:
-            raise ValueError(
-                f"bad options for {self.registry.kind} {self.name!r}: "
-                + "; ".join(_format_error(e, params_cls) for e in err.errors())
-            ) from None
-        return self
+    def of(cls, registry: Registry[Any], data: dict[str, Any]) -> ComponentSpec:
+        """A spec of ``registry``'s component from ``{name, ...options}``."""
+        return _resolve(registry, cls.model_validate(data))
 
     @property
-    def params(self) -> BaseModel:
+    def params(self) -> StrictModel:
         return self._params
 
     def dump(self) -> dict[str, Any]:
@@ -79,49 +62,66 @@ class Component(BaseModel):
         return {"name": self.name, **self._params.model_dump(mode="json")}
 
 
-class CompressorSpec(Component):
-    registry = COMPRESSORS
-    default = "sparsegpt"
+def _resolve(registry: Registry[Any], spec: ComponentSpec) -> ComponentSpec:
+    if spec.name not in registry:
+        raise ValueError(
+            f"unknown {registry.kind} {spec.name!r}; allowed: {choices(registry.names())}"
+        )
+    params_cls = registry.get(spec.name).Params
+    try:
+        spec._params = params_cls(**(spec.model_extra or {}))
+    except ValidationError as err:
+        raise ValueError(
+            f"bad options for {registry.kind} {spec.name!r}: "
+            + "; ".join(_format_error(e, params_cls) for e in err.errors())
+        ) from None
+    return spec
 
 
-class SpaceSpec(Component):
-    registry = SPACES
-    default = "sparsity"
+def component(registry: Registry[Any], default: str) -> Any:
+    """The type of a config field naming a component of ``registry``; a section
+    without ``name`` (or no section) means ``default``."""
+
+    def named(data: Any) -> Any:
+        if isinstance(data, dict) and "name" not in data:
+            return {"name": default, **data}
+        return data
+
+    return Annotated[
+        ComponentSpec,
+        BeforeValidator(named),
+        AfterValidator(partial(_resolve, registry)),
+        Field(default_factory=lambda: ComponentSpec.of(registry, {"name": default})),
+    ]
 
 
-class OptimizerSpec(Component):
-    registry = OPTIMIZERS
-    default = "evopress"
+COMPONENTS: dict[str, tuple[Registry[Any], str]] = {
+    "compressor": (COMPRESSORS, "sparsegpt"),
+    "space": (SPACES, "sparsity"),
+    "evaluator": (EVALUATORS, "kl"),
+    "search": (OPTIMIZERS, "evopress"),
+    "executor": (EXECUTORS, "local"),
+}
+"""The config sections that name a registered component: registry and default name."""
 
 
-class EvaluatorSpec(Component):
-    registry = EVALUATORS
-    default = "kl"
-
-
-class ExecutorSpec(Component):
-    registry = EXECUTORS
-    default = "local"
-
-
-class UnitsConfig(BaseModel):
+class UnitsConfig(StrictModel):
     """Which linear layers are searched. Patterns match a module name or a dotted
     suffix of it (``down_proj``); ``re:`` patterns are regexes over the full name."""
 
-    model_config = ConfigDict(extra="forbid")
     targets: list[str] = Field(default_factory=list, description="empty: every block linear")
-    ignore: list[str] = Field(default_factory=list)
+    ignore: list[str] = Field(
+        default_factory=list, description="units to leave out, matched like targets"
+    )
 
 
-class DatabaseConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: str | None = Field(None, description="default: <cache>/databases/<key>")
+class DatabaseConfig(StrictModel):
+    path: str | None = Field(None, description="default: <cache>/databases/<compressor>-<key>")
     batch_size: int = Field(4, ge=1, description="calibration sequences per forward")
     cache_gb: float = Field(8.0, gt=0, description="variants kept in memory (LRU)")
 
 
-class StoreConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StoreConfig(StrictModel):
     storage: str = Field(
         "journal", description="journal | journal:PATH | sqlite | an SQLAlchemy URL"
     )
@@ -133,14 +133,13 @@ class StoreConfig(BaseModel):
     )
 
 
-class FinalEvalConfig(BaseModel):
+class FinalEvalConfig(StrictModel):
     """What ``search`` (at its end) and ``eval`` score: dense, the baseline and the
     searched genome (``front``: every Pareto-front candidate too) on held-out text
     of each corpus, and on lm-eval tasks when ``downstream`` is set."""
 
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    batch_size: int = Field(4, ge=1)
+    enabled: bool = Field(True, description="score held-out perplexity when a search ends")
+    batch_size: int = Field(4, ge=1, description="sequences per forward pass")
     corpora: list[str] = Field(
         default_factory=list, description="held-out corpora besides data.corpus (e.g. [books])"
     )
@@ -159,21 +158,20 @@ class FinalEvalConfig(BaseModel):
         return names
 
 
-class Config(BaseModel):
+class Config(StrictModel):
     """A whole experiment. Every section has defaults; see experiments/configs/."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: str = "evocomp"
-    seed: int = 0
+    name: str = Field("evocomp", description="the experiment; names the run dir and study")
+    seed: int = Field(0, description="seed of the search (every optimizer is deterministic)")
     run_dir: str | None = Field(None, description="default: runs/<name>")
     model: ModelConfig = Field(default_factory=ModelConfig)
     units: UnitsConfig = Field(default_factory=UnitsConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    compressor: CompressorSpec = Field(default_factory=CompressorSpec)
-    space: SpaceSpec = Field(default_factory=SpaceSpec)
-    evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
-    search: OptimizerSpec = Field(default_factory=OptimizerSpec)
-    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+    compressor: component(*COMPONENTS["compressor"])  # type: ignore[valid-type]
+    space: component(*COMPONENTS["space"])  # type: ignore[valid-type]
+    evaluator: component(*COMPONENTS["evaluator"])  # type: ignore[valid-type]
+    search: component(*COMPONENTS["search"])  # type: ignore[valid-type]
+    executor: component(*COMPONENTS["executor"])  # type: ignore[valid-type]
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     final_eval: FinalEvalConfig = Field(default_factory=FinalEvalConfig)
@@ -181,7 +179,7 @@ class Config(BaseModel):
     def dump(self) -> dict[str, Any]:
         """The fully resolved config, every default written out."""
         out = self.model_dump(mode="json")
-        for key in ("compressor", "space", "evaluator", "search", "executor"):
+        for key in COMPONENTS:
             out[key] = getattr(self, key).dump()
         return out
 

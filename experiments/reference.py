@@ -142,7 +142,8 @@ def _table(prefix: str, fields: dict[str, FieldInfo]) -> list[str]:
 def _description(path: str, field: FieldInfo) -> str:
     parts = []
     if field.description:
-        parts.append(_markdown(field.description))
+        # Attribute docstrings are sentences; the cell joins clauses with "; ".
+        parts.append(_markdown(" ".join(field.description.split()).rstrip(".")))
     allowed = _literal_values(field.annotation)
     if allowed is None and path == "data.corpus":
         from evocomp.evaluators.data import CORPORA

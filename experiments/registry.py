@@ -16,7 +16,7 @@ class StrictModel(BaseModel):
     """A config section or a component's options: unknown fields are refused, so a
     misspelled option is an error that names it instead of being ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 T = TypeVar("T")

@@ -25,11 +25,11 @@ from evocomp.errors import EvocompError, choices
 from evocomp.evaluators.base import EVALUATORS, Evaluator
 from evocomp.evaluators.data import TokenSplits, load_splits
 from evocomp.evaluators.metrics import PerplexityEvaluator
-from evocomp.evaluators.reference import reference_key
+from evocomp.evaluators.reference import ReferenceCache
 from evocomp.paths import cache_dir
 from evocomp.results import markdown_table, pareto_front
 from evocomp.search.base import OPTIMIZERS, Optimizer, Request
-from evocomp.search.executor import EXECUTORS, Executor
+from evocomp.search.executor import EXECUTORS, Evaluation, Executor
 from evocomp.search.store import (
     Claim,
     Job,
@@ -50,6 +50,7 @@ from evocomp.supernet.database import (
     open_database,
 )
 from evocomp.supernet.models import LoadedModel, load_model
+from evocomp.supernet.sublayers import span_importance
 from evocomp.supernet.swap import Swapper
 from evocomp.supernet.units import find_units
 
@@ -93,24 +94,13 @@ class Experiment:
                     f"not compressor.name={self.cfg.compressor.name!r}"
                 )
         space.check_movable()
-        self._check_nm(space)
+        self._check_variants(space)
         return space
 
-    def _check_nm(self, space: SearchSpace) -> None:
-        m = getattr(self.cfg.compressor.params, "nm_group", None)
-        if m is None:
-            return
+    def _check_variants(self, space: SearchSpace[Any]) -> None:
         variants = space.variants()
-        zeros = [  # composite keys are (zeros, bits)
-            (u, k if isinstance(k, int) else k[0])
-            for u in space.units
-            for k in variants.get(u.name, [])
-        ]
-        if any(z * m % u.numel for u, z in zeros):
-            raise EvocompError(
-                f"compressor.nm_group={m} needs space levels that are multiples of 1/{m} "
-                f"(set space.target and space.step to multiples of {1 / m:g})"
-            )
+        needs = [(u.numel, variants[u.name]) for u in space.units if u.name in variants]
+        COMPRESSORS.get(self.cfg.compressor.name).check_variants(self.cfg.compressor.params, needs)
 
     @cached_property
     def splits(self) -> TokenSplits:
@@ -162,20 +152,15 @@ class Experiment:
         return Swapper(self.model, self.space, self.database)
 
     @cached_property
-    def evaluator(self) -> Evaluator:
+    def evaluator(self) -> Evaluator[Any]:
         spec = self.cfg.evaluator
-        tokens = self.splits.search
-        key = reference_key(
+        cache = ReferenceCache(
+            cache_dir() / "references",
             self.loaded.fingerprint,
             self.splits.fingerprint("search"),
-            getattr(spec.params, "topk", None),
         )
         return EVALUATORS.get(spec.name).create(
-            self.model,
-            tokens,
-            spec.params,
-            cache_path=cache_dir() / "references" / f"{key}.safetensors",
-            progress=self.progress,
+            self.model, self.splits.search, spec.params, cache=cache, progress=self.progress
         )
 
     def evaluate(self, genome: Genome, tokens: int | None) -> tuple[dict[str, float], float]:
@@ -184,6 +169,16 @@ class Experiment:
         with self.swapper.apply(genome) as model:
             metrics = self.evaluator.evaluate(model, tokens)
         return metrics, time.perf_counter() - started
+
+    def evaluation(self) -> ExperimentEvaluation:
+        """This experiment's scoring as the picklable callable executors map: here
+        it uses this experiment; a Ray worker's copy builds its own from the config."""
+        return ExperimentEvaluation(self.cfg, exp=self)
+
+    def prepare(self, optimizer: Optimizer[Any]) -> None:
+        """:func:`prepare_optimizer` on this model and its calibration tokens."""
+        prepare_optimizer(optimizer, self.model, self.splits.calibration)
+
 
     @contextmanager
     def applied(
@@ -216,6 +211,45 @@ class Experiment:
                 out[name] = ev.evaluate(model)
             log.info("%s ppl %-9s %.3f", label, name, out[name]["ppl"])
         return out
+
+
+def prepare_optimizer(
+    optimizer: Optimizer[Any], model: torch.nn.Module, calibration: torch.Tensor
+) -> None:
+    """Measure on the dense ``model`` what ``optimizer`` asks for (its
+    :meth:`~evocomp.search.base.Optimizer.measurement`) and hand it over, so that
+    optimizers never hold a model."""
+    wanted = optimizer.measurement()
+    measured = None
+    if wanted is not None:
+        measured = span_importance(
+            model, calibration, wanted.spans, batch_size=wanted.batch_size
+        )
+    optimizer.prepare(measured)
+
+
+class ExperimentEvaluation(Evaluation):
+    """Scores genomes for one config: pickles as the config alone, and builds the
+    :class:`Experiment` (model, database, dense outputs) where it is first set up
+    or called."""
+
+    def __init__(self, cfg: Config, *, exp: Experiment | None = None) -> None:
+        self.cfg = cfg
+        self.device = cfg.model.device
+        self._exp = exp
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self.cfg, "device": self.device, "_exp": None}
+
+    def setup(self) -> None:
+        if self._exp is None:
+            self._exp = Experiment(self.cfg, progress=False)
+        _ = self._exp.database, self._exp.swapper, self._exp.evaluator
+
+    def __call__(self, genome: Genome, tokens: int | None) -> tuple[dict[str, float], float]:
+        self.setup()
+        assert self._exp is not None
+        return self._exp.evaluate(genome, tokens)
 
 
 # -- run directories ------------------------------------------------------------
@@ -391,7 +425,7 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
     # (and Ray actors find the database and reference logits ready).
     _ = exp.database, exp.swapper, exp.evaluator
     metric = type(exp.evaluator).metric
-    optimizer: Optimizer = OPTIMIZERS.get(cfg.search.name)(
+    optimizer: Optimizer[Any] = OPTIMIZERS.get(cfg.search.name)(
         space, cfg.search.params, seed=cfg.seed
     )
     if not optimizer.budgeted and not space.cost_is_size:
@@ -400,14 +434,14 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
             f"{cfg.space.name!r} counts removed sublayers, not size: use a joint space "
             "(e.g. depth with sparsity) or an optimizer with a budget"
         )
-    optimizer.prepare(exp.model, exp.splits.calibration)
+    exp.prepare(optimizer)
     # What a genome's genes are, so that analysis can rebuild the space without the model.
     _write_json(run.units, [dataclasses.asdict(u) for u in exp.units])
     store = open_store(exp, run)
     started = time.perf_counter()
     done, total = optimizer.progress
     bar = tqdm(total=total, initial=done, desc="search", unit="gen", disable=not exp.progress)
-    executor = EXECUTORS.get(cfg.executor.name)(exp, cfg.executor.params)
+    executor = EXECUTORS.get(cfg.executor.name)(exp.evaluation(), cfg.executor.params)
     evaluations = _Evaluations(exp, store, executor, budgeted=optimizer.budgeted)
     try:
         with store, executor:

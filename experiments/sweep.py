@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from evocomp.config import (
     BUILTIN_CONFIGS,
@@ -44,6 +44,7 @@ from evocomp.config import (
     resolve_yaml,
 )
 from evocomp.errors import EvocompError, choices
+from evocomp.registry import StrictModel
 from evocomp.results import markdown_table
 from evocomp.search.executor import forwarded_env, start_ray
 
@@ -58,19 +59,17 @@ SEARCH_METRICS = ("fitness", "cost", "budget", "evaluations", "new_evaluations",
 # -- the sweep file ----------------------------------------------------------------
 
 
-class Resources(BaseModel):
+class Resources(StrictModel):
     """What Ray reserves for one search (one trial)."""
 
-    model_config = ConfigDict(extra="forbid")
     cpu: float = Field(1, gt=0, description="CPUs per search; also its torch threads")
     gpu: float = Field(0, ge=0, description="GPUs per search (fractions share a GPU)")
 
 
-class OptunaParam(BaseModel):
+class OptunaParam(StrictModel):
     """One searched config key: a range ``{low, high, log?, type?}`` (``high``
     included) or ``{choices: [...]}``."""
 
-    model_config = ConfigDict(extra="forbid")
     low: float | None = None
     high: float | None = None
     log: bool = False
@@ -120,10 +119,9 @@ class OptunaParam(BaseModel):
         return (tune.loguniform if self.log else tune.uniform)(self.low, self.high)
 
 
-class OptunaSweep(BaseModel):
+class OptunaSweep(StrictModel):
     """An Optuna study (Ray Tune's ``OptunaSearch``, TPE) over config keys."""
 
-    model_config = ConfigDict(extra="forbid")
     trials: int = Field(ge=1, description="searches to run")
     metric: str = Field(
         "fitness",
@@ -143,10 +141,9 @@ class OptunaSweep(BaseModel):
         return self
 
 
-class SweepConfig(BaseModel):
+class SweepConfig(StrictModel):
     """A sweep file: many searches of one base config, as Ray Tune trials."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = Field(description="the sweep's name; default root runs/sweeps/<name>")
     base: str = Field("quickstart", description="config file or built-in config name")
     set: dict[str, Any] = Field(

@@ -7,17 +7,16 @@ from __future__ import annotations
 import math
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
-import torch
-from pydantic import BaseModel, ConfigDict
-from torch import nn
-
-from evocomp.registry import Registry
+from evocomp.registry import Registry, StrictModel
 from evocomp.spaces.base import Genome, SearchSpace
+from evocomp.spaces.units import Unit
+
+P = TypeVar("P", bound=StrictModel)
 
 
 @dataclass(frozen=True)
@@ -28,16 +27,40 @@ class Request:
     tokens: int
 
 
-class Optimizer(ABC):
+@dataclass(frozen=True)
+class Measurement:
+    """What an optimizer needs measured on the dense model before it starts: the
+    Block Influence (``1 - cos`` between the residual stream before and after,
+    ShortGPT's importance) of each span of sublayer units, on calibration tokens,
+    ``batch_size`` sequences per forward. Optimizers never hold a model; the
+    runner measures and hands the values to :meth:`Optimizer.prepare`."""
+
+    spans: tuple[tuple[Unit, ...], ...]
+    batch_size: int = 4
+
+
+class Optimizer(ABC, Generic[P]):
     """Ask/tell over genomes; lower fitness is better.
 
-    ``ask()`` returns the next batch of requests (empty when the search is
-    over); ``tell()`` takes one fitness per request of the last batch, in order.
+    When each hook is called:
+
+    * ``__init__(space, params, seed=...)``: once per run, and again on resume
+      (the optimizer is replayed from its seed).
+    * :meth:`measurement`, then :meth:`prepare`: once, before the first
+      :meth:`ask`; an optimizer that asks for a measurement gets one value per
+      span, the others get ``None``.
+    * :meth:`ask`: returns the next batch of requests (empty when the search is
+      over); :meth:`tell`: one fitness per request of the last batch, in order.
+    * :attr:`progress`, :attr:`best_genome`, :attr:`best_fitness`: read after
+      every :meth:`tell` for progress bars and ``best.json``.
+
     Given the same seed and the same fitness values an optimizer makes the same
     requests, which is what lets a killed search resume from its trial store.
     """
 
     name: ClassVar[str]
+    Params: ClassVar[type[StrictModel]] = StrictModel
+    """The options of this optimizer (``search:`` in a config)."""
     budgeted: bool = True
     """Whether every request keeps the space's budget (``is_feasible``). Multi-objective
     optimizers set False: they trade cost against quality, so their requests are only
@@ -45,20 +68,22 @@ class Optimizer(ABC):
     or instance attribute (``OptunaSearch`` decides per run, from its params): read it
     from the optimizer, not its class."""
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
+    def __init__(self, space: SearchSpace[Any], params: P, *, seed: int = 0) -> None:
         self.space = space
-        self.params = params
+        self.params: P = params
         self.rng = random.Random(seed)
         self.best_genome: Genome | None = None
         self.best_fitness = float("inf")
 
-    def prepare(self, model: nn.Module, calibration_tokens: torch.Tensor) -> None:
-        """Called once by the runner before the first ``ask()`` with the dense model
-        and the calibration tokens; optimizers that measure the model first
-        (``shortgpt``) override it. Must be deterministic (resume replays it)."""
+    def measurement(self) -> Measurement | None:
+        """What to measure on the dense model before the first :meth:`ask` (``None``:
+        nothing, as for most optimizers; ``shortgpt`` asks for span importance)."""
+        return None
+
+    def prepare(self, measured: Sequence[float] | None) -> None:
+        """Called once before the first :meth:`ask` with the values of
+        :meth:`measurement` (one per span; ``None`` when it asked for nothing).
+        Must be deterministic: a resumed search replays it."""
         return None  # most optimizers need nothing from the model
 
     @abstractmethod
@@ -73,11 +98,12 @@ class Optimizer(ABC):
         """(steps done, steps planned), for progress bars."""
 
 
-class GeneratorOptimizer(Optimizer):
+class GeneratorOptimizer(Optimizer[P]):
     """An optimizer written as a plain loop: ``run()`` yields batches of
-    requests and receives their fitness values."""
+    requests and receives their fitness values. The loop starts at the first
+    :meth:`ask`, so it sees what :meth:`prepare` received."""
 
-    def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
+    def __init__(self, space: SearchSpace[Any], params: P, *, seed: int = 0) -> None:
         super().__init__(space, params, seed=seed)
         self._loop = self.run()
         self._pending: list[Request] | None = None
@@ -137,7 +163,7 @@ def pareto_front(points: Iterable[tuple[T, float, int]]) -> list[tuple[T, float,
     return front
 
 
-def cost_spread(space: SearchSpace, rng: random.Random, n: int) -> list[Genome]:
+def cost_spread(space: SearchSpace[Any], rng: random.Random, n: int) -> list[Genome]:
     """Up to ``n`` distinct valid genomes spread over the whole cost range, budget
     aside: the uniform start, a cheapest and a dearest genome (walks of
     :meth:`~evocomp.spaces.base.SearchSpace.wander` long enough to cross the whole
@@ -161,4 +187,4 @@ def cost_spread(space: SearchSpace, rng: random.Random, n: int) -> list[Genome]:
     return list(out)[:n]
 
 
-OPTIMIZERS: Registry[type[Optimizer]] = Registry("optimizer")
+OPTIMIZERS: Registry[type[Optimizer[Any]]] = Registry("optimizer", Optimizer)

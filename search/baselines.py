@@ -11,20 +11,19 @@ evaluations land in the trial store like any search's:
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
+from typing import Any, TypeVar
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
+from pydantic import Field
 
 from evocomp.errors import EvocompError
-from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Optimizer, Request
+from evocomp.registry import StrictModel
+from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Measurement, Optimizer, Request
 from evocomp.spaces.base import Genome, SearchSpace
 from evocomp.spaces.depth import DepthSpace
-from evocomp.supernet.sublayers import span_importance
 
 
-def _depth_space(space: SearchSpace, optimizer: str) -> DepthSpace:
+def _depth_space(space: SearchSpace[Any], optimizer: str) -> DepthSpace:
     if not isinstance(space, DepthSpace):
         raise EvocompError(
             f"optimizer {optimizer!r} removes sublayers; it needs space.name: depth "
@@ -33,16 +32,21 @@ def _depth_space(space: SearchSpace, optimizer: str) -> DepthSpace:
     return space
 
 
-class OneShot(Optimizer):
+class OneShotParams(StrictModel):
+    """Options of :class:`OneShot`."""
+
+    tokens: int = Field(2048, gt=0, description="evaluation tokens for the genome")
+
+
+P = TypeVar("P", bound=OneShotParams)
+
+
+class OneShot(Optimizer[P]):
     """An optimizer that asks for a single genome once, at ``tokens``, then stops."""
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        tokens: int = Field(2048, gt=0, description="evaluation tokens for the genome")
+    Params = OneShotParams
 
-    params: Params
-
-    def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
+    def __init__(self, space: SearchSpace[Any], params: P, *, seed: int = 0) -> None:
         super().__init__(space, params, seed=seed)
         self._done = False
 
@@ -67,7 +71,7 @@ class OneShot(Optimizer):
 
 
 @OPTIMIZERS.register("drop-last")
-class DropLast(OneShot):
+class DropLast(OneShot[OneShotParams]):
     """Evaluates the space's baseline ``uniform()`` genome: for a depth space, the
     last ``remove`` sublayers removed (for other spaces, uniform compression)."""
 
@@ -77,39 +81,47 @@ class DropLast(OneShot):
         return self.space.uniform()
 
 
+class ShortGPTParams(OneShotParams):
+    """Options of :class:`ShortGPT`."""
+
+    batch_size: int = Field(4, ge=1, description="calibration sequences per forward")
+
+
 @OPTIMIZERS.register("shortgpt")
-class ShortGPT(OneShot):
+class ShortGPT(OneShot[ShortGPTParams]):
     """Removes the least important groups (sublayers, blocks or block pairs) by
     ``1 - cos`` between the residual stream before and after each group, measured
-    once on calibration tokens in :meth:`prepare`. Groups are taken in order of
+    once on calibration tokens by the runner (:meth:`measurement`) and handed to
+    :meth:`prepare`. Groups are taken in order of
     importance, skipping any that would break the exact budget or a per-kind quota.
     """
 
     name = "shortgpt"
 
-    class Params(OneShot.Params):
-        batch_size: int = Field(4, ge=1, description="calibration sequences per forward")
+    Params = ShortGPTParams
 
-    params: Params
-
-    def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
+    def __init__(self, space: SearchSpace[Any], params: ShortGPTParams, *, seed: int = 0) -> None:
         super().__init__(space, params, seed=seed)
         self.depth = _depth_space(space, self.name)
         self.importance: list[float] | None = None  # one score per space group
         self._genome: Genome | None = None
 
-    def prepare(self, model: nn.Module, calibration_tokens: torch.Tensor) -> None:
-        """Measure each group's importance on ``calibration_tokens`` (``[n, length]``)."""
-        spans = [[self.depth.units[i] for i in grp] for grp in self.depth.groups]
-        self.importance = span_importance(
-            model, calibration_tokens, spans, batch_size=self.params.batch_size
-        )
+    def measurement(self) -> Measurement:
+        """The importance of each of the depth space's groups (one span each)."""
+        spans = tuple(tuple(self.depth.units[i] for i in grp) for grp in self.depth.groups)
+        return Measurement(spans, batch_size=self.params.batch_size)
+
+    def prepare(self, measured: Sequence[float] | None) -> None:
+        """Take each group's importance, measured on calibration tokens."""
+        if measured is None or len(measured) != len(self.depth.groups):
+            raise ValueError(f"shortgpt needs one importance per group ({len(self.depth.groups)})")
+        self.importance = list(measured)
         self._genome = None
 
     def genome(self) -> Genome:
         if self._genome is None:
             if self.importance is None:
-                raise RuntimeError("shortgpt needs prepare(model, calibration_tokens) first")
+                raise RuntimeError("shortgpt needs prepare(importance) first")
             scores = self.importance
             g = self.depth.dense()
             for k in sorted(range(len(scores)), key=lambda k: (scores[k], k)):
@@ -122,8 +134,14 @@ class ShortGPT(OneShot):
         return self._genome
 
 
+class SLEBParams(StrictModel):
+    """Options of :class:`SLEB`."""
+
+    tokens: int = Field(2048, gt=0, description="evaluation tokens per candidate")
+
+
 @OPTIMIZERS.register("sleb")
-class SLEB(GeneratorOptimizer):
+class SLEB(GeneratorOptimizer[SLEBParams]):
     """Greedy removal: starting from the dense model, each step asks for every genome
     with one more kept group removed (at ``tokens``) and keeps the best, until
     ``remove`` sublayers are gone. Intermediate genomes remove fewer than the
@@ -132,13 +150,9 @@ class SLEB(GeneratorOptimizer):
 
     name = "sleb"
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        tokens: int = Field(2048, gt=0, description="evaluation tokens per candidate")
+    Params = SLEBParams
 
-    params: Params
-
-    def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
+    def __init__(self, space: SearchSpace[Any], params: SLEBParams, *, seed: int = 0) -> None:
         # Set before super().__init__, which already starts run().
         self.depth = _depth_space(space, self.name)
         self._removed = 0

@@ -66,8 +66,9 @@ from typing import Any, Literal
 import optuna
 from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, Trial
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from evocomp.registry import StrictModel
 from evocomp.search.base import (
     OPTIMIZERS,
     GeneratorOptimizer,
@@ -99,8 +100,35 @@ def _constraint_attrs(value: float) -> dict[str, Any]:
     return {f"constraints:{_CONSTRAINT}": value} if _SET_CONSTRAINT else {"constraints": (value,)}
 
 
+class OptunaSearchParams(StrictModel):
+    """Options of :class:`OptunaSearch`."""
+
+    sampler: Literal["tpe", "gp", "nsga2", "random"] = Field(
+        "tpe",
+        description="tpe (TPESampler), gp (GPSampler, small spaces), nsga2 "
+        "(NSGAIISampler), random",
+    )
+    objectives: Literal["quality", "quality+cost"] = Field(
+        "quality",
+        description="quality: best fitness within the budget; quality+cost: the "
+        "fitness-cost front, no budget (requests are valid, not feasible)",
+    )
+    trials: int = Field(128, ge=1, description="evaluations (distinct genomes)")
+    tokens: int = Field(2048, gt=0, description="evaluation tokens per genome")
+    batch: int = Field(8, ge=1, description="trials asked before any is told")
+    startup: int = Field(
+        16,
+        ge=0,
+        description="trials before the model (n_startup): random, or with "
+        "quality+cost genomes spread over the cost range",
+    )
+    population: int = Field(
+        50, ge=2, description="nsga2: trials per generation (population_size)"
+    )
+
+
 @OPTIMIZERS.register("optuna")
-class OptunaSearch(GeneratorOptimizer):
+class OptunaSearch(GeneratorOptimizer[OptunaSearchParams]):
     """An Optuna sampler (``tpe``, ``gp``, ``nsga2`` or ``random``) over the genes'
     levels. With ``objectives: quality`` proposals are repaired onto the budget and
     the sampler learns the budget as a constraint; with ``quality+cost`` they are
@@ -109,34 +137,11 @@ class OptunaSearch(GeneratorOptimizer):
 
     name = "optuna"
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        sampler: Literal["tpe", "gp", "nsga2", "random"] = Field(
-            "tpe",
-            description="tpe (TPESampler), gp (GPSampler, small spaces), nsga2 "
-            "(NSGAIISampler), random",
-        )
-        objectives: Literal["quality", "quality+cost"] = Field(
-            "quality",
-            description="quality: best fitness within the budget; quality+cost: the "
-            "fitness-cost front, no budget (requests are valid, not feasible)",
-        )
-        trials: int = Field(128, ge=1, description="evaluations (distinct genomes)")
-        tokens: int = Field(2048, gt=0, description="evaluation tokens per genome")
-        batch: int = Field(8, ge=1, description="trials asked before any is told")
-        startup: int = Field(
-            16,
-            ge=0,
-            description="trials before the model (n_startup): random, or with "
-            "quality+cost genomes spread over the cost range",
-        )
-        population: int = Field(
-            50, ge=2, description="nsga2: trials per generation (population_size)"
-        )
+    Params = OptunaSearchParams
 
-    params: Params
-
-    def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
+    def __init__(
+        self, space: SearchSpace[Any], params: OptunaSearchParams, *, seed: int = 0
+    ) -> None:
         super().__init__(space, params, seed=seed)
         # Per run, not per class: the runner reads it from the optimizer.
         self.budgeted = self.params.objectives == "quality"

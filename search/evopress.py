@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
+from typing import Any
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
+from pydantic import Field, field_validator, model_validator
 
 from evocomp.errors import choices
-from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Request
+from evocomp.registry import StrictModel
+from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Measurement, Request
 from evocomp.search.baselines import OneShot
 from evocomp.spaces.base import Genome, SearchSpace
 
@@ -19,16 +19,58 @@ def _one_shot_names() -> list[str]:
     return [n for n in OPTIMIZERS.names() if issubclass(OPTIMIZERS.get(n), OneShot)]
 
 
-class Stage(BaseModel):
+class Stage(StrictModel):
     """One selection step: score the pool on ``tokens`` tokens, keep the best ``keep``."""
 
-    model_config = ConfigDict(extra="forbid")
     tokens: int = Field(gt=0)
     keep: int = Field(gt=0)
 
 
+class EvoPressParams(StrictModel):
+    """Options of :class:`EvoPress`."""
+
+    generations: int = Field(50, ge=0, description="generations after the start")
+    offspring: int = Field(16, ge=1, description="children of the parent per generation")
+    max_switches: int = Field(3, ge=1, description="level switches per child, 1..this")
+    init_samples: int = Field(
+        0, ge=0, description="start from the best of uniform + N random feasible genomes"
+    )
+    start_from: list[str] = Field(
+        default_factory=list,
+        description="one-shot baselines whose genomes also compete for the start "
+        "(e.g. [shortgpt] for depth)",
+    )
+    stages: list[Stage] = Field(
+        default_factory=lambda: [Stage(tokens=1024, keep=4), Stage(tokens=4096, keep=1)],
+        description="selection steps [{tokens, keep}]: token budgets grow, keep shrinks to 1",
+    )
+
+    @field_validator("start_from")
+    @classmethod
+    def _one_shot(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in _one_shot_names():
+                raise ValueError(
+                    f"start_from: {name!r} is not a one-shot baseline; "
+                    f"choose {choices(_one_shot_names())}"
+                )
+        return names
+
+    @model_validator(mode="after")
+    def _stages_sieve(self) -> EvoPressParams:
+        if not self.stages:
+            raise ValueError("stages must list at least one {tokens, keep} step")
+        keeps = [s.keep for s in self.stages]
+        if keeps[-1] != 1 or any(a < b for a, b in zip(keeps, keeps[1:], strict=False)):
+            raise ValueError(f"stage keep counts must shrink to 1, got {keeps}")
+        tokens = [s.tokens for s in self.stages]
+        if tokens != sorted(tokens):
+            raise ValueError(f"stage token budgets must grow, got {tokens}")
+        return self
+
+
 @OPTIMIZERS.register("evopress")
-class EvoPress(GeneratorOptimizer):
+class EvoPress(GeneratorOptimizer[EvoPressParams]):
     """Each generation mutates the parent into ``offspring`` children (each with
     1..``max_switches`` level switches), then sieves parent + children through
     the stages: cheap, few-token stages discard most children, the last stage
@@ -37,47 +79,7 @@ class EvoPress(GeneratorOptimizer):
 
     name = "evopress"
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        generations: int = Field(50, ge=0)
-        offspring: int = Field(16, ge=1)
-        max_switches: int = Field(3, ge=1)
-        init_samples: int = Field(
-            0, ge=0, description="start from the best of uniform + N random feasible genomes"
-        )
-        start_from: list[str] = Field(
-            default_factory=list,
-            description="one-shot baselines whose genomes also compete for the start "
-            "(e.g. [shortgpt] for depth)",
-        )
-        stages: list[Stage] = Field(
-            default_factory=lambda: [Stage(tokens=1024, keep=4), Stage(tokens=4096, keep=1)]
-        )
-
-        @field_validator("start_from")
-        @classmethod
-        def _one_shot(cls, names: list[str]) -> list[str]:
-            for name in names:
-                if name not in _one_shot_names():
-                    raise ValueError(
-                        f"start_from: {name!r} is not a one-shot baseline; "
-                        f"choose {choices(_one_shot_names())}"
-                    )
-            return names
-
-        @model_validator(mode="after")
-        def _stages_sieve(self) -> EvoPress.Params:
-            if not self.stages:
-                raise ValueError("stages must list at least one {tokens, keep} step")
-            keeps = [s.keep for s in self.stages]
-            if keeps[-1] != 1 or any(a < b for a, b in zip(keeps, keeps[1:], strict=False)):
-                raise ValueError(f"stage keep counts must shrink to 1, got {keeps}")
-            tokens = [s.tokens for s in self.stages]
-            if tokens != sorted(tokens):
-                raise ValueError(f"stage token budgets must grow, got {tokens}")
-            return self
-
-    params: Params
+    Params = EvoPressParams
 
     @property
     def generation(self) -> int:
@@ -87,26 +89,42 @@ class EvoPress(GeneratorOptimizer):
     def progress(self) -> tuple[int, int]:
         return self.generation, self.params.generations
 
-    def __init__(self, space: SearchSpace, params: BaseModel, *, seed: int = 0) -> None:
+    def __init__(self, space: SearchSpace[Any], params: EvoPressParams, *, seed: int = 0) -> None:
         super().__init__(space, params, seed=seed)
+        self._baselines: list[OneShot[Any]] = []
+        for name in params.start_from:
+            cls = OPTIMIZERS.get(name)
+            assert issubclass(cls, OneShot)  # the params validator let only these in
+            self._baselines.append(cls(space, cls.Params(), seed=0))
         self._seeded: list[Genome] | None = None  # the start_from genomes, once prepared
         self._generation = 0
 
-    def prepare(self, model: nn.Module, calibration_tokens: torch.Tensor) -> None:
-        """Compute the ``start_from`` baselines' genomes (ShortGPT measures the model)."""
+    def measurement(self) -> Measurement | None:
+        """What the ``start_from`` baselines need measured (ShortGPT: importance),
+        their spans one after another."""
+        wanted = [m for b in self._baselines if (m := b.measurement()) is not None]
+        if not wanted:
+            return None
+        spans = tuple(span for m in wanted for span in m.spans)
+        return Measurement(spans, batch_size=wanted[0].batch_size)
+
+    def prepare(self, measured: Sequence[float] | None) -> None:
+        """Compute the ``start_from`` baselines' genomes, each from its share of
+        ``measured``."""
+        values = list(measured or [])
         self._seeded = []
-        for name in self.params.start_from:
-            cls = OPTIMIZERS.get(name)
-            baseline = cls(self.space, cls.Params(), seed=0)
-            baseline.prepare(model, calibration_tokens)
-            assert isinstance(baseline, OneShot)
+        for baseline in self._baselines:
+            m = baseline.measurement()
+            n = 0 if m is None else len(m.spans)
+            baseline.prepare(values[:n] if m is not None else None)
+            values = values[n:]
             self._seeded.append(baseline.genome())
 
     def run(self) -> Generator[list[Request], list[float], None]:
         p = self.params
         final = p.stages[-1].tokens
         if p.start_from and self._seeded is None:
-            raise RuntimeError("start_from needs prepare(model, calibration_tokens) first")
+            raise RuntimeError("start_from needs prepare() first")
         seeded = [g for g in self._seeded or [] if g != self.space.uniform()]
         starts = [self.space.uniform(), *dict.fromkeys(seeded)] + [
             self.space.random(self.rng) for _ in range(p.init_samples)

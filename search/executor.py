@@ -1,8 +1,11 @@
 """Executors: WHERE candidates are evaluated, in this process or on a pool of Ray actors.
 
-An executor takes a batch of :class:`~evocomp.search.base.Request` jobs and yields
-each one's metrics as soon as it is known, in any order, so the caller can record
-results while the rest are still running.
+An executor maps an :class:`Evaluation` (a picklable callable that scores one
+genome at a token budget) over a batch of :class:`~evocomp.search.base.Request`
+jobs and yields each one's metrics as soon as it is known, in any order, so the
+caller can record results while the rest are still running. Like Optuna's
+``Study.optimize(func)``, an executor never learns how a genome is evaluated:
+the application hands it the callable.
 """
 
 from __future__ import annotations
@@ -14,18 +17,14 @@ import os
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from evocomp.errors import EvocompError
-from evocomp.registry import Registry
+from evocomp.registry import Registry, StrictModel
 from evocomp.search.base import Request
 from evocomp.spaces.base import Genome
-
-if TYPE_CHECKING:
-    from evocomp.config import Config
-    from evocomp.runner import Experiment
 
 log = logging.getLogger("evocomp")
 
@@ -33,8 +32,37 @@ Result = tuple[int, dict[str, float], float]
 """``(index into the jobs, metrics, seconds the evaluation took)``."""
 
 
-class Executor(ABC):
-    """Evaluates batches of jobs for one experiment.
+class Evaluation(ABC):
+    """Scores one genome on the first ``tokens`` evaluation tokens: the callable
+    executors map over requests.
+
+    It must pickle cheaply (a config, not a model): a Ray worker unpickles its own
+    copy, calls :meth:`setup` once, then calls it for each job it is given. The
+    caller's own copy may hold what it has built already.
+    """
+
+    device: str = "cpu"
+    """The device the evaluating model lives on (executors check their resources)."""
+
+    def setup(self) -> None:  # noqa: B027 - optional hook
+        """Build what evaluating needs in this process (model, database, dense
+        outputs), so that failures show before the first job; idempotent."""
+
+    @abstractmethod
+    def __call__(self, genome: Genome, tokens: int | None) -> tuple[dict[str, float], float]:
+        """``(metrics, seconds the evaluation took)`` of ``genome`` at ``tokens``
+        (``None``: every evaluation token)."""
+
+
+class ExecutorParams(StrictModel):
+    """Options of :class:`Executor`."""
+
+
+P = TypeVar("P", bound=ExecutorParams)
+
+
+class Executor(ABC, Generic[P]):
+    """Maps an :class:`Evaluation` over batches of jobs.
 
     ``map(jobs)`` evaluates every job exactly once and yields
     ``(index, metrics, seconds)`` as each finishes, in any order. Use an executor
@@ -42,13 +70,11 @@ class Executor(ABC):
     """
 
     name: ClassVar[str]
+    Params: ClassVar[type[ExecutorParams]] = ExecutorParams
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    def __init__(self, exp: Experiment, params: BaseModel) -> None:
-        self.exp = exp
-        self.params = params
+    def __init__(self, evaluation: Evaluation, params: P) -> None:
+        self.evaluation = evaluation
+        self.params: P = params
 
     @property
     def workers(self) -> int:
@@ -64,25 +90,25 @@ class Executor(ABC):
         """Release workers and connections; safe to call more than once."""
         return None  # nothing to release in process
 
-    def __enter__(self) -> Executor:
+    def __enter__(self) -> Executor[P]:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-EXECUTORS: Registry[type[Executor]] = Registry("executor")
+EXECUTORS: Registry[type[Executor[Any]]] = Registry("executor", Executor)
 
 
 @EXECUTORS.register("local")
-class LocalExecutor(Executor):
-    """Evaluates jobs one after another in this process, on the experiment's model."""
+class LocalExecutor(Executor[ExecutorParams]):
+    """Evaluates jobs one after another in this process."""
 
     name = "local"
 
     def map(self, jobs: Sequence[Request]) -> Iterator[Result]:
         for index, job in enumerate(jobs):
-            metrics, seconds = self.exp.evaluate(job.genome, job.tokens)
+            metrics, seconds = self.evaluation(job.genome, job.tokens)
             yield index, metrics, seconds
 
 
@@ -132,17 +158,38 @@ def start_ray(address: str | None, *, who: str, num_cpus: int | None = None) -> 
     return True
 
 
+class RayExecutorParams(ExecutorParams):
+    """Options of :class:`RayExecutor`."""
+
+    num_workers: int = Field(2, ge=1, description="Ray actors, each with a model replica")
+    gpus_per_worker: float = Field(
+        0, ge=0, description="GPUs per actor (fractions share a GPU); 0: CPU only"
+    )
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves per actor")
+    threads_per_worker: int = Field(
+        1,
+        ge=1,
+        description="torch threads per actor; with several actors per machine, "
+        "threads x workers <= cores avoids thread contention",
+    )
+    address: str | None = Field(
+        None,
+        description="null: start a local Ray sized for the workers; "
+        "'auto' or 'ray://host:port': join an existing cluster",
+    )
+
+
 @EXECUTORS.register("ray")
-class RayExecutor(Executor):
+class RayExecutor(Executor[RayExecutorParams]):
     """Evaluates jobs on a pool of long-lived Ray actors, one job per actor at a time.
 
-    Each actor builds its own :class:`~evocomp.runner.Experiment` from the config: a
-    model replica, the memory-mapped variant database and the cached dense reference
-    outputs, on its own device (with ``gpus_per_worker > 0`` Ray sets
-    ``CUDA_VISIBLE_DEVICES``, so ``model.device: cuda`` is the actor's GPU). The
-    driver builds the database and the reference cache before the actors start
-    (this constructor makes sure of it), so actors only open them and two actors
-    never build the same files.
+    Each actor unpickles its own copy of the :class:`Evaluation` and sets it up
+    (for an experiment: a model replica, the memory-mapped variant database and the
+    cached dense reference outputs) on its own device (with ``gpus_per_worker > 0``
+    Ray sets ``CUDA_VISIBLE_DEVICES``, so ``model.device: cuda`` is the actor's
+    GPU). The driver sets the evaluation up first (this constructor makes sure of
+    it), so actors only open what it built and two actors never build the same
+    files.
 
     Actors get the driver's ``EVOCOMP_*`` and Hugging Face cache variables (see
     :func:`forwarded_env`) and its working directory when it exists on their
@@ -162,28 +209,10 @@ class RayExecutor(Executor):
 
     name = "ray"
 
-    class Params(Executor.Params):
-        num_workers: int = Field(2, ge=1, description="Ray actors, each with a model replica")
-        gpus_per_worker: float = Field(
-            0, ge=0, description="GPUs per actor (fractions share a GPU); 0: CPU only"
-        )
-        cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves per actor")
-        threads_per_worker: int = Field(
-            1,
-            ge=1,
-            description="torch threads per actor; with several actors per machine, "
-            "threads x workers <= cores avoids thread contention",
-        )
-        address: str | None = Field(
-            None,
-            description="null: start a local Ray sized for the workers; "
-            "'auto' or 'ray://host:port': join an existing cluster",
-        )
+    Params = RayExecutorParams
 
-    def __init__(self, exp: Experiment, params: BaseModel) -> None:
-        super().__init__(exp, params)
-        assert isinstance(params, RayExecutor.Params)
-        self.params: RayExecutor.Params = params
+    def __init__(self, evaluation: Evaluation, params: RayExecutorParams) -> None:
+        super().__init__(evaluation, params)
         try:
             import ray
         except ImportError:
@@ -191,9 +220,9 @@ class RayExecutor(Executor):
         self._ray = ray
         self._started = False
         self._actors: list[Any] = []
-        _check_device(exp.cfg.model.device, params)
+        _check_device(evaluation.device, params)
         # Built (or opened) here first, so that actors never build them concurrently.
-        _ = exp.database, exp.evaluator
+        evaluation.setup()
         try:
             self._connect()
             self._spawn()
@@ -235,7 +264,7 @@ class RayExecutor(Executor):
             options["runtime_env"] = {"env_vars": env}
         actor_cls = ray.remote(_Worker).options(**options)
         self._actors = [
-            actor_cls.remote(self.exp.cfg, p.threads_per_worker, os.getcwd())
+            actor_cls.remote(self.evaluation, p.threads_per_worker, os.getcwd())
             for _ in range(p.num_workers)
         ]
         # Wait for every replica here, so that loading models is not counted as the
@@ -305,7 +334,7 @@ class RayExecutor(Executor):
         self._started = False
 
 
-def _check_device(device: str, params: RayExecutor.Params) -> None:
+def _check_device(device: str, params: RayExecutorParams) -> None:
     if device.startswith("cuda") and params.gpus_per_worker == 0:
         raise EvocompError(
             f"model.device is {device!r} but executor.gpus_per_worker is 0: give each Ray "
@@ -319,21 +348,19 @@ def _check_device(device: str, params: RayExecutor.Params) -> None:
 
 
 class _Worker:
-    """One Ray actor: a model replica with the experiment's database and evaluator."""
+    """One Ray actor: its own copy of the evaluation (e.g. a model replica)."""
 
-    def __init__(self, cfg: Config, threads: int, cwd: str) -> None:
+    def __init__(self, evaluation: Evaluation, threads: int, cwd: str) -> None:
         self.error: BaseException | None = None
         self.evaluations = 0
+        self.evaluation = evaluation
         try:
             if os.path.isdir(cwd):  # relative paths in the config mean the driver's
                 os.chdir(cwd)
             import torch
 
             torch.set_num_threads(threads)
-            from evocomp.runner import Experiment
-
-            self.exp = Experiment(cfg, progress=False)
-            _ = self.exp.database, self.exp.swapper, self.exp.evaluator
+            evaluation.setup()
         except Exception as err:
             # Raised from ready() instead: an exception in an actor's constructor
             # reaches the driver as an ActorDiedError that has lost its type.
@@ -346,7 +373,7 @@ class _Worker:
 
     def evaluate(self, genome: Genome, tokens: int | None) -> tuple[dict[str, float], float]:
         self.evaluations += 1
-        return self.exp.evaluate(genome, tokens)
+        return self.evaluation(genome, tokens)
 
     def count(self) -> int:
         """Evaluations done so far (for tests)."""

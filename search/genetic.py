@@ -56,11 +56,12 @@ from abc import abstractmethod
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from deap import base, tools
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from evocomp.registry import StrictModel
 from evocomp.search.base import (
     OPTIMIZERS,
     GeneratorOptimizer,
@@ -69,7 +70,7 @@ from evocomp.search.base import (
     cost_spread,
     pareto_front,
 )
-from evocomp.spaces.base import Genome
+from evocomp.spaces.base import Genome, SearchSpace
 
 _REDRAWS = 20
 """Draws per wanted child (and per wanted initial genome) before giving up on
@@ -101,15 +102,16 @@ def _deap_random(rng: random.Random) -> Iterator[None]:
         random.setstate(saved)
 
 
-class _Evolution(GeneratorOptimizer):
+V = TypeVar("V", bound="_VariationParams")
+
+
+class _Evolution(GeneratorOptimizer[V]):
     """What the GA and NSGA-II share: the archive of evaluated genomes, DEAP's
     crossovers, varOr children, redraws of known genomes, and batch evaluation.
     Subclasses choose parents (:meth:`_select`), fix crossover children
     (:meth:`_fix`) and mutate (:meth:`_mutant`)."""
 
-    params: _VariationParams
-
-    def __init__(self, space: Any, params: BaseModel, *, seed: int = 0) -> None:
+    def __init__(self, space: SearchSpace[Any], params: V, *, seed: int = 0) -> None:
         super().__init__(space, params, seed=seed)
         self._fitness: dict[Genome, float] = {}
         self._generation = 0
@@ -179,10 +181,9 @@ class _Evolution(GeneratorOptimizer):
             self.consider(g, score)
 
 
-class _VariationParams(BaseModel):
+class _VariationParams(StrictModel):
     """The options the GA and NSGA-II share."""
 
-    model_config = ConfigDict(extra="forbid")
     population: int = Field(16, ge=2, description="μ: genomes that survive each generation")
     offspring: int = Field(16, ge=1, description="λ: children per generation")
     generations: int = Field(30, ge=0, description="generations after the first population")
@@ -207,8 +208,14 @@ class _VariationParams(BaseModel):
         return self
 
 
+class GeneticAlgorithmParams(_VariationParams):
+    """Options of :class:`GeneticAlgorithm`."""
+
+    tournament: int = Field(3, ge=1, description="parents are the best of this many")
+
+
 @OPTIMIZERS.register("ga")
-class GeneticAlgorithm(_Evolution):
+class GeneticAlgorithm(_Evolution[GeneticAlgorithmParams]):
     """(μ+λ) evolution: a population of ``population`` genomes (the uniform start
     plus random feasible ones) makes ``offspring`` children per generation by
     crossover + repair or by level-switch mutation; the best ``population`` of
@@ -216,10 +223,7 @@ class GeneticAlgorithm(_Evolution):
 
     name = "ga"
 
-    class Params(_VariationParams):
-        tournament: int = Field(3, ge=1, description="parents are the best of this many")
-
-    params: Params
+    Params = GeneticAlgorithmParams
 
     def _select(self, population: list[_Individual], k: int) -> list[_Individual]:
         return tools.selTournament(population, k, self.params.tournament, fit_attr="score")
@@ -260,8 +264,17 @@ class _Ranked(_Individual):
         self.fitness = _Objectives((fitness, float(cost)))
 
 
+class NSGA2Params(_VariationParams):
+    """Options of :class:`NSGA2`."""
+
+    population: int = Field(
+        24, ge=4, description="μ: genomes that survive each generation (fronts, crowding)"
+    )
+    offspring: int = Field(24, ge=1, description="λ: children per generation")
+
+
 @OPTIMIZERS.register("nsga2")
-class NSGA2(_Evolution):
+class NSGA2(_Evolution[NSGA2Params]):
     """NSGA-II over quality and cost, no budget: the first population is spread
     over the whole cost range, children come from crossovers made valid or from
     unconstrained random walks (:meth:`~evocomp.spaces.base.SearchSpace.wander`),
@@ -272,15 +285,9 @@ class NSGA2(_Evolution):
     name = "nsga2"
     budgeted = False
 
-    class Params(_VariationParams):
-        population: int = Field(
-            24, ge=4, description="μ: genomes that survive each generation (fronts, crowding)"
-        )
-        offspring: int = Field(24, ge=1, description="λ: children per generation")
+    Params = NSGA2Params
 
-    params: Params
-
-    def __init__(self, space: Any, params: BaseModel, *, seed: int = 0) -> None:
+    def __init__(self, space: SearchSpace[Any], params: NSGA2Params, *, seed: int = 0) -> None:
         super().__init__(space, params, seed=seed)
         self._costs: dict[Genome, int] = {}
 

@@ -4,35 +4,45 @@
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from evocomp.registry import StrictModel
 from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Request
+from evocomp.spaces.base import SearchSpace
+
+
+class RandomSearchParams(StrictModel):
+    """Options of :class:`RandomSearch`."""
+
+    samples: int = Field(64, ge=1, description="random feasible genomes scored")
+    tokens: int = Field(2048, gt=0, description="evaluation tokens per genome")
+    batch: int = Field(8, ge=1, description="genomes per ask")
 
 
 @OPTIMIZERS.register("random")
-class RandomSearch(GeneratorOptimizer):
+class RandomSearch(GeneratorOptimizer[RandomSearchParams]):
     """Scores ``samples`` random feasible genomes (random walks of level
     switches from the space's start, so each sits on the budget) at ``tokens``
     tokens, ``batch`` at a time, and keeps the best."""
 
     name = "random"
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        samples: int = Field(64, ge=1)
-        tokens: int = Field(2048, gt=0)
-        batch: int = Field(8, ge=1, description="genomes per ask")
+    Params = RandomSearchParams
 
-    params: Params
+    def __init__(
+        self, space: SearchSpace[Any], params: RandomSearchParams, *, seed: int = 0
+    ) -> None:
+        super().__init__(space, params, seed=seed)
+        self._done = 0
 
     @property
     def progress(self) -> tuple[int, int]:
-        return getattr(self, "_done", 0), self.params.samples
+        return self._done, self.params.samples
 
     def run(self) -> Generator[list[Request], list[float], None]:
         p = self.params
-        self._done = 0
         while self._done < p.samples:
             n = min(p.batch, p.samples - self._done)
             genomes = [self.space.random(self.rng) for _ in range(n)]

@@ -340,7 +340,7 @@ class TrialStore:
             if not pending:
                 break
             held = self._claims()
-            alive = self._alive()
+            alive = self._last_seen(held)
             orphaned = []
             for key in pending:
                 claims = held.get(key, [])
@@ -392,16 +392,26 @@ class TrialStore:
         attrs = self.storage.get_study_system_attrs(self.study_id)
         return {k[len(_ALIVE):]: float(v) for k, v in attrs.items() if k.startswith(_ALIVE)}
 
+    def _last_seen(self, held: dict[Key, list[_Held]]) -> dict[str, float]:
+        """When each worker holding claims was last known alive: its heartbeat, or,
+        for one that never beat, its latest claim (a worker is alive when it claims,
+        so all its claims go stale together)."""
+        seen = self._alive()
+        claimed: dict[str, float] = {}
+        for claims in held.values():
+            for _, _, trial in claims:
+                worker = trial.user_attrs.get("worker", "")
+                start = trial.datetime_start
+                if worker not in seen and start is not None:
+                    claimed[worker] = max(claimed.get(worker, 0.0), start.timestamp())
+        return {**claimed, **seen}
+
     def _is_live(self, trial: FrozenTrial, alive: dict[str, float]) -> bool:
         worker = trial.user_attrs.get("worker", "")
         if worker == self.worker:
             return True
         now = time.time()
-        last = alive.get(worker)
-        if last is None:  # never beat: judge by when the claim was made
-            start = trial.datetime_start
-            last = start.timestamp() if start is not None else now
-        return now - last < self.grace_s
+        return now - alive.get(worker, now) < self.grace_s
 
     def _beat(self) -> None:
         self.storage.set_study_system_attr(self.study_id, _ALIVE + self.worker, time.time())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import operator
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -18,11 +19,13 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from evocomp.errors import EvocompError, choices
+from evocomp.spaces.units import VariantKey
 from evocomp.supernet.compressors import (
     COMPRESSORS,
     CholeskyFactor,
     HessianCompressor,
     LayerCompressor,
+    LayerCompressorParams,
     Pruner,
     SparseGPT,
 )
@@ -35,12 +38,12 @@ def _spec_error(loc: tuple[str | int, ...], message: str, value: object) -> Vali
     # Raised inside a field validator, its locations are prefixed with the field's
     # name, so config errors read "prune.name: ...".
     error = InitErrorDetails(type=PydanticCustomError("component", message), loc=loc, input=value)
-    return ValidationError.from_exception_data("PruneQuantize.Params", [error])
+    return ValidationError.from_exception_data("PruneQuantizeParams", [error])
 
 
 def _resolve(
     spec: dict[str, Any], kind: str, what: str, default: str
-) -> tuple[str, LayerCompressor.Params]:
+) -> tuple[str, LayerCompressorParams]:
     """Validate ``{name, **options}`` naming a compressor of ``kind`` (``default`` if unnamed)."""
     allowed = [n for n in COMPRESSORS.names() if COMPRESSORS.get(n).kind == kind]
     name = spec.get("name", default)
@@ -71,7 +74,7 @@ def _resolve(
                         type=e["type"], loc=e["loc"], input=e["input"], ctx=e.get("ctx", {})
                     )
                 )
-        raise ValidationError.from_exception_data("PruneQuantize.Params", errors) from None
+        raise ValidationError.from_exception_data("PruneQuantizeParams", errors) from None
     return name, params
 
 
@@ -82,6 +85,52 @@ class PrunedWeight(NamedTuple):
     """Float32 ``[out, in]``, the pruned entries exactly 0."""
     keep: torch.Tensor
     """Bool ``[out, in]``: the entries not pruned."""
+
+
+class PruneQuantizeParams(LayerCompressorParams):
+    """Options of :class:`PruneQuantize`."""
+
+    prune: dict[str, Any] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="the pruner: {name: magnitude | wanda | sparsegpt (default), options...}",
+    )
+    quantize: dict[str, Any] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="the quantizer: {name: rtn | gptq (default), options...}",
+    )
+    _prune: LayerCompressorParams = PrivateAttr()
+    _quantize: LayerCompressorParams = PrivateAttr()
+
+    @field_validator("prune")
+    @classmethod
+    def _check_prune(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        name, params = _resolve(spec, Pruner.kind, "pruner", "sparsegpt")
+        # Every option written out, so the database key does not depend on
+        # which defaults the config spelled.
+        return {"name": name, **params.model_dump(mode="json")}
+
+    @field_validator("quantize")
+    @classmethod
+    def _check_quantize(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        name, params = _resolve(spec, Quantizer.kind, "quantizer", "gptq")
+        return {"name": name, **params.model_dump(mode="json")}
+
+    def model_post_init(self, context: Any, /) -> None:
+        # The specs are already valid and complete, so this cannot fail.
+        self._prune = _resolve(self.prune, Pruner.kind, "pruner", "sparsegpt")[1]
+        self._quantize = _resolve(self.quantize, Quantizer.kind, "quantizer", "gptq")[1]
+
+    @property
+    def prune_params(self) -> LayerCompressorParams:
+        """The validated options of the pruner named by ``prune``."""
+        return self._prune
+
+    @property
+    def quantize_params(self) -> LayerCompressorParams:
+        """The validated options of the quantizer named by ``quantize``."""
+        return self._quantize
 
 
 @COMPRESSORS.register("prune-quantize")
@@ -106,52 +155,11 @@ class PruneQuantize(LayerCompressor):
     needs_calibration = True  # the default pair's; each instance answers for its own parts
     cached_prunings: ClassVar[int] = 2
 
-    class Params(LayerCompressor.Params):
-        prune: dict[str, Any] = Field(
-            default_factory=dict,
-            validate_default=True,
-            description="the pruner: {name: magnitude | wanda | sparsegpt (default), options...}",
-        )
-        quantize: dict[str, Any] = Field(
-            default_factory=dict,
-            validate_default=True,
-            description="the quantizer: {name: rtn | gptq (default), options...}",
-        )
-        _prune: LayerCompressor.Params = PrivateAttr()
-        _quantize: LayerCompressor.Params = PrivateAttr()
+    Params = PruneQuantizeParams
 
-        @field_validator("prune")
-        @classmethod
-        def _check_prune(cls, spec: dict[str, Any]) -> dict[str, Any]:
-            name, params = _resolve(spec, Pruner.kind, "pruner", "sparsegpt")
-            # Every option written out, so the database key does not depend on
-            # which defaults the config spelled.
-            return {"name": name, **params.model_dump(mode="json")}
+    params: PruneQuantizeParams
 
-        @field_validator("quantize")
-        @classmethod
-        def _check_quantize(cls, spec: dict[str, Any]) -> dict[str, Any]:
-            name, params = _resolve(spec, Quantizer.kind, "quantizer", "gptq")
-            return {"name": name, **params.model_dump(mode="json")}
-
-        def model_post_init(self, context: Any, /) -> None:
-            # The specs are already valid and complete, so this cannot fail.
-            self._prune = _resolve(self.prune, Pruner.kind, "pruner", "sparsegpt")[1]
-            self._quantize = _resolve(self.quantize, Quantizer.kind, "quantizer", "gptq")[1]
-
-        @property
-        def prune_params(self) -> LayerCompressor.Params:
-            """The validated options of the pruner named by ``prune``."""
-            return self._prune
-
-        @property
-        def quantize_params(self) -> LayerCompressor.Params:
-            """The validated options of the quantizer named by ``quantize``."""
-            return self._quantize
-
-    params: PruneQuantize.Params
-
-    def __init__(self, weight: torch.Tensor, params: PruneQuantize.Params | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, params: PruneQuantizeParams | None = None) -> None:
         super().__init__(weight, params)
         pruner = COMPRESSORS.get(self.params.prune["name"])(weight, self.params.prune_params)
         quantizer = COMPRESSORS.get(self.params.quantize["name"])(
@@ -185,6 +193,15 @@ class PruneQuantize(LayerCompressor):
         else:
             self.quantizer.add_batch(x)
         self._pruned.clear()
+
+    @classmethod
+    def check_variants(
+        cls, params: PruneQuantizeParams, needs: Sequence[tuple[int, Sequence[VariantKey]]]
+    ) -> None:
+        """The pruner's check, on the zero count of each ``(zeros, bits)`` key."""
+        pruner = COMPRESSORS.get(params.prune["name"])
+        zeros = [(n, [k[0] if isinstance(k, tuple) else k for k in keys]) for n, keys in needs]
+        pruner.check_variants(params.prune_params, zeros)
 
     def compress(self, level: tuple[int, int]) -> torch.Tensor:  # type: ignore[override]
         """Return a new weight pruned to ``zeros`` and quantized to ``bits`` (original dtype)."""

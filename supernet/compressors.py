@@ -11,24 +11,32 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
-from typing import ClassVar, Generic, NamedTuple, TypeVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from evocomp.errors import EvocompError
-from evocomp.registry import Registry
+from evocomp.registry import Registry, StrictModel
+from evocomp.spaces.units import VariantKey
 
 __all__ = [
     "COMPRESSORS",
     "CholeskyFactor",
     "LayerCompressor",
+    "LayerCompressorParams",
     "Magnitude",
     "Pruner",
+    "PrunerParams",
     "SparseGPT",
     "Wanda",
     "inverse_hessian_cholesky",
 ]
+
+
+class LayerCompressorParams(StrictModel):
+    """Per-compressor options, validated from the config."""
 
 
 class LayerCompressor(ABC):
@@ -43,12 +51,9 @@ class LayerCompressor(ABC):
     kind: ClassVar[str]
     needs_calibration: ClassVar[bool]
 
-    class Params(BaseModel):
-        """Per-compressor options, validated from the config."""
+    Params = LayerCompressorParams
 
-        model_config = ConfigDict(extra="forbid")
-
-    def __init__(self, weight: torch.Tensor, params: LayerCompressor.Params | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, params: LayerCompressorParams | None = None) -> None:
         if weight.ndim != 2:
             raise ValueError(f"expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
         if params is None:
@@ -64,6 +69,15 @@ class LayerCompressor(ABC):
         self.weight = weight.detach().to(dtype=torch.float32, copy=True)
         self.rows, self.columns = self.weight.shape
         self.nsamples = 0  # calibration tokens seen
+
+    @classmethod
+    def check_variants(cls, params: Any, needs: Sequence[tuple[int, Sequence[VariantKey]]]) -> None:
+        """Called once before a variant database is built, with the options (a
+        ``cls.Params``) and each unit's weight count and the keys it needs: refuse,
+        with a message naming the config field, keys this compressor cannot produce
+        with ``params`` (e.g. zero counts that are no N:M pattern). Every key is
+        fine by default."""
+        return None
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulate statistics from layer inputs ``[..., in_features]`` (any dtype)."""
@@ -95,7 +109,15 @@ class LayerCompressor(ABC):
             )
 
 
-COMPRESSORS: Registry[type[LayerCompressor]] = Registry("compressor")
+COMPRESSORS: Registry[type[LayerCompressor]] = Registry("compressor", LayerCompressor)
+
+
+class PrunerParams(LayerCompressorParams):
+    """Options of :class:`Pruner`."""
+
+    nm_group: int | None = Field(
+        default=None, ge=1, description="m of N:M sparsity; None = unstructured"
+    )
 
 
 class Pruner(LayerCompressor):
@@ -113,12 +135,21 @@ class Pruner(LayerCompressor):
 
     kind = "sparsity"
 
-    class Params(LayerCompressor.Params):
-        nm_group: int | None = Field(
-            default=None, ge=1, description="m of N:M sparsity; None = unstructured"
-        )
+    Params = PrunerParams
 
-    params: Pruner.Params
+    params: PrunerParams
+
+    @classmethod
+    def check_variants(
+        cls, params: PrunerParams, needs: Sequence[tuple[int, Sequence[VariantKey]]]
+    ) -> None:
+        """With ``nm_group = m``, every zero count must be a multiple of ``numel / m``."""
+        m = params.nm_group
+        if m is not None and any(int(z) * m % n for n, keys in needs for z in keys):
+            raise EvocompError(
+                f"compressor.nm_group={m} needs space levels that are multiples of 1/{m} "
+                f"(set space.target and space.step to multiples of {1 / m:g})"
+            )
 
     @property
     def numel(self) -> int:
@@ -183,7 +214,7 @@ class _RankedPruner(Pruner):
 
     per_row: ClassVar[bool]  # compare within output rows rather than the whole layer
 
-    def __init__(self, weight: torch.Tensor, params: Pruner.Params | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, params: PrunerParams | None = None) -> None:
         super().__init__(weight, params)
         self._ranks: torch.Tensor | None = None  # [groups, group size], rank within the group
 
@@ -245,7 +276,7 @@ class Wanda(_RankedPruner):
     needs_calibration = True
     per_row = True
 
-    def __init__(self, weight: torch.Tensor, params: Pruner.Params | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, params: PrunerParams | None = None) -> None:
         super().__init__(weight, params)
         self._mean_sq = torch.zeros(self.columns, device=self.device)
 
@@ -308,7 +339,7 @@ class HessianCompressor(LayerCompressor, Generic[_FactorT]):
     Put it first among the bases (``class SparseGPT(HessianCompressor[...], Pruner)``);
     its parameter is the named tuple the subclass caches as its factorisation of H."""
 
-    def __init__(self, weight: torch.Tensor, params: LayerCompressor.Params | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, params: LayerCompressorParams | None = None) -> None:
         super().__init__(weight, params)
         self._hessian = torch.zeros(self.columns, self.columns, device=self.device)
         self._factor: _FactorT | None = None  # the subclass's cached factorisation of H
@@ -323,6 +354,21 @@ class HessianCompressor(LayerCompressor, Generic[_FactorT]):
         self._hessian.mul_(self.nsamples / total)
         self._hessian.addmm_(x.T, x, alpha=2 / total)
         self._factor = None
+
+
+class SparseGPTParams(PrunerParams):
+    """Options of :class:`SparseGPT`."""
+
+    dampening: float = Field(default=0.01, gt=0, description="fraction of mean diag(H)")
+    blocksize: int = Field(default=128, ge=1, description="columns per lazy-update block")
+
+    @model_validator(mode="after")
+    def _blocks_hold_whole_groups(self) -> SparseGPTParams:
+        if self.nm_group is not None and self.blocksize % self.nm_group:
+            raise ValueError(
+                f"blocksize {self.blocksize} must be a multiple of nm_group {self.nm_group}"
+            )
+        return self
 
 
 @COMPRESSORS.register("sparsegpt")
@@ -343,19 +389,9 @@ class SparseGPT(HessianCompressor[CholeskyFactor], Pruner):
 
     needs_calibration = True
 
-    class Params(Pruner.Params):
-        dampening: float = Field(default=0.01, gt=0, description="fraction of mean diag(H)")
-        blocksize: int = Field(default=128, ge=1, description="columns per lazy-update block")
+    Params = SparseGPTParams
 
-        @model_validator(mode="after")
-        def _blocks_hold_whole_groups(self) -> SparseGPT.Params:
-            if self.nm_group is not None and self.blocksize % self.nm_group:
-                raise ValueError(
-                    f"blocksize {self.blocksize} must be a multiple of nm_group {self.nm_group}"
-                )
-            return self
-
-    params: SparseGPT.Params
+    params: SparseGPTParams
 
     def _prune(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._factor is None:

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from evocomp.errors import EvocompError, choices
 from evocomp.paths import cache_dir
+from evocomp.registry import StrictModel
 
 log = logging.getLogger("evocomp")
 
@@ -60,19 +61,19 @@ ALIASES: dict[str, Callable[[], Path]] = {
 """Packaged models that need no network: alias -> function returning the ``.gguf`` path."""
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(StrictModel):
     """Which model to load, and how."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = "smollm2-135m"
     """A packaged alias (see ``ALIASES``), a local HF directory, a ``.gguf`` file or a hub id."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The dtype the model is loaded in (and its variants stored in)."""
     device: str = "cpu"
     """Anything ``torch.device`` accepts: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``."""
     gguf_file: str | None = None
     """Which ``.gguf`` file to use when ``name`` is a directory or hub repo holding several."""
     trust_remote_code: bool = False
+    """Passed to transformers: run the model repository's own code."""
 
     @field_validator("device")
     @classmethod

@@ -28,6 +28,7 @@ from evocomp.supernet.compressors import (
     COMPRESSORS,
     HessianCompressor,
     LayerCompressor,
+    LayerCompressorParams,
     inverse_hessian_cholesky,
 )
 
@@ -79,6 +80,17 @@ def quantize_dequantize(
     return _round_to_nearest(weight.float(), bits, group_size, symmetric).dequantize(weight.dtype)
 
 
+class QuantizerParams(LayerCompressorParams):
+    """Options of :class:`Quantizer`."""
+
+    # 64, not the customary 128: 128 does not divide common widths such as
+    # SmolLM2's 576, while 64 divides 576, 1536, 4096, 11008 and 14336.
+    group_size: int | None = Field(
+        default=64, ge=1, description="input columns per scale/zero; None = per row"
+    )
+    symmetric: bool = Field(default=False, description="zero point fixed at mid-grid")
+
+
 class Quantizer(LayerCompressor):
     """A compressor whose level is the bitwidth (``2..16``) of every weight of the layer.
 
@@ -90,17 +102,11 @@ class Quantizer(LayerCompressor):
 
     kind = "bits"
 
-    class Params(LayerCompressor.Params):
-        # 64, not the customary 128: 128 does not divide common widths such as
-        # SmolLM2's 576, while 64 divides 576, 1536, 4096, 11008 and 14336.
-        group_size: int | None = Field(
-            default=64, ge=1, description="input columns per scale/zero; None = per row"
-        )
-        symmetric: bool = Field(default=False, description="zero point fixed at mid-grid")
+    Params = QuantizerParams
 
-    params: Quantizer.Params
+    params: QuantizerParams
 
-    def __init__(self, weight: torch.Tensor, params: Quantizer.Params | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, params: QuantizerParams | None = None) -> None:
         super().__init__(weight, params)
         # Known at construction, so a bad group size fails before any calibration work.
         self.group_size = _check_group_size(self.columns, self.params.group_size)
@@ -182,6 +188,14 @@ class _Grids(NamedTuple):
     weights, when it reaches the group's first column."""
 
 
+class GPTQParams(QuantizerParams):
+    """Options of :class:`GPTQ`."""
+
+    dampening: float = Field(default=0.01, gt=0, description="fraction of mean diag(H)")
+    blocksize: int = Field(default=128, ge=1, description="columns per lazy-update block")
+    act_order: bool = Field(default=False, description="quantize by decreasing diag(H)")
+
+
 @COMPRESSORS.register("gptq")
 class GPTQ(HessianCompressor[GPTQFactor], Quantizer):
     """GPTQ (Frantar et al. 2023): column-by-column quantization with error feedback.
@@ -215,12 +229,9 @@ class GPTQ(HessianCompressor[GPTQFactor], Quantizer):
 
     needs_calibration = True
 
-    class Params(Quantizer.Params):
-        dampening: float = Field(default=0.01, gt=0, description="fraction of mean diag(H)")
-        blocksize: int = Field(default=128, ge=1, description="columns per lazy-update block")
-        act_order: bool = Field(default=False, description="quantize by decreasing diag(H)")
+    Params = GPTQParams
 
-    params: GPTQ.Params
+    params: GPTQParams
 
     def _factorise(self) -> GPTQFactor:
         if self._factor is None:

@@ -4,6 +4,7 @@ from conftest import tiny_llama, uneven_llama
 from pydantic import ValidationError
 
 from evocomp.errors import EvocompError
+from evocomp.runner import prepare_optimizer
 from evocomp.search import OPTIMIZERS
 from evocomp.search.baselines import SLEB, DropLast, ShortGPT
 from evocomp.search.evopress import EvoPress
@@ -125,7 +126,7 @@ def test_shortgpt_removes_the_least_important_sublayers():
     opt = ShortGPT(space, ShortGPT.Params(tokens=128, batch_size=1))
     with pytest.raises(RuntimeError, match="prepare"):
         opt.ask()
-    opt.prepare(model, TOKENS)
+    prepare_optimizer(opt, model, TOKENS)
     scores = sublayer_importance(model, TOKENS, space.units)
     assert opt.importance == pytest.approx([scores[u.name] for u in space.units], abs=1e-6)
     batches = _drive(opt, _damage)
@@ -140,7 +141,7 @@ def test_shortgpt_blocks_use_block_influence():
     params = DepthSpace.Params(remove=2, granularity="block")
     space = DepthSpace(find_sublayer_units(model), params)
     opt = ShortGPT(space, ShortGPT.Params())
-    opt.prepare(model, TOKENS)
+    prepare_optimizer(opt, model, TOKENS)
     assert opt.importance is not None and len(opt.importance) == 4
     assert opt.importance.index(min(opt.importance)) == 3
     assert {u.block for u in space.removed(opt.ask()[0].genome)} == {3}
@@ -164,7 +165,7 @@ def test_evopress_can_start_from_the_shortgpt_genome():
     with pytest.raises(RuntimeError, match="prepare"):
         opt.ask()
     opt = EvoPress(space, params)
-    opt.prepare(model, TOKENS)
+    prepare_optimizer(opt, model, TOKENS)
     batches = _drive(opt, _damage)
     shortgpt = (0, 0, 1, 1, 0, 0, 0, 0)
     assert [r.genome for r in batches[0]] == [space.uniform(), shortgpt]

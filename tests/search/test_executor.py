@@ -39,7 +39,7 @@ def test_registry():
 
 def test_local_executor_yields_every_job_once(exp):
     jobs = jobs_for(exp)
-    with LocalExecutor(exp, LocalExecutor.Params()) as ex:
+    with LocalExecutor(exp.evaluation(), LocalExecutor.Params()) as ex:
         assert ex.workers == 1
         results = list(ex.map(jobs))
     assert sorted(i for i, _, _ in results) == list(range(len(jobs)))
@@ -64,10 +64,10 @@ def test_ray_executor_errors_before_starting_ray(exp, monkeypatch):
         exp.cfg.model_copy(update={"model": exp.cfg.model.model_copy(update={"device": "cuda"})})
     )
     with pytest.raises(EvocompError, match="gpus_per_worker"):
-        RayExecutor(cuda, params)
+        RayExecutor(cuda.evaluation(), params)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(EvocompError, match=r"pip install 'evocomp\[ray\]'"):
-        RayExecutor(exp, params)
+        RayExecutor(exp.evaluation(), params)
 
 
 def test_ray_executor_matches_local(exp):
@@ -75,9 +75,9 @@ def test_ray_executor_matches_local(exp):
     ray = pytest.importorskip("ray")
     assert not ray.is_initialized()
     jobs = jobs_for(exp)
-    want = {i: m for i, m, _ in LocalExecutor(exp, LocalExecutor.Params()).map(jobs)}
+    want = {i: m for i, m, _ in LocalExecutor(exp.evaluation(), LocalExecutor.Params()).map(jobs)}
     params = RayExecutor.Params(num_workers=2, cpus_per_worker=1, threads_per_worker=1)
-    with RayExecutor(exp, params) as ex:
+    with RayExecutor(exp.evaluation(), params) as ex:
         assert ex.workers == 2 and ray.is_initialized()
         got = {}
         for i, metrics, seconds in ex.map(jobs):

@@ -9,7 +9,7 @@ import torch
 from conftest import correlated_inputs as shared_inputs
 from conftest import random_weight
 
-from evocomp.config import CompressorSpec, load_config
+from evocomp.config import ComponentSpec, load_config
 from evocomp.errors import EvocompError
 from evocomp.supernet import compressors, quantizers
 from evocomp.supernet.composite import PruneQuantize
@@ -314,8 +314,10 @@ def test_params_default_to_sparsegpt_and_gptq_with_every_option_written_out() ->
     assert dumped["quantize"] == {"name": "gptq", **GPTQ.Params().model_dump()}
     assert PruneQuantize.Params.model_validate(dumped) == params
     assert params.quantize_params == GPTQ.Params()
-    spelled = CompressorSpec(name="prune-quantize", prune={"name": "sparsegpt", "dampening": 0.01})
-    assert spelled.dump() == CompressorSpec(name="prune-quantize").dump()
+    spelled = ComponentSpec.of(
+        COMPRESSORS, {"name": "prune-quantize", "prune": {"name": "sparsegpt", "dampening": 0.01}}
+    )
+    assert spelled.dump() == ComponentSpec.of(COMPRESSORS, {"name": "prune-quantize"}).dump()
     unnamed = PruneQuantize.Params(prune={"blocksize": 32}, quantize={})
     assert unnamed.prune["name"] == "sparsegpt" and unnamed.quantize == dumped["quantize"]
 
