@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("database", help="variant database commands")
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     with_config(dbsub.add_parser("build", help="build the variant database for a config"))
+    with_config(
+        dbsub.add_parser(
+            "verify", help="check every block file of a config's database against its checksum"
+        )
+    )
 
     p = sub.add_parser(
         "eval", help="held-out perplexity and lm-eval tasks: dense vs uniform vs searched"
@@ -103,6 +108,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             progress=progress,
         )
     if args.command == "database":
+        if args.db_command == "verify":
+            return commands.database_verify(args.config, args.overrides, progress=progress)
         return commands.database_build(args.config, args.overrides, progress=progress)
     if args.command == "eval":
         return commands.evaluate(

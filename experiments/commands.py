@@ -103,6 +103,52 @@ def database_build(config: str | None, overrides: list[str], *, progress: bool =
     return 0
 
 
+def database_verify(config: str | None, overrides: list[str], *, progress: bool = True) -> int:
+    """Hash every block file of the config's variant database and compare it with
+    the checksum recorded when it was written; builds nothing."""
+    import shlex
+
+    from evocomp.supernet.database import verify_database
+
+    cfg = load_config(config or "quickstart", overrides)
+    exp = Experiment(cfg, progress=progress)
+    spec = exp.database_spec()
+    if not spec.variants:
+        print(f"space {cfg.space.name!r} needs no variant database")
+        return 0
+    root = exp.database_root(spec)
+    found = verify_database(root, spec)
+    for name, why in found.problems.items():
+        print(f"{root / name} {why}")
+    checked = found.files - len(found.problems) - found.unchecked
+    size = found.hashed_bytes
+    hashed = f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
+    summary = (
+        f"{root}: {found.files} block files, {hashed} hashed in {found.seconds:.1f} s; "
+        f"{checked} match their checksums"
+    )
+    if found.unchecked:
+        summary += (
+            f", {found.unchecked} readable but with no checksums (built before checksums "
+            "were recorded)"
+        )
+    if found.problems:
+        summary += f", {len(found.problems)} missing or corrupt"
+    print(summary)
+    if found.problems:
+        names = sorted(found.problems)
+        build = shlex.join(
+            ["evocomp", "database", "build", *([config] if config else []),
+             *(a for kv in overrides for a in ("--set", kv))]
+        )
+        raise EvocompError(
+            f"{len(names)} of {found.files} block files of {root} are missing or corrupt "
+            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); "
+            f"`{build}` rebuilds them"
+        )
+    return 0
+
+
 def evaluate(
     run_dir: Path,
     *,
@@ -225,4 +271,4 @@ def sweep(spec: str, *, resume: bool = False, progress: bool = True) -> int:
     return 0
 
 
-__all__ = ["database_build", "evaluate", "export", "list_configs", "search"]
+__all__ = ["database_build", "database_verify", "evaluate", "export", "list_configs", "search"]

@@ -3,14 +3,17 @@ once from calibration activations and stored on disk as safetensors.
 
 Layout of a database directory::
 
-    manifest.json          key parts, units, variants, finished blocks
+    manifest.json          key parts, units, variants, finished blocks, checksums
     block_000.safetensors  tensors named "<unit name>@<variant key>" (see variant_name)
     ...
 
 Builds go block by block with the calibration inputs propagated through the
 dense model, so peak memory is the model plus one block's activations; every
-finished block is written atomically and recorded, so an interrupted build
-resumes where it stopped.
+finished block is written atomically and recorded with its size and SHA-256, so
+an interrupted build resumes where it stopped. A block file is hashed once per
+process before its tensors are used (a build checks every finished block first
+and rebuilds those that are missing or fail their checksum); databases written
+before checksums were recorded are only checked for readability.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -112,6 +116,7 @@ class VariantDatabase:
         self._cache: OrderedDict[tuple[str, VariantKey, str], torch.Tensor] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
+        self._checked: set[int] = set()  # blocks whose file matched its checksum
 
     @property
     def key(self) -> str:
@@ -142,7 +147,16 @@ class VariantDatabase:
                 f"database {self.root} has no variant {variant!r} of {unit!r}; it holds "
                 f"{len(held)}: {', '.join(map(repr, held[:8]))}{', ...' if len(held) > 8 else ''}"
             )
-        path = self.root / _block_file(self._block_of[unit])
+        block = self._block_of[unit]
+        path = self.root / _block_file(block)
+        if block not in self._checked:
+            # Once per file and process, before any of its tensors is used.
+            why = _checksum_problem(path, _recorded(self.manifest, block))
+            if why is not None:
+                raise EvocompError(
+                    f"database file {path} {why}; run `evocomp database build` to rebuild it"
+                )
+            self._checked.add(block)
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 # A view into the memory-mapped file is misaligned (the header has
@@ -176,8 +190,15 @@ def open_database(root: Path, spec: DatabaseSpec, *, cache_gb: float = 8.0) -> V
     if manifest is None or not manifest.get("complete"):
         raise EvocompError(f"no finished variant database at {root}; run `evocomp database build`")
     _check_same(root, manifest, spec)
-    for block in sorted({info["block"] for info in manifest["units"].values()}):
-        _verify_block_file(root / _block_file(block))
+    # Cheap checks here (size, header, tensor names); each file is hashed when
+    # first read (VariantDatabase.get), unless this process already did.
+    for block in _blocks(manifest):
+        why = _block_problem(root, manifest, block)
+        if why is not None:
+            raise EvocompError(
+                f"database file {root / _block_file(block)} {why}; run `evocomp database build` "
+                "to rebuild it"
+            )
     return VariantDatabase(root, manifest, cache_bytes=int(cache_gb * 2**30))
 
 
@@ -216,15 +237,163 @@ def _holds(manifest: dict[str, Any], spec: DatabaseSpec) -> bool:
     return True
 
 
-def _verify_block_file(path: Path) -> None:
+def _blocks(manifest: dict[str, Any]) -> list[int]:
+    """Every block the manifest's units live in, in order."""
+    return sorted({info["block"] for info in manifest["units"].values()})
+
+
+def _recorded(manifest: dict[str, Any], block: int) -> dict[str, Any] | None:
+    """``{"sha256": ..., "bytes": ...}`` of ``block``'s file as written, or None for a
+    file written before checksums were recorded."""
+    return manifest.get("checksums", {}).get(_block_file(block))
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _block_problem(root: Path, manifest: dict[str, Any], block: int) -> str | None:
+    """Why ``block``'s file cannot be used, found without reading its tensors:
+    missing, another size than written, an unreadable header, or tensors missing
+    that the manifest lists; None when it looks sound (see :func:`_checksum_problem`)."""
+    path = root / _block_file(block)
+    recorded = _recorded(manifest, block)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as err:
+        return f"is unreadable ({err.strerror})"
+    if recorded is not None and size != recorded["bytes"]:
+        return f"has {size} bytes, not the {recorded['bytes']} written (truncated or overwritten)"
     try:
         with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError, Exception) as err:
-        raise EvocompError(
-            f"database file {path} is missing or corrupt ({err}); run `evocomp database build` "
-            "to rebuild the missing blocks"
-        ) from None
+            names = set(f.keys())
+    except Exception as err:  # safetensors raises several types for a damaged file
+        return f"is unreadable ({_one_line(err)})"
+    missing = _block_names(manifest, block) - names
+    if missing:
+        return f"lacks {len(missing)} of its tensors (e.g. {min(missing)})"
+    return None
+
+
+def _block_names(manifest: dict[str, Any], block: int) -> set[str]:
+    return {
+        variant_name(name, variant_key(k))
+        for name, info in manifest["units"].items()
+        if info["block"] == block
+        for k in info["variants"]
+    }
+
+
+_HASH_CHUNK = 16 * 2**20
+
+# (path, inode, size, mtime, sha256) of the block files that matched their
+# checksum in this process: each is hashed once, however often it is opened.
+_VERIFIED: set[tuple[str, int, int, int, str]] = set()
+
+
+def _sha256(path: Path) -> str:
+    """The SHA-256 of ``path``'s content, read in chunks (bounded memory)."""
+    digest = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _identity(path: Path, sha256: str) -> tuple[str, int, int, int, str]:
+    st = path.stat()
+    return (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, sha256)
+
+
+def _checksum_problem(path: Path, recorded: dict[str, Any] | None) -> str | None:
+    """None when ``path`` hashes to its recorded SHA-256 (hashed once per process)
+    or has no checksum recorded; else why not."""
+    if recorded is None:
+        return None
+    try:
+        ident = _identity(path, recorded["sha256"])
+        if ident in _VERIFIED:
+            return None
+        if ident[2] != recorded["bytes"]:
+            return f"has {ident[2]} bytes, not the {recorded['bytes']} written"
+        if _sha256(path) != recorded["sha256"]:
+            return "fails its checksum (its bytes changed after it was written)"
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as err:
+        return f"is unreadable ({err.strerror})"
+    _VERIFIED.add(ident)
+    return None
+
+
+def _damaged_blocks(root: Path, manifest: dict[str, Any]) -> dict[int, str]:
+    """The finished blocks whose files are missing, unreadable or fail their
+    checksum, with why (every file is hashed, once per process)."""
+    damaged = {}
+    for block in manifest["done_blocks"]:
+        why = _block_problem(root, manifest, block) or _checksum_problem(
+            root / _block_file(block), _recorded(manifest, block)
+        )
+        if why is not None:
+            damaged[block] = why
+    return damaged
+
+
+@dataclass
+class Verification:
+    """What :func:`verify_database` found."""
+
+    root: Path
+    files: int  # block files the manifest lists
+    problems: dict[str, str] = field(default_factory=dict)  # file name -> why
+    unchecked: int = 0  # readable files without a recorded checksum
+    hashed_bytes: int = 0
+    seconds: float = 0.0
+
+
+def verify_database(root: Path, spec: DatabaseSpec | None = None) -> Verification:
+    """Hash every block file of the database at ``root`` (of ``spec``, when given)
+    and compare it with its recorded checksum; every file is read in full, also
+    where no checksum was recorded (readability only, then)."""
+    manifest = _read_manifest(root)
+    if manifest is None:
+        raise EvocompError(f"no variant database at {root}; run `evocomp database build`")
+    if spec is not None:
+        _check_same(root, manifest, spec)
+    started = time.perf_counter()
+    blocks = _blocks(manifest)
+    report = Verification(root, len(blocks))
+    done = set(manifest["done_blocks"])
+    for block in blocks:
+        name = _block_file(block)
+        if block not in done:
+            report.problems[name] = "is not built yet (the build did not finish)"
+            continue
+        why = _block_problem(root, manifest, block)
+        recorded = _recorded(manifest, block)
+        if why is None:
+            path = root / name
+            try:
+                ident = _identity(path, "")
+                sha256 = _sha256(path)
+            except OSError as err:
+                why = f"is unreadable ({err.strerror})"
+            else:
+                report.hashed_bytes += ident[2]
+                if recorded is None:
+                    report.unchecked += 1
+                elif sha256 != recorded["sha256"]:
+                    why = "fails its checksum (its bytes changed after it was written)"
+                else:
+                    _VERIFIED.add((*ident[:4], sha256))
+        if why is not None:
+            report.problems[name] = why
+    report.seconds = time.perf_counter() - started
+    return report
 
 
 class _StopForward(Exception):
@@ -278,11 +447,20 @@ def build_database(
     """Compute and store every variant in ``spec``, block by block.
 
     Resumes a partial build of the same spec; refuses a directory holding a
-    database of another spec. Returns False when the database was already complete.
+    database of another spec. Finished blocks whose files are missing, unreadable
+    or fail their checksum are built again (only those). Returns False when the
+    database was already complete and sound.
     Concurrent builders of one database (workers, sweep trials) take turns: the
     first builds, the others find it complete.
     """
     root.mkdir(parents=True, exist_ok=True)
+    # A finished, sound database needs no lock: workers starting together hash
+    # its files in parallel rather than one after another.
+    manifest = _read_manifest(root)
+    if manifest is not None and manifest.get("complete"):
+        _check_same(root, manifest, spec)
+        if not _damaged_blocks(root, manifest):
+            return False
     with locked(root / ".lock"):
         return _build_database(
             model, units, spec, root, calibration, params=params, batch_size=batch_size,
@@ -303,32 +481,73 @@ def _build_database(
     on_block: Callable[[int], None] | None,
 ) -> bool:
     manifest = _start_manifest(root, spec, units)
+    # What the manifest lists is built: a database serving a subset of its levels
+    # (see _check_same) rebuilds a damaged block with all of them.
+    variants = {name: info["variants"] for name, info in manifest["units"].items()}
+    by_block: dict[int, list[Unit]] = {}
+    for u in units:
+        if u.name in variants:
+            by_block.setdefault(u.block, []).append(u)
+    damaged = _damaged_blocks(root, manifest)
+    done = set(manifest["done_blocks"]) - set(damaged)
+    todo_blocks = [b for b in _blocks(manifest) if b not in done]
+    _check_buildable(root, manifest, todo_blocks, by_block)
+    if damaged:
+        _forget(root, manifest, damaged)
     if manifest.get("complete"):
         return False
     compressor_cls = COMPRESSORS.get(spec.compressor)
-    by_block: dict[int, list[Unit]] = {}
-    for u in units:
-        by_block.setdefault(u.block, []).append(u)
     _, blocks = find_blocks(model)
-    done = set(manifest["done_blocks"])
-    # Only blocks up to the last one with units need the calibration forward.
-    last = max(by_block)
-    with torch.inference_mode():
-        inputs = capture_block_inputs(model, calibration, batch_size)
-        bar = tqdm(range(last + 1), desc="database", unit="block", disable=not progress)
-        for b in bar:
-            todo = [] if b in done else by_block.get(b, [])
-            compressors = _attach(model, todo, compressor_cls, params)
-            inputs = _forward_block(blocks[b], inputs, compressors)
-            if todo:
-                tensors = _compress_block(model, todo, compressors, spec)
-                del compressors  # free the calibration statistics before the next block
-                _write_block(root, b, tensors, manifest, done)
-            if on_block is not None:
-                on_block(b)
+    if todo_blocks:
+        # The calibration forward goes as far as the last block still to build.
+        last = todo_blocks[-1]
+        with torch.inference_mode():
+            inputs = capture_block_inputs(model, calibration, batch_size)
+            bar = tqdm(range(last + 1), desc="database", unit="block", disable=not progress)
+            for b in bar:
+                todo = [] if b in done else by_block.get(b, [])
+                compressors = _attach(model, todo, compressor_cls, params)
+                inputs = _forward_block(blocks[b], inputs, compressors)
+                if todo:
+                    tensors = _compress_block(model, todo, compressors, variants)
+                    del compressors  # free the calibration statistics before the next block
+                    _write_block(root, b, tensors, manifest, done)
+                    del tensors
+                if on_block is not None:
+                    on_block(b)
     manifest["complete"] = True
     _atomic_write_json(root / "manifest.json", manifest)
     return True
+
+
+def _forget(root: Path, manifest: dict[str, Any], damaged: dict[int, str]) -> None:
+    """Take the finished blocks whose files are missing or corrupt (see
+    :func:`_damaged_blocks`) off the manifest, so that the build redoes them."""
+    for block, why in damaged.items():
+        log.warning("database file %s %s; rebuilding it", root / _block_file(block), why)
+    manifest["done_blocks"] = [b for b in manifest["done_blocks"] if b not in damaged]
+    manifest["complete"] = False
+    for block in damaged:
+        manifest.get("checksums", {}).pop(_block_file(block), None)
+    _atomic_write_json(root / "manifest.json", manifest)
+
+
+def _check_buildable(
+    root: Path, manifest: dict[str, Any], todo: list[int], by_block: dict[int, list[Unit]]
+) -> None:
+    """Refuse to build a block without every unit the manifest puts in it (a config
+    using a subset of a database's units cannot rebuild its damaged blocks)."""
+    for block in todo:
+        have = {u.name for u in by_block.get(block, [])}
+        lacking = sorted(
+            n for n, info in manifest["units"].items() if info["block"] == block and n not in have
+        )
+        if lacking:
+            raise EvocompError(
+                f"database file {root / _block_file(block)} must be rebuilt, but this config "
+                f"lacks its unit {lacking[0]!r}; build with the config that made {root}, or "
+                "delete it and build again"
+            )
 
 
 def _start_manifest(root: Path, spec: DatabaseSpec, units: Sequence[Unit]) -> dict[str, Any]:
@@ -350,6 +569,7 @@ def _start_manifest(root: Path, spec: DatabaseSpec, units: Sequence[Unit]) -> di
             for u in units
         },
         "done_blocks": [],
+        "checksums": {},  # block file -> {"sha256", "bytes"} as written
         "complete": False,
     }
     _atomic_write_json(root / "manifest.json", manifest)
@@ -369,7 +589,10 @@ def _forward_block(
 
 
 def _compress_block(
-    model: nn.Module, units: Sequence[Unit], compressors: _Attached, spec: DatabaseSpec
+    model: nn.Module,
+    units: Sequence[Unit],
+    compressors: _Attached,
+    variants: dict[str, list[Any]],
 ) -> dict[str, torch.Tensor]:
     """Every variant of ``units`` (one block's), by stored tensor name: in module layout
     (Conv1D transposed back), in the weight's dtype, contiguous, on the CPU."""
@@ -379,7 +602,7 @@ def _compress_block(
         weight = model.get_submodule(u.name).weight
         # Sorted, so that a composite compressor sees every (zeros, bits) of one
         # zero count together and can reuse its pruned weight.
-        for key in sorted(map(variant_key, spec.variants[u.name]), key=_order):
+        for key in sorted(map(variant_key, variants[u.name]), key=_order):
             w = comp.compress(key)
             tensors[variant_name(u.name, key)] = (
                 (w.T if u.transposed else w).to(weight.dtype).contiguous().cpu()
@@ -391,11 +614,19 @@ def _write_block(
     root: Path, block: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
     done: set[int],
 ) -> None:
-    """Write ``block``'s file atomically, then record the block as done (in ``done``
-    and in the manifest on disk)."""
-    tmp = root / (_block_file(block) + ".tmp")
+    """Write ``block``'s file atomically, then record the block as done, with the
+    file's size and SHA-256 (in ``done`` and in the manifest on disk)."""
+    name = _block_file(block)
+    tmp = root / (name + ".tmp")
+    # save_file writes the tensors in place (safetensors.torch.save would first
+    # copy them into one bytes object); the hash then reads the file back from
+    # the page cache it was just written to.
     save_file(tensors, str(tmp))
-    os.replace(tmp, root / _block_file(block))
+    sha256 = _sha256(tmp)
+    os.replace(tmp, root / name)
+    ident = _identity(root / name, sha256)
+    _VERIFIED.add(ident)
+    manifest.setdefault("checksums", {})[name] = {"sha256": sha256, "bytes": ident[2]}
     manifest["done_blocks"] = sorted(done | {block})
     done.add(block)
     _atomic_write_json(root / "manifest.json", manifest)

@@ -173,12 +173,13 @@ def test_existing_run_is_never_overwritten(tmp_path, tiny_model_dir, capsys):
     assert (run / "trials.parquet").read_bytes() == before
 
 
-def test_corrupt_database_is_reported(tmp_path, tiny_model_dir, capsys):
+def test_corrupt_database_block_is_reported_and_rebuilt(tmp_path, tiny_model_dir, caplog):
     cfg = search_config(tmp_path, tiny_model_dir)
     assert main(["-q", "database", "build", cfg]) == 0
     (tmp_path / "db" / "block_001.safetensors").write_bytes(b"garbage")
-    assert main(["-q", "search", cfg]) == 2
-    assert "block_001.safetensors is missing or corrupt" in capsys.readouterr().err
+    assert main(["-q", "search", cfg, "--no-eval", "--set", "search.generations=1"]) == 0
+    assert "block_001.safetensors has 7 bytes, not the" in caplog.text
+    assert "rebuilding it" in caplog.text
 
 
 def test_database_is_built_once_and_reused(tmp_path, tiny_model_dir):

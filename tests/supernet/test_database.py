@@ -1,3 +1,4 @@
+import hashlib
 import json
 import random
 
@@ -7,6 +8,7 @@ from safetensors import safe_open
 
 from evocomp.errors import EvocompError
 from evocomp.spaces import SparsitySpace
+from evocomp.supernet import database
 from evocomp.supernet.composite import PruneQuantize
 from evocomp.supernet.compressors import COMPRESSORS
 from evocomp.supernet.database import (
@@ -16,6 +18,7 @@ from evocomp.supernet.database import (
     open_database,
     variant_key,
     variant_name,
+    verify_database,
 )
 from evocomp.supernet.models import model_fingerprint
 from evocomp.supernet.swap import Swapper
@@ -160,11 +163,192 @@ def test_a_finished_database_serves_a_subset_of_its_levels(built):
         open_database(root, DatabaseSpec(**{**spec.__dict__, "variants": more}))
 
 
+def _tensors(root):
+    """Every stored tensor of the database at ``root``, by block file and name."""
+    out = {}
+    for path in sorted(root.glob("block_*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()
+            out.update({(path.name, k): f.get_tensor(k).clone() for k in names})
+    return out
+
+
+def _stamps(root):
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.glob("block_*.safetensors")
+    }
+
+
+def _flip_bytes(path, count=16):
+    """XOR ``count`` bytes in the middle of the tensor data (after the header), so
+    the file keeps its size and a readable header."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    middle = start + (len(data) - start) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _unit_in(units, block):
+    return next(u for u in units if u.block == block)
+
+
 def test_corrupt_block_file_is_reported(built):
     _, _, _, spec, root = built
     (root / "block_002.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(EvocompError, match="block_002.safetensors is missing or corrupt"):
+    with pytest.raises(
+        EvocompError,
+        match=r"block_002.safetensors has 8 bytes, not the \d+ written .*; "
+        r"run `evocomp database build` to rebuild it",
+    ):
         open_database(root, spec)
+
+
+def test_manifest_records_each_block_files_size_and_sha256(built):
+    _, units, _, _, root = built
+    manifest = json.loads((root / "manifest.json").read_text())
+    files = sorted(p.name for p in root.glob("block_*.safetensors"))
+    assert len(files) == len({u.block for u in units}) and sorted(manifest["checksums"]) == files
+    for name in files:
+        data = (root / name).read_bytes()
+        assert manifest["checksums"][name] == {
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+        }
+    assert not list(root.glob("*.tmp"))
+
+
+def test_flipped_bytes_fail_loudly_and_a_build_restores_them_bit_for_bit(built):
+    model, units, _, spec, root = built
+    original = _tensors(root)
+    checksums = json.loads((root / "manifest.json").read_text())["checksums"]
+    stamps = _stamps(root)
+    _flip_bytes(root / "block_001.safetensors")
+    database._VERIFIED.clear()  # as in a fresh process
+
+    db = open_database(root, spec)  # size and header still fine: caught on first read
+    ok, bad = _unit_in(units, 0), _unit_in(units, 1)
+    db.get(ok.name, spec.variants[ok.name][0])
+    with pytest.raises(
+        EvocompError,
+        match=r"^database file \S+/block_001.safetensors fails its checksum .*; "
+        r"run `evocomp database build` to rebuild it$",
+    ):
+        db.get(bad.name, spec.variants[bad.name][0])
+    found = verify_database(root, spec)
+    assert list(found.problems) == ["block_001.safetensors"] and found.unchecked == 0
+    assert found.hashed_bytes == sum(c["bytes"] for c in checksums.values())
+
+    assert build_database(model, units, spec, root, _calibration(), progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["done_blocks"] == [0, 1, 2, 3]
+    assert manifest["checksums"] == checksums  # the very bytes first written
+    after = _stamps(root)
+    assert after["block_001.safetensors"] != stamps["block_001.safetensors"]
+    assert {k: v for k, v in after.items() if k != "block_001.safetensors"} == {
+        k: v for k, v in stamps.items() if k != "block_001.safetensors"
+    }
+    rebuilt = _tensors(root)
+    assert rebuilt.keys() == original.keys()
+    assert all(torch.equal(rebuilt[k], original[k]) for k in original)
+    assert not verify_database(root, spec).problems
+    db = open_database(root, spec)
+    assert torch.equal(
+        db.get(bad.name, spec.variants[bad.name][0]),
+        original[("block_001.safetensors", variant_name(bad.name, spec.variants[bad.name][0]))],
+    )
+
+
+def test_truncated_and_deleted_blocks_are_rebuilt_not_looped(built):
+    model, units, _, spec, root = built
+    original = _tensors(root)
+    stamps = _stamps(root)
+    path = root / "block_000.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (root / "block_002.safetensors").unlink()
+    with pytest.raises(EvocompError, match=r"block_000.safetensors has \d+ bytes, not the"):
+        open_database(root, spec)
+    found = verify_database(root, spec)
+    assert found.problems == {
+        "block_000.safetensors": found.problems["block_000.safetensors"],
+        "block_002.safetensors": "is missing",
+    }
+    built_now = []
+    assert build_database(model, units, spec, root, _calibration(), progress=False,
+                          on_block=built_now.append)
+    # The calibration forward stops at the last block rebuilt.
+    assert built_now == [0, 1, 2]
+    after = _stamps(root)
+    assert {n for n in after if after[n] != stamps.get(n)} == {
+        "block_000.safetensors", "block_002.safetensors",
+    }
+    rebuilt = _tensors(root)
+    assert rebuilt.keys() == original.keys()
+    assert all(torch.equal(rebuilt[k], original[k]) for k in original)
+    assert not build_database(model, units, spec, root, _calibration(), progress=False)
+    open_database(root, spec)
+
+
+def test_each_block_file_is_hashed_once_per_process(built, monkeypatch):
+    _, units, _, spec, root = built
+    hashed = []
+    real = database._sha256
+    monkeypatch.setattr(database, "_sha256", lambda p: hashed.append(p.name) or real(p))
+
+    def read_everything():
+        db = open_database(root, spec)
+        for u in units:
+            for key in spec.variants[u.name]:
+                db.get(u.name, key)
+
+    read_everything()
+    assert hashed == []  # the build hashed what it wrote
+    database._VERIFIED.clear()  # a fresh process
+    read_everything()
+    read_everything()
+    assert sorted(hashed) == sorted(p.name for p in root.glob("block_*.safetensors"))
+
+
+def test_a_database_without_checksums_is_accepted_unchecked(built):
+    model, units, _, spec, root = built
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["checksums"]  # as written before checksums were recorded
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    database._VERIFIED.clear()
+    _flip_bytes(root / "block_001.safetensors")  # nothing to tell this from real weights
+    assert not build_database(model, units, spec, root, _calibration(), progress=False)
+    db = open_database(root, spec)
+    bad = _unit_in(units, 1)
+    db.get(bad.name, spec.variants[bad.name][0])
+    found = verify_database(root, spec)
+    assert not found.problems and found.unchecked == found.files == 4
+    (root / "block_003.safetensors").unlink()  # what it can tell: missing or unreadable
+    assert build_database(model, units, spec, root, _calibration(), progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert list(manifest["checksums"]) == ["block_003.safetensors"]
+    assert verify_database(root, spec).unchecked == 3
+
+
+def test_a_subset_config_rebuilds_a_damaged_block_with_every_level(built):
+    model, units, _, spec, root = built
+    original = _tensors(root)
+    fewer = {name: keys[1:3] for name, keys in spec.variants.items()}
+    subset = DatabaseSpec(**{**spec.__dict__, "variants": fewer})
+    _flip_bytes(root / "block_002.safetensors")
+    database._VERIFIED.clear()
+    assert build_database(model, units, subset, root, _calibration(), progress=False)
+    rebuilt = _tensors(root)
+    assert rebuilt.keys() == original.keys()
+    assert all(torch.equal(rebuilt[k], original[k]) for k in original)
+    # A config lacking a unit of the damaged block cannot rebuild it, and says so
+    # before touching the manifest.
+    _flip_bytes(root / "block_002.safetensors")
+    database._VERIFIED.clear()
+    manifest = (root / "manifest.json").read_bytes()
+    few_units = [u for u in units if u.name != _unit_in(units, 2).name]
+    with pytest.raises(EvocompError, match="must be rebuilt, but this config lacks its unit"):
+        build_database(model, few_units, subset, root, _calibration(), progress=False)
+    assert (root / "manifest.json").read_bytes() == manifest
 
 
 def test_interrupted_build_resumes_without_redoing_finished_blocks(tiny_model, tmp_path):
