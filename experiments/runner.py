@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import math
+import os
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 import torch
@@ -36,6 +40,7 @@ from evocomp.search.store import (
     Key,
     Record,
     TrialStore,
+    check_storage,
     decode_genome,
     encode_genome,
     storage_url,
@@ -175,6 +180,45 @@ class Experiment:
         it uses this experiment; a Ray worker's copy builds its own from the config."""
         return ExperimentEvaluation(self.cfg, exp=self)
 
+    def optimizer(self) -> Optimizer[Any]:
+        """A fresh optimizer for this config (seeded: a resumed search replays it)."""
+        cfg = self.cfg
+        optimizer = OPTIMIZERS.get(cfg.search.name)(self.space, cfg.search.params, seed=cfg.seed)
+        if not optimizer.budgeted and not self.space.cost_is_size:
+            raise EvocompError(
+                f"search {cfg.search.name!r} trades cost against quality, but space "
+                f"{cfg.space.name!r} counts removed sublayers, not size: use a joint space "
+                "(e.g. depth with sparsity) or an optimizer with a budget"
+            )
+        return optimizer
+
+    def check(self, *, final_eval: bool) -> None:
+        """Everything that can go wrong before the search, checked before a run
+        directory is created: the model, units, data splits, space, compressor,
+        optimizer and its token budgets, the database path and the trial store."""
+        cfg = self.cfg
+        optimizer = self.optimizer()  # the space, and so the model and units, first
+        available = self.splits.search.numel()
+        for option, tokens in optimizer.token_budgets().items():
+            if tokens > available:
+                raise EvocompError(
+                    f"search.{option}={tokens} exceeds the {available} search tokens "
+                    f"(data.search={cfg.data.search} x data.seq_len={cfg.data.seq_len}); "
+                    f"lower it or raise data.search"
+                )
+        if final_eval and self.splits.heldout.shape[0] == 0:
+            raise EvocompError(
+                "data.heldout is 0 but the search ends with a held-out evaluation: "
+                "set data.heldout >= 1, or final_eval.enabled: false (or --no-eval)"
+            )
+        spec = self.database_spec()
+        if spec.variants:
+            root = self.database_root(spec)
+            if root.exists() and not root.is_dir():
+                raise EvocompError(f"database.path {root} is a file, not a directory")
+        check_storage(cfg.store.storage)
+        EXECUTORS.get(cfg.executor.name).check(cfg.executor.params, device=cfg.model.device)
+
     def prepare(self, optimizer: Optimizer[Any]) -> None:
         """:func:`prepare_optimizer` on this model and its calibration tokens."""
         prepare_optimizer(optimizer, self.model, self.splits.calibration)
@@ -289,23 +333,38 @@ class RunDir:
     def log(self) -> Path:
         return self.path / "search.log"
 
+    def has_evaluations(self) -> bool:
+        """Whether a search recorded anything here (its default trial stores, its
+        tables or its best genome); a directory without is a start that failed."""
+        stores = (self.path / "trials.journal", self.path / "trials.db")
+        recorded = (self.best, self.trials, self.pareto)
+        return any(p.exists() for p in recorded) or any(
+            p.exists() and p.stat().st_size > 0 for p in stores
+        )
+
 
 def default_run_dir(cfg: Config) -> Path:
     return Path(cfg.run_dir or Path("runs") / cfg.name)
 
 
 def prepare_run_dir(cfg: Config, *, resume: bool) -> RunDir:
-    """Create the run dir and write the resolved config; an existing run is
-    only reused by ``--resume`` (never silently overwritten)."""
+    """Create the run dir and write the resolved config. A run with evaluations is
+    only continued by ``--resume`` (never silently overwritten); a directory that
+    holds no evaluation yet (a start that failed) is free to use again."""
     run = RunDir(default_run_dir(cfg))
-    if run.config.exists() and not resume:
+    if run.path.exists() and not run.path.is_dir():
+        raise EvocompError(f"run_dir {run.path} is a file, not a directory")
+    if run.config.exists() and not resume and run.has_evaluations():
         raise EvocompError(
             f"run directory {run.path} already holds a run; resume it with "
             f"`evocomp search --resume {run.path}` or choose another run_dir / name"
         )
-    run.path.mkdir(parents=True, exist_ok=True)
-    if not run.config.exists():
-        run.config.write_text(yaml.safe_dump(cfg.dump(), sort_keys=False))
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        if not resume or not run.config.exists():
+            run.config.write_text(yaml.safe_dump(cfg.dump(), sort_keys=False))
+    except OSError as err:
+        raise EvocompError(f"run_dir {run.path}: cannot create it ({err.strerror})") from None
     return run
 
 
@@ -342,9 +401,118 @@ def search_signature(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_store(exp: Experiment, run: RunDir) -> TrialStore:
-    """The run's trial store (``store.storage``; shared when several workers name it)."""
+class RunLock:
+    """A lock file in the run directory (``search.lock``), held shared by every
+    search process of the run for its lifetime, so that a starting process knows
+    whether it is the run's only live one.
+
+    :meth:`acquire` first tries the lock exclusively. Getting it means every other
+    process that searched from this directory has stopped (the kernel drops the
+    lock of a killed process), so its open claims in the trial store are dead: the
+    store fails them at once (``TrialStore(sole_in_run=True)``) instead of waiting
+    out ``store.grace_s``. :meth:`share` then holds the lock shared, beside any
+    workers of the run that start later. A gate file (``search.lock.gate``), held
+    exclusively for that step only, keeps two starting processes from both
+    trying at once and keeps a newcomer out until the old claims are judged.
+
+    The lock file also keeps the run's id, which the store records in each claim
+    of this run: only claims bearing it are taken over early. Workers of other
+    run directories (other machines on one PostgreSQL study, say) hold other
+    locks, so their claims still wait out ``store.grace_s``. A copied run
+    directory (a new lock file) gets a new id. Where the filesystem has no
+    ``flock``, nothing is taken over early.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "search.lock"
+        self.gate_path = run_dir / "search.lock.gate"
+        self.sole = False
+        """Whether no other process of this run was alive when this one started."""
+        self.run_id = ""
+        self._fh: IO[str] | None = None
+        self._gate: IO[str] | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            self._gate = open(self.gate_path, "a")  # noqa: SIM115 (held until share)
+            fcntl.flock(self._gate, fcntl.LOCK_EX)
+            self._fh = open(self.path, "a+")  # noqa: SIM115 (held until release)
+            try:
+                fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.sole = True
+            except BlockingIOError:  # others hold it shared (and wait at the gate for us)
+                fcntl.flock(self._fh, fcntl.LOCK_SH)
+            self.run_id = self._id(self._fh)
+        except OSError as err:
+            log.warning(
+                "cannot lock the run directory (%s): claims of stopped processes of this "
+                "run are taken over only after store.grace_s", err
+            )
+            self.release()
+            self.sole, self.run_id = False, ""
+            return self
+        if not self.sole:
+            self._leave_gate()
+        return self
+
+    def share(self) -> None:
+        """Hold the lock shared from now on, letting other processes of the run start."""
+        if self.sole and self._fh is not None and self._gate is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_SH)
+        self._leave_gate()
+
+    def release(self) -> None:
+        self._leave_gate()
+        if self._fh is not None:
+            self._fh.close()  # drops the lock
+            self._fh = None
+
+    def _leave_gate(self) -> None:
+        if self._gate is not None:
+            self._gate.close()
+            self._gate = None
+
+    @staticmethod
+    def _id(fh: IO[str]) -> str:
+        """The run's id, kept with the lock file's inode (a copy gets a new id)."""
+        inode = str(os.fstat(fh.fileno()).st_ino)
+        fh.seek(0)
+        words = fh.read().split()
+        if len(words) == 2 and words[1] == inode:
+            return words[0]
+        run_id = uuid.uuid4().hex[:12]
+        fh.truncate(0)
+        fh.write(f"{run_id} {inode}\n")
+        fh.flush()
+        return run_id
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _clear_journal_lock(journal: Path) -> None:
+    """A process killed while appending to a journal leaves the journal's lock file
+    behind, which Optuna breaks only after 30 s. Called when no process of this run
+    is alive, for the run directory's own journal: a lock older than a few seconds
+    (an append holds it for milliseconds) is left over, and is removed."""
+    lock = journal.with_name(journal.name + ".lock")
+    with contextlib.suppress(OSError):
+        if time.time() - lock.lstat().st_mtime > 2.0:
+            lock.unlink()
+            log.info("removed %s, left by a stopped process of this run", lock)
+
+
+def open_store(exp: Experiment, run: RunDir, lock: RunLock | None = None) -> TrialStore:
+    """The run's trial store (``store.storage``; shared when several workers name it).
+    With the run's ``lock`` taken alone, claims of the run's stopped processes are
+    taken over at once (see :class:`RunLock`)."""
     cfg = exp.cfg
+    sole = lock is not None and lock.sole
+    if sole and cfg.store.storage == "journal":
+        _clear_journal_lock(run.path / "trials.journal")
     return TrialStore(
         storage_url(cfg.store.storage, run.path),
         cfg.store.study or cfg.name,
@@ -352,6 +520,8 @@ def open_store(exp: Experiment, run: RunDir) -> TrialStore:
         metric=type(exp.evaluator).metric,
         signature=search_signature(cfg),
         grace_s=cfg.store.grace_s,
+        run_id=lock.run_id if lock is not None else "",
+        sole_in_run=sole,
     )
 
 
@@ -425,36 +595,31 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
     # (and Ray actors find the database and reference logits ready).
     _ = exp.database, exp.swapper, exp.evaluator
     metric = type(exp.evaluator).metric
-    optimizer: Optimizer[Any] = OPTIMIZERS.get(cfg.search.name)(
-        space, cfg.search.params, seed=cfg.seed
-    )
-    if not optimizer.budgeted and not space.cost_is_size:
-        raise EvocompError(
-            f"search {cfg.search.name!r} trades cost against quality, but space "
-            f"{cfg.space.name!r} counts removed sublayers, not size: use a joint space "
-            "(e.g. depth with sparsity) or an optimizer with a budget"
-        )
+    optimizer = exp.optimizer()
     exp.prepare(optimizer)
     # What a genome's genes are, so that analysis can rebuild the space without the model.
     _write_json(run.units, [dataclasses.asdict(u) for u in exp.units])
-    store = open_store(exp, run)
-    started = time.perf_counter()
-    done, total = optimizer.progress
-    bar = tqdm(total=total, initial=done, desc="search", unit="gen", disable=not exp.progress)
-    executor = EXECUTORS.get(cfg.executor.name)(exp.evaluation(), cfg.executor.params)
-    evaluations = _Evaluations(exp, store, executor, budgeted=optimizer.budgeted)
-    try:
-        with store, executor:
-            while requests := optimizer.ask():
-                records = evaluations(requests, optimizer.name)
-                optimizer.tell([r.fitness for r in records])
-                if optimizer.progress[0] != bar.n:
-                    bar.update(optimizer.progress[0] - bar.n)
-                    bar.set_postfix({metric: f"{optimizer.best_fitness:.4f}"})
-                    _write_best(run, exp, optimizer)
-    finally:
-        bar.close()
-        _write_trials(run, store)
+    # Held while searching, so that a later --resume knows whether this process lives.
+    with RunLock(run.path) as lock:
+        store = open_store(exp, run, lock)
+        lock.share()
+        started = time.perf_counter()
+        done, total = optimizer.progress
+        bar = tqdm(total=total, initial=done, desc="search", unit="gen", disable=not exp.progress)
+        executor = EXECUTORS.get(cfg.executor.name)(exp.evaluation(), cfg.executor.params)
+        evaluations = _Evaluations(exp, store, executor, budgeted=optimizer.budgeted)
+        try:
+            with store, executor:
+                while requests := optimizer.ask():
+                    records = evaluations(requests, optimizer.name)
+                    optimizer.tell([r.fitness for r in records])
+                    if optimizer.progress[0] != bar.n:
+                        bar.update(optimizer.progress[0] - bar.n)
+                        bar.set_postfix({metric: f"{optimizer.best_fitness:.4f}"})
+                        _write_best(run, exp, optimizer)
+        finally:
+            bar.close()
+            _write_trials(run, store)
     assert optimizer.best_genome is not None
     _write_best(run, exp, optimizer)
     result = SearchResult(

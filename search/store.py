@@ -26,6 +26,13 @@ splits every batch between them so that no candidate is evaluated twice or lost.
   lost its machine) is failed by whoever waits for it, and the job is claimed
   again, so nothing is lost. Heartbeats use wall clocks: keep the workers'
   clocks synchronised to well within ``grace_s``.
+* **Runs.** A worker may record the id of its run directory in its claims
+  (``run_id``). A worker that knows every other process of that run directory
+  has stopped (it holds the run directory's lock alone, see
+  :class:`evocomp.runner.RunLock`) opens the store with ``sole_in_run``: the open
+  claims of that run's other workers are dead, and are failed at once instead
+  of after ``grace_s``, so ``--resume`` after ``kill -9`` starts at once.
+  Claims of other run directories keep the heartbeat rule.
 * **One search per study.** The study remembers its units and a signature of the
   search settings (model, data, space, compressor, evaluator, optimizer, seed);
   a worker with different settings is refused instead of mixing results.
@@ -40,14 +47,16 @@ import contextlib
 import logging
 import math
 import os
+import random
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import optuna
 import pandas as pd
@@ -66,7 +75,13 @@ Key = tuple[Genome, int]
 _Held = tuple[int, int, FrozenTrial]
 """A trial holding a job: (trial number, trial id, trial)."""
 
+_T = TypeVar("_T")
+
 _ALIVE = "evocomp:alive:"
+_WAIT_LOG_S = 5.0
+"""A worker waiting this long on other workers' claims says so (then every 30 s)."""
+_RACES = ("UNIQUE constraint failed", "already exists", "duplicate key", "UniqueViolation")
+"""What a database says when two processes create its schema (or a study) at once."""
 _RESULTS = (TrialState.COMPLETE,)
 _HELD = (TrialState.RUNNING, TrialState.COMPLETE)
 """A job's claims and results: the lowest trial number among them owns it."""
@@ -111,6 +126,25 @@ class Claim:
     number: int
 
 
+def check_storage(spec: str) -> None:
+    """Refuse a ``store.storage`` that cannot be opened, before a run starts: a
+    ``journal:PATH`` whose folder does not exist, or a setting that is no URL."""
+    if spec in ("journal", "sqlite"):
+        return
+    if spec.startswith("journal:"):
+        folder = Path(spec.partition(":")[2]).expanduser().parent
+        if not folder.is_dir():
+            raise EvocompError(
+                f"store.storage={spec!r}: the folder {folder} does not exist (create it first)"
+            )
+        return
+    if "://" not in spec:
+        raise EvocompError(
+            f"store.storage={spec!r}: allowed: 'journal', 'journal:PATH', 'sqlite', or an "
+            "SQLAlchemy URL (sqlite:///PATH, postgresql+psycopg://...)"
+        )
+
+
 def storage_url(spec: str, run_dir: Path) -> str | BaseStorage:
     """Resolve a storage setting: ``journal`` (the run dir's trials.journal, an
     append-only file; the default), ``journal:PATH`` (e.g. on a shared filesystem),
@@ -126,7 +160,10 @@ def storage_url(spec: str, run_dir: Path) -> str | BaseStorage:
         from optuna.storages.journal import JournalFileBackend
 
         path = spec.partition(":")[2] or str(run_dir / "trials.journal")
-        return JournalStorage(JournalFileBackend(path))
+        try:
+            return JournalStorage(JournalFileBackend(str(Path(path).expanduser())))
+        except OSError as err:
+            raise EvocompError(f"store.storage={spec!r}: cannot open {path} ({err})") from None
     url = f"sqlite:///{run_dir / 'trials.db'}" if spec == "sqlite" else spec
     if url.startswith("sqlite:"):
         return _sqlite(url)
@@ -134,8 +171,13 @@ def storage_url(spec: str, run_dir: Path) -> str | BaseStorage:
 
 
 def _sqlite(url: str) -> BaseStorage:
+    """An SQLite storage in WAL mode. Creating it creates Optuna's tables, which two
+    processes must not do at once (the second fails on ``alembic_version``): that
+    happens under a lock file beside the database (``trials.db.lock``)."""
     import sqlalchemy
     from optuna.storages import RDBStorage
+
+    from evocomp.paths import locked
 
     def wal(dbapi_conn: object, _record: object) -> None:
         cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
@@ -143,13 +185,37 @@ def _sqlite(url: str) -> BaseStorage:
         cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it safe
         cur.close()
 
-    try:
+    def create() -> BaseStorage:
         storage = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        sqlalchemy.event.listen(storage.engine, "connect", wal)
+        storage.engine.dispose()  # reconnect with the pragmas
+        with storage.engine.connect():  # switch to WAL now, under the lock
+            pass
+        return storage
+
+    try:
+        db = sqlalchemy.engine.make_url(url).database
+        lock = Path(f"{db}.lock") if db and db != ":memory:" else None
+        # No lock (and no folder created for it) where SQLite itself will refuse.
+        if lock is None or not lock.parent.is_dir():
+            return _retry_races(create)
+        with locked(lock):
+            return _retry_races(create)  # still retried: other programs take no lock
     except Exception as err:
         raise EvocompError(f"cannot open trial store {url!r}: {err}") from None
-    sqlalchemy.event.listen(storage.engine, "connect", wal)
-    storage.engine.dispose()  # reconnect with the pragmas
-    return storage
+
+
+def _retry_races(create: Callable[[], _T], *, tries: int = 8) -> _T:
+    """``create()``, tried again (after a short random pause) when it lost a race
+    with another process creating the same tables or study (a unique-key error)."""
+    for attempt in range(tries):
+        try:
+            return create()
+        except Exception as err:
+            if attempt == tries - 1 or not any(race in str(err) for race in _RACES):
+                raise
+            time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def encode_genome(genome: Genome) -> str:
@@ -182,16 +248,28 @@ class TrialStore:
         signature: str = "",
         grace_s: float = 60.0,
         worker: str | None = None,
+        run_id: str = "",
+        sole_in_run: bool = False,
     ) -> None:
+        """``run_id`` names the run directory this worker searches from (recorded
+        in its claims); ``sole_in_run`` says that no other process of that run is
+        alive, so their open claims are taken over at once (module docstring)."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        try:
-            self.storage = optuna.storages.get_storage(storage)
-            study = optuna.create_study(
-                storage=self.storage,
+
+        def create() -> tuple[BaseStorage, optuna.Study]:
+            # A fresh database gets its tables here: two workers starting at once
+            # race on them, and the loser simply tries again.
+            storage_ = optuna.storages.get_storage(storage)
+            study_ = optuna.create_study(
+                storage=storage_,
                 study_name=study_name,
                 direction="minimize",
                 load_if_exists=True,
             )
+            return storage_, study_
+
+        try:
+            self.storage, study = _retry_races(create)
         except Exception as err:  # SQLAlchemy/driver errors: bad URL, server down
             raise EvocompError(f"cannot open trial store {storage!r}: {err}") from None
         self.study = study
@@ -214,11 +292,14 @@ class TrialStore:
         self.metric = metric
         self.grace_s = grace_s
         self.worker = worker or worker_name()
+        self.run_id = run_id
         self._index: dict[Key, Record] = {}
         self._seen: set[int] = set()
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
         self.refresh()
+        if sole_in_run and run_id:
+            self._take_over_run()
 
     # -- results -------------------------------------------------------------------
     def refresh(self) -> None:
@@ -334,6 +415,8 @@ class TrialStore:
         stale. Returns the keys that need claiming again (their owner failed)."""
         pending = [k for k in keys if k not in self._index]
         delay = poll_s
+        started = time.monotonic()
+        say_at = started + _WAIT_LOG_S
         while pending:
             self.refresh()
             pending = [k for k in pending if k not in self._index]
@@ -342,6 +425,7 @@ class TrialStore:
             held = self._claims()
             alive = self._last_seen(held)
             orphaned = []
+            holders: dict[str, int] = {}
             for key in pending:
                 claims = held.get(key, [])
                 live = [c for c in claims if self._is_live(c[2], alive)]
@@ -350,12 +434,31 @@ class TrialStore:
                         self._fail(c[1])
                 if not live:
                     orphaned.append(key)
+                for c in live[:1]:
+                    worker = c[2].user_attrs.get("worker", "")
+                    holders[worker] = holders.get(worker, 0) + 1
             if orphaned:
                 self.refresh()  # an owner may have finished just before we looked
                 return [k for k in orphaned if k not in self._index]
+            if time.monotonic() >= say_at:
+                self._say_waiting(holders, alive, time.monotonic() - started)
+                say_at = time.monotonic() + 30.0
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
         return []
+
+    def _say_waiting(self, holders: dict[str, int], alive: dict[str, float], waited: float) -> None:
+        """Log who this worker has been waiting for, and when their claims would be
+        taken over if they stay silent (they may well be busy and alive)."""
+        now = time.time()
+        for worker, count in sorted(holders.items()):
+            seen = alive.get(worker, now)
+            until = time.strftime("%H:%M:%S", time.localtime(seen + self.grace_s))
+            log.info(
+                "waited %.0f s for %d job(s) claimed by worker %s (last sign of life %.0f s "
+                "ago); if it stays silent its claims are taken over at %s (store.grace_s=%g)",
+                waited, count, worker, now - seen, until, self.grace_s,
+            )
 
     def _claims(self) -> dict[Key, list[_Held]]:
         """Open claims per job."""
@@ -369,13 +472,35 @@ class TrialStore:
         return out
 
     def _claim_attrs(self, job: Job) -> dict[str, object]:
-        return {
+        attrs: dict[str, object] = {
             "genome": encode_genome(job.genome),
             "tokens": job.tokens,
             "cost": job.cost,
             "role": job.role,
             "worker": self.worker,
         }
+        if self.run_id:
+            attrs["run"] = self.run_id
+        return attrs
+
+    def _take_over_run(self) -> None:
+        """Fail every open claim that another worker of this run made: this worker
+        was told it is the run's only live process, so they all stopped (killed)."""
+        dead: dict[str, int] = {}
+        for t in self.storage.get_all_trials(
+            self.study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        ):
+            a = t.user_attrs
+            if a.get("run") == self.run_id and a.get("worker", "") != self.worker:
+                self._fail(t._trial_id)
+                dead[a.get("worker", "")] = dead.get(a.get("worker", ""), 0) + 1
+        for worker, count in sorted(dead.items()):
+            # Its heartbeat is void too, so nobody counts it among the live workers.
+            self.storage.set_study_system_attr(self.study_id, _ALIVE + worker, 0.0)
+            log.info(
+                "taking over %d job(s) claimed by worker %s at once: it searched from "
+                "this run directory, and no other process of it is alive", count, worker,
+            )
 
     def _fail(self, trial_id: int) -> None:
         # Finished meanwhile (completed by its owner, or failed by another waiter): fine.

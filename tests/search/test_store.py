@@ -3,14 +3,18 @@ between workers sharing one study, and stale claims taken over."""
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 from conftest import fresh_database
 
 from evocomp.errors import EvocompError
+from evocomp.search import store as store_module
 from evocomp.search.store import Job, TrialStore, storage_url
 
 UNITS = ["a", "b", "c"]
@@ -197,3 +201,91 @@ def test_two_workers_share_a_postgresql_study(postgres_url):
     assert len(fresh) == 24
     complete = fresh.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 24
+
+
+# -- opening at once, runs stopped, long waits ----------------------------------------
+
+def _open_at_once(urls: list[str], root: str, barrier, results) -> None:
+    """In each of several processes: open each store the moment all are ready."""
+    for r, url in enumerate(urls):
+        barrier.wait()  # everyone opens the store at once
+        try:
+            store = open_store(storage_url(url, Path(root)))
+            results.put((r, store.study_id, ""))
+        except Exception as err:
+            results.put((r, None, repr(err)))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal", "postgresql"])
+def test_a_fresh_store_opened_by_many_processes_at_once_holds_one_study(
+    backend, tmp_path, request
+):
+    """Two processes creating a fresh SQLite store at once used to fail on Optuna's
+    schema (``UNIQUE constraint failed: alembic_version``)."""
+    n, rounds = 4, 3
+    if backend == "sqlite":
+        urls = [f"sqlite:///{tmp_path / f'r{r}.db'}" for r in range(rounds)]
+    elif backend == "journal":
+        urls = [f"journal:{tmp_path / f'r{r}.journal'}" for r in range(rounds)]
+    else:
+        server = request.getfixturevalue("postgres_url")
+        urls = [fresh_database(server) for _ in range(rounds)]
+    # Forked, so that they start with everything imported and race on the store alone
+    # (a store opened here first imports what opening an SQL store needs).
+    open_store(storage_url(f"sqlite:///{tmp_path / 'warm.db'}", tmp_path))
+    mp = multiprocessing.get_context("fork")
+    barrier, results = mp.Barrier(n), mp.Queue()
+    procs = [
+        mp.Process(target=_open_at_once, args=(urls, str(tmp_path), barrier, results))
+        for _ in range(n)
+    ]
+    for p in procs:
+        p.start()
+    seen = [results.get(timeout=120) for _ in range(n * rounds)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for r, url in enumerate(urls):
+        opened = [(study, err) for k, study, err in seen if k == r]
+        assert len(opened) == n and not any(err for _, err in opened), opened
+        assert len({study for study, _ in opened}) == 1
+        assert optuna.get_all_study_names(storage_url(url, tmp_path)) == ["s"]
+
+
+def test_claims_of_a_stopped_run_are_taken_over_at_once(url, caplog):
+    """A worker that holds its run directory's lock alone (so every other process
+    of that run has stopped) fails their open claims when it opens the store,
+    without waiting ``grace_s``; claims of other runs keep the heartbeat rule."""
+    killed = make(url, run_id="run-a", grace_s=600)
+    killed.claim(jobs(2))
+    elsewhere = make(url, run_id="run-b", grace_s=600)  # another run dir, alive
+    with elsewhere:
+        elsewhere.claim([jobs(3)[2]])
+        with caplog.at_level(logging.INFO, logger="evocomp"):
+            resumed = make(url, run_id="run-a", sole_in_run=True, grace_s=600)
+        assert f"taking over 2 job(s) claimed by worker {killed.worker}" in caplog.text
+        mine, waiting = resumed.claim(jobs(3))
+        assert [c.job for c in mine] == jobs(2) and waiting == [jobs(3)[2].key]
+        assert killed.worker not in resumed.alive_workers()
+        assert elsewhere.worker in resumed.alive_workers()
+        # The new claims carry the run's id too, for the next resume.
+        running = resumed.study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        assert {t.user_attrs["run"] for t in running} == {"run-a", "run-b"}
+    # A worker of the run that is not alone (another process of it lives) takes nothing.
+    joined = make(url, run_id="run-a", grace_s=600)
+    assert joined.claim(jobs(2)) == ([], [j.key for j in jobs(2)])
+
+
+def test_a_long_wait_on_other_workers_is_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(store_module, "_WAIT_LOG_S", 0.2)
+    url = f"sqlite:///{tmp_path / 'trials.db'}"
+    busy, waiter = make(url, grace_s=600), make(url, grace_s=600)
+    with busy:
+        (claim,), _ = busy.claim(jobs(1))
+        t = threading.Timer(0.6, busy.complete, (claim, 1.0, {"kl": 1.0}, 0.6))
+        t.start()
+        with caplog.at_level(logging.INFO, logger="evocomp"):
+            assert waiter.wait([claim.job.key]) == []
+        t.join()
+    assert f"for 1 job(s) claimed by worker {busy.worker}" in caplog.text
+    assert "taken over at" in caplog.text and "store.grace_s=600" in caplog.text
