@@ -98,7 +98,19 @@ def load_books(path: str | None = None) -> list[str]:
 def load_text(path: str | None = None) -> list[str]:
     """Local text: a ``.txt`` file (documents separated by blank lines), a ``.jsonl``
     file with a ``text`` field per line, or a directory of ``.txt`` files (one
-    document per file, searched recursively)."""
+    document per file, searched recursively), all UTF-8."""
+    try:
+        return _load_text(path)
+    except UnicodeDecodeError as err:
+        raise EvocompError(
+            f"data.path {path!r} holds a file that is not UTF-8 text ({err.reason} at byte "
+            f"{err.start})"
+        ) from None
+    except OSError as err:
+        raise EvocompError(f"data.path {path!r}: cannot read it ({err.strerror})") from None
+
+
+def _load_text(path: str | None) -> list[str]:
     if path is None:
         raise EvocompError("corpus 'text' needs data.path: a .txt or .jsonl file or a directory")
     root = Path(path).expanduser()

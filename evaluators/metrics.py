@@ -55,6 +55,16 @@ def _kl_and_nll(
     return kl.item(), nll.item()
 
 
+def perplexity(mean_nll: float) -> float:
+    """``exp(mean_nll)``; ``inf`` where that overflows a float (a diverged model
+    whose loss passes ~709 nats), so the candidate ranks last instead of the search
+    dying on it."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
 class KLEvaluatorParams(EvaluatorParams):
     """Options of :class:`KLEvaluator`."""
 
@@ -114,7 +124,7 @@ class KLEvaluator(Evaluator[KLEvaluatorParams]):
         n_pred = count - n  # the last position of each sequence predicts nothing we hold
         return {
             "kl": kl_sum / count,
-            "ppl": math.exp(nll_sum / n_pred),
+            "ppl": perplexity(nll_sum / n_pred),
             "tokens": float(count),
         }
 
@@ -137,4 +147,4 @@ class PerplexityEvaluator(Evaluator[EvaluatorParams]):
                     logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
                 ).item()
                 count += target.numel()
-        return {"ppl": math.exp(nll_sum / count), "tokens": float(n * self.tokens.shape[1])}
+        return {"ppl": perplexity(nll_sum / count), "tokens": float(n * self.tokens.shape[1])}

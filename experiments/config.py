@@ -4,6 +4,7 @@ field and the allowed values, and ``--set key=value`` overrides."""
 from __future__ import annotations
 
 import difflib
+import re
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -114,6 +115,19 @@ class UnitsConfig(StrictModel):
         default_factory=list, description="units to leave out, matched like targets"
     )
 
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as err:
+                    raise ValueError(f"{pattern!r} is not a regular expression ({err})") from None
+            elif not pattern:
+                raise ValueError("an empty pattern matches nothing")
+        return patterns
+
 
 class DatabaseConfig(StrictModel):
     path: str | None = Field(None, description="default: <cache>/databases/<compressor>-<key>")
@@ -161,7 +175,9 @@ class FinalEvalConfig(StrictModel):
 class Config(StrictModel):
     """A whole experiment. Every section has defaults; see experiments/configs/."""
 
-    name: str = Field("evocomp", description="the experiment; names the run dir and study")
+    name: str = Field(
+        "evocomp", description="the experiment; names the run dir (runs/<name>) and study"
+    )
     seed: int = Field(0, description="seed of the search (every optimizer is deterministic)")
     run_dir: str | None = Field(None, description="default: runs/<name>")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -176,6 +192,15 @@ class Config(StrictModel):
     store: StoreConfig = Field(default_factory=StoreConfig)
     final_eval: FinalEvalConfig = Field(default_factory=FinalEvalConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, name: str) -> str:
+        # The name becomes a folder (runs/<name>) and a study name: refuse what
+        # would point elsewhere or nowhere.
+        if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"{name!r} must be a non-empty name without slashes")
+        return name
+
     def dump(self) -> dict[str, Any]:
         """The fully resolved config, every default written out."""
         out = self.model_dump(mode="json")
@@ -186,7 +211,7 @@ class Config(StrictModel):
 
 def _format_error(err: Any, root: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         allowed = _fields_at(root, err["loc"][:-1])
         if allowed:
@@ -209,7 +234,8 @@ def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
 
 
 def format_validation_error(err: ValidationError, root: type[BaseModel] = Config) -> str:
-    return "\n".join(f"  {_format_error(e, root)}" for e in err.errors())
+    """Every problem of ``err`` on one line, each naming its field."""
+    return "; ".join(_format_error(e, root) for e in err.errors())
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -220,14 +246,28 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise EvocompError(f"--set expects key=value, got {pair!r}")
-        node = out
         parts = key.split(".")
+        if not all(parts):
+            raise EvocompError(
+                f"--set {key}: a key is section names joined by single dots "
+                "(e.g. search.generations)"
+            )
+        node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise EvocompError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise EvocompError(
+                f"--set {key}: {raw!r} is not valid YAML ({_one_line(err)})"
+            ) from None
     return out
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -271,15 +311,31 @@ def load_config(spec: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {}
     if spec is not None:
         path = resolve_config_path(str(spec))
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise EvocompError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise EvocompError(f"{path} must hold a mapping of config sections")
+        data = read_yaml(path, holds="config sections")
     data = _merge(data, parse_overrides(overrides or []))
     try:
         return Config.model_validate(data)
     except ValidationError as err:
         where = f" in {spec}" if spec else ""
-        raise EvocompError(f"invalid config{where}:\n{format_validation_error(err)}") from None
+        raise EvocompError(f"invalid config{where}: {format_validation_error(err)}") from None
+
+
+def read_yaml(path: Path, *, holds: str) -> dict[str, Any]:
+    """The mapping a YAML file (a config or a sweep) holds; ``holds`` says what it
+    should hold, for errors. An empty file is refused rather than read as "all
+    defaults", which would silently run the built-in model and search."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise EvocompError(f"{path} is not a UTF-8 text file (YAML: {holds})") from None
+    except OSError as err:
+        raise EvocompError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise EvocompError(f"{path} is not valid YAML: {_one_line(err)}") from None
+    if data is None:
+        raise EvocompError(f"{path} is empty; it must hold {holds} (or name a built-in)")
+    if not isinstance(data, dict):
+        raise EvocompError(f"{path} must hold a mapping of {holds}")
+    return data

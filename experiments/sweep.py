@@ -40,6 +40,7 @@ from evocomp.config import (
     Config,
     format_validation_error,
     load_config,
+    read_yaml,
     resolve_config_path,
     resolve_yaml,
 )
@@ -192,12 +193,7 @@ def resolve_sweep_path(spec: str | Path) -> Path:
 def load_sweep(spec: str | Path) -> SweepConfig:
     """Read and validate a sweep file (or built-in sweep name)."""
     path = resolve_sweep_path(spec)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise EvocompError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise EvocompError(f"{path} must hold a mapping (name, base, set, grid or optuna, ...)")
+    data = read_yaml(path, holds="sweep settings (name, base, set, grid or optuna, ...)")
     data = {"base": "quickstart", **data}
     base = Path(str(data["base"])).expanduser()
     # A relative base is looked up beside the sweep file first, then as usual.
@@ -207,7 +203,7 @@ def load_sweep(spec: str | Path) -> SweepConfig:
         return SweepConfig.model_validate(data)
     except ValidationError as err:
         raise EvocompError(
-            f"invalid sweep {path}:\n{format_validation_error(err, SweepConfig)}"
+            f"invalid sweep {path}: {format_validation_error(err, SweepConfig)}"
         ) from None
 
 

@@ -92,6 +92,12 @@ class Optimizer(ABC, Generic[P]):
     @abstractmethod
     def tell(self, fitness: list[float]) -> None: ...
 
+    @abstractmethod
+    def token_budgets(self) -> dict[str, int]:
+        """Every token budget the optimizer will ask for, by its option's name (e.g.
+        ``{"stages[1].tokens": 4096}``). Called once before the search, so that a
+        budget larger than the search split is refused before anything runs."""
+
     @property
     @abstractmethod
     def progress(self) -> tuple[int, int]:

@@ -69,6 +69,9 @@ class OneShot(Optimizer[P]):
     def progress(self) -> tuple[int, int]:
         return int(self._done), 1
 
+    def token_budgets(self) -> dict[str, int]:
+        return {"tokens": self.params.tokens}
+
 
 @OPTIMIZERS.register("drop-last")
 class DropLast(OneShot[OneShotParams]):
@@ -157,6 +160,9 @@ class SLEB(GeneratorOptimizer[SLEBParams]):
         self.depth = _depth_space(space, self.name)
         self._removed = 0
         super().__init__(space, params, seed=seed)
+
+    def token_budgets(self) -> dict[str, int]:
+        return {"tokens": self.params.tokens}
 
     @property
     def progress(self) -> tuple[int, int]:

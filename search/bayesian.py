@@ -155,6 +155,9 @@ class OptunaSearch(GeneratorOptimizer[OptunaSearchParams]):
         self._names = names
         self._dists = {n: IntDistribution(0, space.n_levels(i) - 1) for i, n in enumerate(names)}
 
+    def token_budgets(self) -> dict[str, int]:
+        return {"tokens": self.params.tokens}
+
     @property
     def progress(self) -> tuple[int, int]:
         return self._done, self.params.trials

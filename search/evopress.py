@@ -85,6 +85,9 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
     def generation(self) -> int:
         return self._generation
 
+    def token_budgets(self) -> dict[str, int]:
+        return {f"stages[{k}].tokens": stage.tokens for k, stage in enumerate(self.params.stages)}
+
     @property
     def progress(self) -> tuple[int, int]:
         return self.generation, self.params.generations

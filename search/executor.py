@@ -76,6 +76,13 @@ class Executor(ABC, Generic[P]):
         self.evaluation = evaluation
         self.params: P = params
 
+    @classmethod
+    def check(cls, params: Any, *, device: str) -> None:
+        """Called before a run starts, with the options (a ``cls.Params``) and the
+        evaluating model's device: refuse settings that cannot work, with a message
+        naming the option. Every setting works in process."""
+        return None
+
     @property
     def workers(self) -> int:
         """How many jobs run at once; batches of at least this size keep it busy."""
@@ -220,7 +227,7 @@ class RayExecutor(Executor[RayExecutorParams]):
         self._ray = ray
         self._started = False
         self._actors: list[Any] = []
-        _check_device(evaluation.device, params)
+        self.check(params, device=evaluation.device)
         # Built (or opened) here first, so that actors never build them concurrently.
         evaluation.setup()
         try:
@@ -229,6 +236,11 @@ class RayExecutor(Executor[RayExecutorParams]):
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def check(cls, params: RayExecutorParams, *, device: str) -> None:
+        """A CUDA model needs GPUs per worker, and each worker sees only its own."""
+        _check_device(params, device)
 
     @property
     def workers(self) -> int:
@@ -334,7 +346,7 @@ class RayExecutor(Executor[RayExecutorParams]):
         self._started = False
 
 
-def _check_device(device: str, params: RayExecutorParams) -> None:
+def _check_device(params: RayExecutorParams, device: str) -> None:
     if device.startswith("cuda") and params.gpus_per_worker == 0:
         raise EvocompError(
             f"model.device is {device!r} but executor.gpus_per_worker is 0: give each Ray "

@@ -120,6 +120,9 @@ class _Evolution(GeneratorOptimizer[V]):
     def generation(self) -> int:
         return self._generation
 
+    def token_budgets(self) -> dict[str, int]:
+        return {"tokens": self.params.tokens}
+
     @property
     def progress(self) -> tuple[int, int]:
         return self._generation, self.params.generations

@@ -37,6 +37,9 @@ class RandomSearch(GeneratorOptimizer[RandomSearchParams]):
         super().__init__(space, params, seed=seed)
         self._done = 0
 
+    def token_budgets(self) -> dict[str, int]:
+        return {"tokens": self.params.tokens}
+
     @property
     def progress(self) -> tuple[int, int]:
         return self._done, self.params.samples

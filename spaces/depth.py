@@ -43,6 +43,11 @@ from evocomp.spaces.units import SUBLAYER_KINDS, Unit
 _GROUP_BLOCKS = {"sublayer": 0, "block": 1, "pair": 2}
 
 
+def _shown(counts: list[int]) -> str:
+    cut = counts if len(counts) <= 8 else [*counts[:3], "...", counts[-1]]
+    return ", ".join(map(str, cut)) or "none"
+
+
 class DepthParams(StrictModel):
     """Options of the ``depth`` space."""
 
@@ -139,13 +144,29 @@ class DepthSpace(LevelSpace[DepthParams]):
             want = p.remove_fraction * len(self)
             return min(reachable, key=lambda r: (abs(r - want), r))
         if p.remove not in reachable:
-            cut = reachable if len(reachable) <= 8 else [*reachable[:3], "...", reachable[-1]]
-            shown = ", ".join(map(str, cut))
             raise EvocompError(
                 f"space.remove={p.remove} cannot be met with granularity {p.granularity!r} "
-                f"over {len(self)} sublayers; allowed: {shown}"
+                f"over {len(self)} sublayers; allowed: {_shown(reachable)} "
+                f"(a depth search itself: {_shown(self._searchable(reachable))})"
             )
         return p.remove
+
+    def _searchable(self, reachable: list[int]) -> list[int]:
+        """The counts a depth search can move from: some removed, some kept."""
+        return [r for r in reachable if 0 < r < len(self)]
+
+    def check_movable(self) -> None:
+        """Removing nothing or everything leaves nothing to swap: say which counts work."""
+        reachable = [0]
+        for grp in reversed(self.groups):
+            reachable.append(reachable[-1] + len(grp))
+        if self._remove not in self._searchable(reachable):
+            raise EvocompError(
+                f"space.remove={self._remove} leaves no removed and kept sublayers to swap; "
+                f"a depth search needs one of: {_shown(self._searchable(reachable))} "
+                "(0 works as a part of a joint space)"
+            )
+        super().check_movable()
 
     def _drop_last(self) -> Genome:
         g = [0] * len(self)

@@ -26,11 +26,14 @@ class SparsityParams(StrictModel):
         lo = self.target - self.levels * self.step
         hi = self.target + self.levels * self.step
         if lo < -1e-9 or hi > 1 + 1e-9:
-            fit = int(min(self.target, 1 - self.target) / self.step + 1e-9)
+            room = min(self.target, 1 - self.target)
+            fit = int(room / self.step + 1e-9)
+            hint = (
+                f"at most {fit} levels fit on each side" if fit >= 1 else "no level fits"
+            ) + f"; or use step <= {room / self.levels:.4g} for levels={self.levels}"
             raise ValueError(
                 f"levels={self.levels} with step={self.step} around target={self.target} "
-                f"reaches sparsity {lo:.3g}..{hi:.3g}, outside [0, 1]; at most {fit} "
-                "levels fit on each side"
+                f"reaches sparsity {lo:.3g}..{hi:.3g}, outside [0, 1]; {hint}"
             )
         return self
 

@@ -109,3 +109,16 @@ def test_reference_is_cached_on_disk(tiny_model, tmp_path):
 def test_evaluators_are_registered():
     assert EVALUATORS.get("kl") is KLEvaluator
     assert EVALUATORS.get("ppl") is PerplexityEvaluator
+
+
+def test_a_diverged_model_scores_infinite_perplexity_instead_of_failing(tiny_model):
+    """A per-token loss past ~709 nats overflows exp(): the candidate ranks last
+    (perplexity inf, finite KL) instead of the search dying on it."""
+    tokens = _tokens()
+    kl = KLEvaluator.create(tiny_model, tokens, KLEvaluator.Params(), progress=False)
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(1e5)
+    ppl = PerplexityEvaluator(tokens).evaluate(tiny_model)
+    assert ppl["ppl"] == math.inf
+    m = kl.evaluate(tiny_model)
+    assert m["ppl"] == math.inf and math.isfinite(m["kl"]) and m["kl"] > 100

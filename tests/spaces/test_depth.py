@@ -56,8 +56,12 @@ def test_remove_fraction_snaps_to_a_reachable_count():
 def test_unreachable_counts_and_wrong_units_are_errors():
     with pytest.raises(EvocompError, match=r"remove=3 .*'block'.*allowed: 0, 2, 4"):
         _space(remove=3, granularity="block")
-    with pytest.raises(EvocompError, match=r"allowed: 0, 1, 2, \.\.\., 8$"):
+    with pytest.raises(EvocompError, match=r"allowed: 0, 1, 2, \.\.\., 8 \(a depth search "
+                       r"itself: 1, 2, 3, 4, 5, 6, 7\)$"):
         _space(remove=9)
+    for whole in (0, 8):  # nothing to swap: the message gives the counts that work
+        with pytest.raises(EvocompError, match=r"needs one of: 1, 2, 3, 4, 5, 6, 7"):
+            _space(remove=whole).check_movable()
     with pytest.raises(EvocompError, match="sublayer units"):
         DepthSpace(find_linear_units(tiny_llama()), DepthSpace.Params(remove=1))
     with pytest.raises(EvocompError, match="only 4"):
