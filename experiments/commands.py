@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,10 +62,13 @@ def search(
             raise EvocompError("--set cannot change a run being resumed; start a new run")
     else:
         cfg = load_config(config or "quickstart", overrides)
+    exp = Experiment(cfg, progress=progress)
+    # Everything that can fail is checked before the run directory exists, so a
+    # failed start leaves nothing behind that would block the fixed rerun.
+    exp.check(final_eval=final and cfg.final_eval.enabled)
     run = prepare_run_dir(cfg, resume=bool(resume))
     with _logging_to(run.log):
         log.info("run directory: %s", run.path)
-        exp = Experiment(cfg, progress=progress)
         result = run_search(exp, run)
         print(f"best genome and per-layer levels: {run.best}")
         if final and cfg.final_eval.enabled:
@@ -179,7 +183,7 @@ def evaluate(
         cfg = cfg.model_copy(update={"final_eval": FinalEvalConfig(**fe)})
     except ValidationError as err:
         raise EvocompError(
-            "bad evaluation options:\n" + format_validation_error(err, FinalEvalConfig)
+            "bad evaluation options: " + format_validation_error(err, FinalEvalConfig)
         ) from None
     with _logging_to(run.log):
         report = final_eval(Experiment(cfg, progress=progress), run, best)
@@ -192,11 +196,17 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
     """Write the searched model so plain ``from_pretrained(out)`` loads it."""
     cfg, run = load_run_config(run_dir)
     best = load_best(run)
+    if out.exists() and not out.is_dir():
+        raise EvocompError(f"--out {out} is a file; choose a new --out directory")
     if out.exists() and any(out.iterdir()):
-        raise EvocompError(f"{out} exists and is not empty; choose a new --out directory")
-    exp = Experiment(cfg, progress=progress)
+        raise EvocompError(f"--out {out} exists and is not empty; choose a new --out directory")
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:  # before loading the model: an unwritable place fails at once
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise EvocompError(f"--out {out}: cannot write there ({err.strerror})") from None
+    exp = Experiment(cfg, progress=progress)
     empty = _fully_removed_blocks(exp, best)
     with exp.applied(best, export=True) as model, without_blocks(model, empty):
         model.save_pretrained(tmp)
@@ -214,11 +224,22 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
             indent=2,
         )
     )
+    _normal_modes(tmp)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
     print(f"exported to {out}")
     return 0
+
+
+def _normal_modes(folder: Path) -> None:
+    """Give the exported files the modes of any file written here (safetensors
+    writes its own as 0600): readable by whom the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _fully_removed_blocks(exp: Experiment, genome: tuple[int, ...]) -> set[int]:

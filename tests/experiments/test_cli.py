@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -53,6 +54,10 @@ def test_search_eval_export_reload(tmp_path, tiny_model_dir, capsys):
     heldout = runner.Experiment(cfg_obj, progress=False).splits.heldout
     ppl = PerplexityEvaluator(heldout).evaluate(model)["ppl"]
     assert ppl == pytest.approx(report["ppl"]["searched"], rel=1e-5)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in export.iterdir():  # safetensors alone would write its file as 0600
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     layers = json.loads((export / "evocomp.json").read_text())["layers"]
     for row in layers:
         w = model.get_submodule(row["unit"]).weight
@@ -235,3 +240,21 @@ def test_space_and_compressor_kinds_must_match(tmp_path, tiny_model_dir, capsys)
     cfg = search_config(tmp_path, tiny_model_dir, space={"name": "bits", "target": 3.0})
     assert main(["-q", "search", cfg]) == 2
     assert "space 'bits' needs a bits compressor ('gptq', 'rtn')" in capsys.readouterr().err
+
+
+def test_a_failed_start_never_blocks_the_fixed_rerun(tmp_path, tiny_model_dir, capsys):
+    """Errors found before the search leave no run directory; a directory that holds
+    no evaluation (a start that died before its first one) is free to use again."""
+    cfg = search_config(tmp_path, tiny_model_dir, search={"generations": 1})
+    run = tmp_path / "runs" / "tiny"
+    assert main(["-q", "search", cfg, "--set", "units.targets=[nothing]"]) == 2
+    assert not run.exists()
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("name: broken\n")  # what an older failed start left
+    (run / "search.log").write_text("")
+    assert main(["-q", "search", cfg, "--no-eval"]) == 0
+    assert "name: tiny" in (run / "config.yaml").read_text()
+    assert (run / "best.json").exists()
+    capsys.readouterr()
+    assert main(["-q", "search", cfg, "--no-eval"]) == 2  # now it holds a run
+    assert "already holds a run" in capsys.readouterr().err
