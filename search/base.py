@@ -12,11 +12,19 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, ClassVar, Generic, TypeVar
 
+from pydantic import Field
+
 from evocomp.registry import Registry, StrictModel
 from evocomp.spaces.base import Genome, SearchSpace
 from evocomp.spaces.units import Unit
 
 P = TypeVar("P", bound=StrictModel)
+
+
+class OneBudgetParams(StrictModel):
+    """Options of an optimizer that scores every genome at one token budget."""
+
+    tokens: int = Field(2048, gt=0, description="evaluation tokens per genome")
 
 
 @dataclass(frozen=True)
@@ -92,11 +100,14 @@ class Optimizer(ABC, Generic[P]):
     @abstractmethod
     def tell(self, fitness: list[float]) -> None: ...
 
-    @abstractmethod
     def token_budgets(self) -> dict[str, int]:
         """Every token budget the optimizer will ask for, by its option's name (e.g.
         ``{"stages[1].tokens": 4096}``). Called once before the search, so that a
-        budget larger than the search split is refused before anything runs."""
+        budget larger than the search split is refused before anything runs. The
+        default serves optimizers whose options are :class:`OneBudgetParams`."""
+        if isinstance(self.params, OneBudgetParams):
+            return {"tokens": self.params.tokens}
+        raise NotImplementedError(f"{type(self).__name__} must name its token budgets")
 
     @property
     @abstractmethod

@@ -17,8 +17,14 @@ from typing import Any, TypeVar
 from pydantic import Field
 
 from evocomp.errors import EvocompError
-from evocomp.registry import StrictModel
-from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Measurement, Optimizer, Request
+from evocomp.search.base import (
+    OPTIMIZERS,
+    GeneratorOptimizer,
+    Measurement,
+    OneBudgetParams,
+    Optimizer,
+    Request,
+)
 from evocomp.spaces.base import Genome, SearchSpace
 from evocomp.spaces.depth import DepthSpace
 
@@ -32,10 +38,9 @@ def _depth_space(space: SearchSpace[Any], optimizer: str) -> DepthSpace:
     return space
 
 
-class OneShotParams(StrictModel):
+class OneShotParams(OneBudgetParams):
     """Options of :class:`OneShot`."""
 
-    tokens: int = Field(2048, gt=0, description="evaluation tokens for the genome")
 
 
 P = TypeVar("P", bound=OneShotParams)
@@ -68,9 +73,6 @@ class OneShot(Optimizer[P]):
     @property
     def progress(self) -> tuple[int, int]:
         return int(self._done), 1
-
-    def token_budgets(self) -> dict[str, int]:
-        return {"tokens": self.params.tokens}
 
 
 @OPTIMIZERS.register("drop-last")
@@ -137,10 +139,9 @@ class ShortGPT(OneShot[ShortGPTParams]):
         return self._genome
 
 
-class SLEBParams(StrictModel):
+class SLEBParams(OneBudgetParams):
     """Options of :class:`SLEB`."""
 
-    tokens: int = Field(2048, gt=0, description="evaluation tokens per candidate")
 
 
 @OPTIMIZERS.register("sleb")
@@ -160,9 +161,6 @@ class SLEB(GeneratorOptimizer[SLEBParams]):
         self.depth = _depth_space(space, self.name)
         self._removed = 0
         super().__init__(space, params, seed=seed)
-
-    def token_budgets(self) -> dict[str, int]:
-        return {"tokens": self.params.tokens}
 
     @property
     def progress(self) -> tuple[int, int]:

@@ -68,10 +68,10 @@ from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, Trial
 from pydantic import Field
 
-from evocomp.registry import StrictModel
 from evocomp.search.base import (
     OPTIMIZERS,
     GeneratorOptimizer,
+    OneBudgetParams,
     Point,
     Request,
     cost_spread,
@@ -100,7 +100,7 @@ def _constraint_attrs(value: float) -> dict[str, Any]:
     return {f"constraints:{_CONSTRAINT}": value} if _SET_CONSTRAINT else {"constraints": (value,)}
 
 
-class OptunaSearchParams(StrictModel):
+class OptunaSearchParams(OneBudgetParams):
     """Options of :class:`OptunaSearch`."""
 
     sampler: Literal["tpe", "gp", "nsga2", "random"] = Field(
@@ -114,7 +114,6 @@ class OptunaSearchParams(StrictModel):
         "fitness-cost front, no budget (requests are valid, not feasible)",
     )
     trials: int = Field(128, ge=1, description="evaluations (distinct genomes)")
-    tokens: int = Field(2048, gt=0, description="evaluation tokens per genome")
     batch: int = Field(8, ge=1, description="trials asked before any is told")
     startup: int = Field(
         16,
@@ -154,9 +153,6 @@ class OptunaSearch(GeneratorOptimizer[OptunaSearchParams]):
             names = [f"{i}:{n}" for i, n in enumerate(names)]
         self._names = names
         self._dists = {n: IntDistribution(0, space.n_levels(i) - 1) for i, n in enumerate(names)}
-
-    def token_budgets(self) -> dict[str, int]:
-        return {"tokens": self.params.tokens}
 
     @property
     def progress(self) -> tuple[int, int]:

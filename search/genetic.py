@@ -61,10 +61,10 @@ from typing import Any, Literal, TypeVar
 from deap import base, tools
 from pydantic import Field, model_validator
 
-from evocomp.registry import StrictModel
 from evocomp.search.base import (
     OPTIMIZERS,
     GeneratorOptimizer,
+    OneBudgetParams,
     Point,
     Request,
     cost_spread,
@@ -119,9 +119,6 @@ class _Evolution(GeneratorOptimizer[V]):
     @property
     def generation(self) -> int:
         return self._generation
-
-    def token_budgets(self) -> dict[str, int]:
-        return {"tokens": self.params.tokens}
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -184,7 +181,7 @@ class _Evolution(GeneratorOptimizer[V]):
             self.consider(g, score)
 
 
-class _VariationParams(StrictModel):
+class _VariationParams(OneBudgetParams):
     """The options the GA and NSGA-II share."""
 
     population: int = Field(16, ge=2, description="μ: genomes that survive each generation")
@@ -201,7 +198,6 @@ class _VariationParams(StrictModel):
     max_switches: int = Field(
         3, ge=1, description="a mutant gets 1..this many moves (ga: level switches; nsga2: steps)"
     )
-    tokens: int = Field(2048, gt=0, description="evaluation tokens per genome")
 
     @model_validator(mode="after")
     def _var_or(self) -> _VariationParams:

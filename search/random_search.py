@@ -8,16 +8,14 @@ from typing import Any
 
 from pydantic import Field
 
-from evocomp.registry import StrictModel
-from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Request
+from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, OneBudgetParams, Request
 from evocomp.spaces.base import SearchSpace
 
 
-class RandomSearchParams(StrictModel):
+class RandomSearchParams(OneBudgetParams):
     """Options of :class:`RandomSearch`."""
 
     samples: int = Field(64, ge=1, description="random feasible genomes scored")
-    tokens: int = Field(2048, gt=0, description="evaluation tokens per genome")
     batch: int = Field(8, ge=1, description="genomes per ask")
 
 
@@ -36,9 +34,6 @@ class RandomSearch(GeneratorOptimizer[RandomSearchParams]):
     ) -> None:
         super().__init__(space, params, seed=seed)
         self._done = 0
-
-    def token_budgets(self) -> dict[str, int]:
-        return {"tokens": self.params.tokens}
 
     @property
     def progress(self) -> tuple[int, int]:
