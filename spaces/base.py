@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from random import Random
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from evocomp.errors import EvocompError
@@ -127,11 +128,11 @@ class SearchSpace(ABC, Generic[P]):
         """Every smallest change of ``genome`` that keeps it valid, whatever its cost."""
 
     @abstractmethod
-    def mutate(self, genome: Genome, rng: random.Random, *, switches: int = 1) -> Genome:
+    def mutate(self, genome: Genome, rng: Random, *, switches: int = 1) -> Genome:
         """A feasible neighbour of a feasible ``genome`` (``switches`` small moves)."""
 
     @abstractmethod
-    def repair(self, genome: Genome, rng: random.Random) -> Genome:
+    def repair(self, genome: Genome, rng: Random) -> Genome:
         """Any genome (e.g. after crossover) made feasible and brought up to the budget."""
 
     def make_valid(self, genome: Genome) -> Genome:
@@ -165,7 +166,7 @@ class SearchSpace(ABC, Generic[P]):
     def is_feasible(self, genome: Genome) -> bool:
         return self.is_valid(genome) and self.cost(genome) <= self.budget
 
-    def random(self, rng: random.Random, *, steps: int | None = None) -> Genome:
+    def random(self, rng: Random, *, steps: int | None = None) -> Genome:
         """A random feasible genome: a random walk of mutations from the start, so it
         keeps the start's use of the budget."""
         genome = self.uniform()
@@ -174,7 +175,7 @@ class SearchSpace(ABC, Generic[P]):
         return genome
 
     def wander(
-        self, genome: Genome, rng: random.Random, *, steps: int, rise: float = 0.5
+        self, genome: Genome, rng: Random, *, steps: int, rise: float = 0.5
     ) -> Genome:
         """A random walk of ``steps`` smallest valid changes (:meth:`steps`) from a
         valid ``genome``, whatever the budget: each one raises the cost with
@@ -198,7 +199,7 @@ class SearchSpace(ABC, Generic[P]):
             stuck.clear()
         return tuple(g)
 
-    def _directed_step(self, g: list[int], rng: random.Random, up: bool) -> Step | None:
+    def _directed_step(self, g: list[int], rng: Random, up: bool) -> Step | None:
         """A random step of ``g`` that raises (``up``) or lowers its cost, or None."""
         genome = tuple(g)
 
@@ -217,7 +218,7 @@ class SearchSpace(ABC, Generic[P]):
         rng.shuffle(options)
         return next((s for s in options if wanted(s)), None)
 
-    def random_step(self, genome: Genome, rng: random.Random) -> Step | None:
+    def random_step(self, genome: Genome, rng: Random) -> Step | None:
         """One of :meth:`steps` at random, or None when there is none. Spaces that
         can draw one without listing them all override it (:meth:`wander` speed)."""
         options = self.steps(genome)
@@ -309,7 +310,7 @@ class LevelSpace(SearchSpace[P]):
             if 0 <= g + s < self.n_levels(i)
         ]
 
-    def random_step(self, genome: Genome, rng: random.Random) -> Step | None:
+    def random_step(self, genome: Genome, rng: Random) -> Step | None:
         """One gene a level up or down (the other way at the end of its range)."""
         for _ in range(_DRAWS):
             i = rng.randrange(len(genome))
@@ -324,7 +325,7 @@ class LevelSpace(SearchSpace[P]):
     def _delta(self, g: Sequence[int], step: Step) -> int:
         return sum(self.level_cost(i, lv) - self.level_cost(i, g[i]) for i, lv in step.items())
 
-    def mutate(self, genome: Genome, rng: random.Random, *, switches: int = 1) -> Genome:
+    def mutate(self, genome: Genome, rng: Random, *, switches: int = 1) -> Genome:
         """EvoPress level switch, ``switches`` times: move one gene a level up or
         down and another gene the opposite way by exactly the same cost, so the
         total cost is unchanged. Returns ``genome`` unchanged if no switch exists."""
@@ -335,7 +336,7 @@ class LevelSpace(SearchSpace[P]):
                     break
         return tuple(g)
 
-    def _switch(self, g: list[int], rng: random.Random) -> bool:
+    def _switch(self, g: list[int], rng: Random) -> bool:
         i = rng.randrange(len(g))
         step = rng.choice((-1, 1))
         li = g[i] + step
@@ -356,7 +357,7 @@ class LevelSpace(SearchSpace[P]):
         g[i], g[j] = li, lj
         return True
 
-    def repair(self, genome: Genome, rng: random.Random) -> Genome:
+    def repair(self, genome: Genome, rng: Random) -> Genome:
         """Bring any genome under the budget, then spend what is left: lower
         random genes one level until feasible, then raise random genes one level
         while the budget allows. Used after crossover, and for targets that no

@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, SupportsIndex
 
 from evocomp.errors import EvocompError
 
@@ -99,8 +99,8 @@ def variant_key(key: object) -> VariantKey:
     try:
         if isinstance(key, (tuple, list)) and key:
             return tuple(operator.index(k) for k in key)
-        return operator.index(key)  # type: ignore[call-overload]
+        if isinstance(key, SupportsIndex):
+            return operator.index(key)
     except TypeError:
-        raise EvocompError(
-            f"a variant key is an int or a non-empty tuple of ints, got {key!r}"
-        ) from None
+        pass
+    raise EvocompError(f"a variant key is an int or a non-empty tuple of ints, got {key!r}")
