@@ -232,3 +232,85 @@ def test_gqa_heads_from_the_greedy_order_refit() -> None:
     assert output_error(x, w, result.columns, result.weight) < output_error(
         x, w, result.columns, w[:, result.columns]
     )
+
+
+# -- physically narrower sublayers (evocomp.supernet.shrink) -------------------------
+
+
+def _gqa_llama(attn: str) -> torch.nn.Module:
+    """A tiny Llama with grouped KV heads: 6 query heads in 2 KV groups of head_dim 8."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, attn_implementation=attn,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _zeroed_columns(linear: torch.nn.Linear, kept: torch.Tensor) -> torch.Tensor:
+    w = torch.zeros_like(linear.weight)
+    w[:, kept] = linear.weight[:, kept]
+    return w
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("heads", [[0, 2, 3, 5], [3, 4, 5], [1, 4]])
+def test_a_narrower_attention_computes_what_zeroed_heads_compute(attn, heads):
+    """Keeping heads by slicing q/o (and k/v for whole KV groups) gives the logits of
+    the full model whose removed heads write nothing (o_proj columns zeroed), and
+    the model is bit-identical afterwards."""
+    from evocomp.supernet.shrink import heads_kept
+
+    model = _gqa_llama(attn)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    block = model.model.layers[1].self_attn
+    kept = torch.tensor(heads)
+    columns = group_columns(kept, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        with heads_kept(block, kept):
+            assert block.q_proj.weight.shape == (len(heads) * 8, 48)
+            narrow = model(tokens).logits
+        masked = _zeroed_columns(block.o_proj, columns)
+        original = block.o_proj.weight.data
+        block.o_proj.weight.data = masked
+        want = model(tokens).logits
+        block.o_proj.weight.data = original
+    torch.testing.assert_close(narrow, want, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert block.num_key_value_groups == 3
+
+
+def test_an_uneven_head_layout_is_refused():
+    from evocomp.supernet.shrink import heads_kept
+
+    block = _gqa_llama("eager").model.layers[0].self_attn
+    with pytest.raises(EvocompError, match="same number in every group"), heads_kept(
+        block, torch.tensor([0, 1, 3])
+    ):
+        pass
+    assert block.q_proj.weight.shape == (48, 48)
+
+
+def test_a_narrower_mlp_with_a_refit_down_proj_computes_that_refit():
+    from evocomp.supernet.shrink import neurons_kept
+
+    model = _gqa_llama("eager")
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    mlp = model.model.layers[0].mlp
+    kept = torch.tensor([1, 5, 6, 20, 39])
+    refit = torch.randn(48, 5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with neurons_kept(mlp, kept, down_weight=refit):
+            assert mlp.down_proj.weight.shape == (48, 5)
+            narrow = model(tokens).logits
+        full = torch.zeros_like(mlp.down_proj.weight)
+        full[:, kept] = refit
+        original = mlp.down_proj.weight.data
+        mlp.down_proj.weight.data = full
+        want = model(tokens).logits
+        mlp.down_proj.weight.data = original
+    torch.testing.assert_close(narrow, want, rtol=1e-5, atol=1e-5)
+    assert mlp.down_proj.weight.shape == (48, 40)

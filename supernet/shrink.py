@@ -1,0 +1,140 @@
+"""Physically narrower sublayers: keep some attention heads or MLP neurons of a block
+by pointing its projections at smaller tensors, so the forward really is cheaper.
+
+Hugging Face's Llama-family attention (Llama, Mistral, Qwen2, Gemma) infers the
+number of heads from its projections' output (``view(..., -1, head_dim)``), so a
+``q_proj`` with fewer rows computes fewer heads. Two attributes must follow: the
+attention's ``num_key_value_groups`` (query heads per KV head, used to repeat K/V
+for every attention implementation) and, when whole KV groups go, ``k_proj`` and
+``v_proj``. Query head ``h`` reads KV head ``h // num_key_value_groups``, so keeping
+the same number of heads in every KV group, in order, keeps that mapping.
+
+Like :func:`evocomp.supernet.sublayers.skip`, each context manager restores every
+tensor and attribute on exit, so the model is bit-identical afterwards. The kept
+heads and neurons, and refit weights for ``o_proj`` / ``down_proj``, come from
+:class:`evocomp.supernet.structured.StructuredOBS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from evocomp.errors import EvocompError
+from evocomp.supernet.structured import group_columns
+
+__all__ = ["heads_kept", "neurons_kept"]
+
+
+def _linear(module: nn.Module, name: str) -> nn.Linear:
+    found = getattr(module, name, None)
+    if not isinstance(found, nn.Linear):
+        raise EvocompError(
+            f"{type(module).__name__} has no linear {name!r}; narrowing supports "
+            "Llama-style blocks (q/k/v/o_proj attention, gate/up/down_proj MLP)"
+        )
+    return found
+
+
+class _Swaps:
+    """Tensors and attributes replaced so far, put back in reverse order."""
+
+    def __init__(self) -> None:
+        self._tensors: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._attrs: list[tuple[Any, str, Any]] = []
+
+    def tensor(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        self._tensors.append((param, param.data))
+        param.data = value.to(device=param.device, dtype=param.dtype).contiguous()
+
+    def rows(self, linear: nn.Linear, rows: torch.Tensor) -> None:
+        """Keep the output rows ``rows`` of ``linear`` (and its bias)."""
+        self.tensor(linear.weight, linear.weight.data[rows])
+        if linear.bias is not None:
+            self.tensor(linear.bias, linear.bias.data[rows])
+
+    def columns(
+        self, linear: nn.Linear, columns: torch.Tensor, weight: torch.Tensor | None
+    ) -> None:
+        """Keep the input columns ``columns`` of ``linear``; ``weight`` replaces
+        them (a refit) when given."""
+        kept = linear.weight.data[:, columns] if weight is None else weight
+        if kept.shape != (linear.out_features, columns.numel()):
+            raise ValueError(
+                f"a weight for {columns.numel()} kept columns must be "
+                f"[{linear.out_features}, {columns.numel()}], got {list(kept.shape)}"
+            )
+        self.tensor(linear.weight, kept)
+
+    def attr(self, obj: Any, name: str, value: Any) -> None:
+        self._attrs.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def restore(self) -> None:
+        for param, data in reversed(self._tensors):
+            param.data = data
+        for obj, name, value in reversed(self._attrs):
+            setattr(obj, name, value)
+
+
+@contextmanager
+def heads_kept(
+    attn: nn.Module, heads: torch.Tensor, *, o_weight: torch.Tensor | None = None
+) -> Iterator[nn.Module]:
+    """While active, ``attn`` computes only the query heads ``heads`` (ascending):
+    ``q_proj`` keeps their rows and ``o_proj`` their columns (or ``o_weight``, a
+    refit ``[hidden, len(heads) * head_dim]``). With the same number of heads in
+    every KV group, K/V stay and ``num_key_value_groups`` shrinks; with whole KV
+    groups, ``k_proj`` / ``v_proj`` keep those groups' rows. Other layouts cannot
+    be computed by the attention and are refused (see ``gqa_head_levels``)."""
+    head_dim = int(attn.head_dim)
+    per = int(attn.num_key_value_groups)
+    q, k, v, o = (_linear(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    n_heads = q.out_features // head_dim
+    n_kv = n_heads // per
+    heads = heads.to(torch.long).sort().values
+    counts = torch.bincount(heads // per, minlength=n_kv)
+    swaps = _Swaps()
+    try:
+        if bool((counts == counts[0]).all()) and int(counts[0]) > 0:
+            kept_per = int(counts[0])  # every KV group stays, with fewer query heads
+        elif bool(((counts == 0) | (counts == per)).all()) and int(counts.sum()) > 0:
+            kept_per = per  # whole KV groups go, their K/V rows with them
+            kv_rows = group_columns(torch.nonzero(counts).flatten(), head_dim)
+            swaps.rows(k, kv_rows)
+            swaps.rows(v, kv_rows)
+        else:
+            raise EvocompError(
+                f"heads {heads.tolist()} keep {counts.tolist()} of {per} query heads per KV "
+                "group: keep the same number in every group, or whole groups"
+            )
+        columns = group_columns(heads, head_dim)
+        swaps.rows(q, columns)
+        swaps.columns(o, columns, o_weight)
+        swaps.attr(attn, "num_key_value_groups", kept_per)
+        yield attn
+    finally:
+        swaps.restore()
+
+
+@contextmanager
+def neurons_kept(
+    mlp: nn.Module, neurons: torch.Tensor, *, down_weight: torch.Tensor | None = None
+) -> Iterator[nn.Module]:
+    """While active, a Llama-style MLP computes only ``neurons`` of its
+    intermediate width: ``gate_proj`` / ``up_proj`` keep their rows, ``down_proj``
+    their columns (or ``down_weight``, a refit ``[hidden, len(neurons)]``)."""
+    gate, up, down = (_linear(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+    neurons = neurons.to(torch.long).sort().values
+    swaps = _Swaps()
+    try:
+        swaps.rows(gate, neurons)
+        swaps.rows(up, neurons)
+        swaps.columns(down, neurons, down_weight)
+        yield mlp
+    finally:
+        swaps.restore()
