@@ -41,6 +41,14 @@ class Unit:
     block: int
     shape: tuple[int, int]
     transposed: bool = False
+    groups: int = 0
+    """Width search: the sublayer's removable groups, query heads (``attn``) or
+    intermediate neurons (``mlp``); 0 where its layout is not understood."""
+    group_numel: int = 0
+    """Width search: the parameters that go with one group (a query head's
+    ``q_proj`` rows and ``o_proj`` columns; a neuron's gate/up rows and down column)."""
+    kv_groups: int = 0
+    """Width search, attention: KV heads, each read by ``groups / kv_groups`` query heads."""
 
     @property
     def numel(self) -> int:

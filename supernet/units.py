@@ -104,8 +104,29 @@ def find_sublayer_units(
                 )
             attr, module = found
             params = sum(p.numel() for p in module.parameters())
-            units.append(Unit(f"{path}.{b}.{attr}", kind, b, (params, 1)))
+            width = _width(module, kind)
+            units.append(Unit(f"{path}.{b}.{attr}", kind, b, (params, 1), False, *width))
     return select_units(units, targets, ignore, what="sublayer")
+
+
+def _width(module: nn.Module, kind: str) -> tuple[int, int, int]:
+    """``(groups, group_numel, kv_groups)`` of a Llama-style sublayer (q/k/v/o_proj
+    attention, gate/up/down_proj MLP; see :mod:`evocomp.supernet.shrink`), else zeros."""
+    linears = {n: m for n, m in module.named_children() if isinstance(m, nn.Linear)}
+    if kind == "attn" and {"q_proj", "k_proj", "o_proj"} <= linears.keys():
+        head_dim = getattr(module, "head_dim", None)
+        if isinstance(head_dim, int) and head_dim > 0:
+            q, k = linears["q_proj"], linears["k_proj"]
+            heads, kv = q.out_features // head_dim, k.out_features // head_dim
+            per_head = head_dim * (q.in_features + linears["o_proj"].out_features)
+            per_head += head_dim * (q.bias is not None)
+            return heads, per_head, kv
+    if kind == "mlp" and {"gate_proj", "up_proj", "down_proj"} <= linears.keys():
+        gate, up = linears["gate_proj"], linears["up_proj"]
+        per_neuron = gate.in_features + up.in_features + linears["down_proj"].out_features
+        per_neuron += (gate.bias is not None) + (up.bias is not None)
+        return gate.out_features, per_neuron, 0
+    return 0, 0, 0
 
 
 def find_units(

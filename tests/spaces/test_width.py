@@ -1,0 +1,84 @@
+"""The width space (groundwork for issue #12): GQA-correct levels, exact costs and
+budgets, on units discovered from a real (tiny) grouped-query-attention Llama."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import tiny_llama
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from evocomp.errors import EvocompError
+from evocomp.spaces.width import WidthParams, WidthSpace
+from evocomp.supernet.units import find_linear_units, find_sublayer_units
+
+
+def _gqa_units():
+    """6 query heads in 2 KV groups of head_dim 8, hidden 48, 40 MLP neurons."""
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=40, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+    )
+    return find_sublayer_units(LlamaForCausalLM(cfg))
+
+
+def _space(**kw):
+    return WidthSpace(_gqa_units(), WidthParams(**{"neuron_multiple": 8, **kw}))
+
+
+def test_discovery_records_each_sublayers_width():
+    attn, mlp = _gqa_units()[:2]
+    assert (attn.groups, attn.kv_groups, attn.group_numel) == (6, 2, 8 * (48 + 48))
+    assert attn.numel == 6 * attn.group_numel + 2 * 2 * 8 * 48  # plus k_proj and v_proj
+    assert (mlp.groups, mlp.kv_groups, mlp.group_numel) == (40, 0, 3 * 48)
+    assert mlp.numel == 40 * mlp.group_numel
+
+
+@pytest.mark.parametrize("gqa, counts", [("per_group", {0, 2, 4, 6}), ("whole_groups", {0, 3, 6})])
+def test_attention_levels_keep_layouts_the_attention_can_compute(gqa, counts):
+    space = _space(gqa=gqa, levels=8, step=0.1)
+    kept = {space.kept(0, lv) for lv in range(space.n_levels(0))}
+    assert kept == counts
+    mlp = {space.kept(1, lv) for lv in range(space.n_levels(1))}
+    assert all(k % 8 == 0 or k == 40 for k in mlp) and 40 in mlp
+
+
+def test_costs_count_the_parameters_kept():
+    space = _space(gqa="whole_groups")
+    attn = space.units[0]
+    for lv in range(space.n_levels(0)):
+        kept = space.kept(0, lv)
+        kv_left = kept // 3  # whole groups of 3 query heads
+        assert space.level_cost(0, lv) == kept * attn.group_numel + kv_left * 2 * 8 * 48
+    mlp = space.units[1]
+    assert space.level_cost(1, space.n_levels(1) - 1) == mlp.numel
+
+
+def test_the_budget_is_exact_under_thousands_of_mutations_and_repairs():
+    space = _space(target=0.5, step=0.125)
+    start = space.uniform()
+    assert space.cost(start) == space.budget
+    # Nearest to half of 6 heads and 40 neurons; ties go to the wider level.
+    assert [space.kept(i, g) for i, g in enumerate(start)][:2] == [4, 24]
+    rng, genome = random.Random(0), start
+    moved = set()
+    for _ in range(2000):
+        genome = space.mutate(genome, rng, switches=rng.randint(1, 3))
+        assert space.cost(genome) == space.budget
+        moved.add(genome)
+    assert len(moved) > 50
+    for _ in range(200):
+        wild = tuple(rng.randrange(space.n_levels(i)) for i in range(len(space)))
+        fixed = space.repair(wild, rng)
+        assert space.is_feasible(fixed)
+
+
+def test_units_without_width_are_refused():
+    with pytest.raises(EvocompError, match="width space needs"):
+        WidthSpace(find_linear_units(tiny_llama()), WidthParams())
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64))
+    units = find_sublayer_units(gpt2)  # Conv1D projections: no width understood yet
+    assert all(u.groups == 0 for u in units)
+    with pytest.raises(EvocompError, match="transformer.h.0.attn"):
+        WidthSpace(units, WidthParams())
