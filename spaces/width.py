@@ -121,14 +121,6 @@ class WidthSpace(LevelSpace[WidthParams]):
     def level_cost(self, gene: int, level: int) -> int:
         return self._costs[gene][level]
 
-    @property
-    def budget(self) -> int:
-        return self._budget
-
-    def uniform(self) -> Genome:
-        """Every sublayer at the level nearest ``target``."""
-        return self._start
-
     def variant(self, gene: int, level: int) -> int | None:
         kept = self.kept(gene, level)
         return None if kept == self.units[gene].groups else kept
@@ -137,6 +129,14 @@ class WidthSpace(LevelSpace[WidthParams]):
         unit, kept = self.units[gene], self.kept(gene, level)
         what = "heads" if unit.kind == "attn" else "neurons"
         return {what: kept, "kept": round(kept / unit.groups, 6)}
+
+    @property
+    def budget(self) -> int:
+        return self._budget
+
+    def uniform(self) -> Genome:
+        """Every sublayer at the level nearest ``target``."""
+        return self._start
 
     def size_factor(self, gene: int, level: int) -> Fraction:
         """The kept share of the sublayer's parameters."""

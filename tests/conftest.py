@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -228,3 +229,31 @@ def fresh_database(server_url: str) -> str:
     with psycopg.connect(base.replace("+psycopg", "") + "/postgres", autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return f"{base}/{name}"
+
+
+def stored_tensors(root: Path) -> dict[tuple[str, str], torch.Tensor]:
+    """Every tensor of the variant database at ``root``, by block file and name."""
+    out = {}
+    for path in sorted(root.glob("block_*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()
+            out.update({(path.name, k): f.get_tensor(k).clone() for k in names})
+    return out
+
+
+def block_stamps(root: Path) -> dict[str, tuple[int, int]]:
+    """Inode and mtime of each block file at ``root``: unchanged when not rewritten."""
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.glob("block_*.safetensors")
+    }
+
+
+def flip_bytes(path: Path, count: int = 16) -> None:
+    """XOR ``count`` bytes in the middle of a safetensors file's tensor data, so the
+    file keeps its size and a readable header."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    middle = start + (len(data) - start) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))

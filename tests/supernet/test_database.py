@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from conftest import block_stamps, flip_bytes, stored_tensors
 from safetensors import safe_open
 
 from evocomp.errors import EvocompError
@@ -163,31 +164,10 @@ def test_a_finished_database_serves_a_subset_of_its_levels(built):
         open_database(root, DatabaseSpec(**{**spec.__dict__, "variants": more}))
 
 
-def _tensors(root):
-    """Every stored tensor of the database at ``root``, by block file and name."""
-    out = {}
-    for path in sorted(root.glob("block_*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            names = f.keys()
-            out.update({(path.name, k): f.get_tensor(k).clone() for k in names})
-    return out
 
 
-def _stamps(root):
-    return {
-        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.glob("block_*.safetensors")
-    }
 
 
-def _flip_bytes(path, count=16):
-    """XOR ``count`` bytes in the middle of the tensor data (after the header), so
-    the file keeps its size and a readable header."""
-    data = bytearray(path.read_bytes())
-    start = 8 + int.from_bytes(data[:8], "little")
-    middle = start + (len(data) - start) // 2
-    for i in range(middle, middle + count):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def _unit_in(units, block):
@@ -220,10 +200,10 @@ def test_manifest_records_each_block_files_size_and_sha256(built):
 
 def test_flipped_bytes_fail_loudly_and_a_build_restores_them_bit_for_bit(built):
     model, units, _, spec, root = built
-    original = _tensors(root)
+    original = stored_tensors(root)
     checksums = json.loads((root / "manifest.json").read_text())["checksums"]
-    stamps = _stamps(root)
-    _flip_bytes(root / "block_001.safetensors")
+    stamps = block_stamps(root)
+    flip_bytes(root / "block_001.safetensors")
     database._VERIFIED.clear()  # as in a fresh process
 
     db = open_database(root, spec)  # size and header still fine: caught on first read
@@ -243,12 +223,12 @@ def test_flipped_bytes_fail_loudly_and_a_build_restores_them_bit_for_bit(built):
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["complete"] and manifest["done_blocks"] == [0, 1, 2, 3]
     assert manifest["checksums"] == checksums  # the very bytes first written
-    after = _stamps(root)
+    after = block_stamps(root)
     assert after["block_001.safetensors"] != stamps["block_001.safetensors"]
     assert {k: v for k, v in after.items() if k != "block_001.safetensors"} == {
         k: v for k, v in stamps.items() if k != "block_001.safetensors"
     }
-    rebuilt = _tensors(root)
+    rebuilt = stored_tensors(root)
     assert rebuilt.keys() == original.keys()
     assert all(torch.equal(rebuilt[k], original[k]) for k in original)
     assert not verify_database(root, spec).problems
@@ -261,8 +241,8 @@ def test_flipped_bytes_fail_loudly_and_a_build_restores_them_bit_for_bit(built):
 
 def test_truncated_and_deleted_blocks_are_rebuilt_not_looped(built):
     model, units, _, spec, root = built
-    original = _tensors(root)
-    stamps = _stamps(root)
+    original = stored_tensors(root)
+    stamps = block_stamps(root)
     path = root / "block_000.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     (root / "block_002.safetensors").unlink()
@@ -278,11 +258,11 @@ def test_truncated_and_deleted_blocks_are_rebuilt_not_looped(built):
                           on_block=built_now.append)
     # The calibration forward stops at the last block rebuilt.
     assert built_now == [0, 1, 2]
-    after = _stamps(root)
+    after = block_stamps(root)
     assert {n for n in after if after[n] != stamps.get(n)} == {
         "block_000.safetensors", "block_002.safetensors",
     }
-    rebuilt = _tensors(root)
+    rebuilt = stored_tensors(root)
     assert rebuilt.keys() == original.keys()
     assert all(torch.equal(rebuilt[k], original[k]) for k in original)
     assert not build_database(model, units, spec, root, _calibration(), progress=False)
@@ -315,7 +295,7 @@ def test_a_database_without_checksums_is_accepted_unchecked(built):
     del manifest["checksums"]  # as written before checksums were recorded
     (root / "manifest.json").write_text(json.dumps(manifest))
     database._VERIFIED.clear()
-    _flip_bytes(root / "block_001.safetensors")  # nothing to tell this from real weights
+    flip_bytes(root / "block_001.safetensors")  # nothing to tell this from real weights
     assert not build_database(model, units, spec, root, _calibration(), progress=False)
     db = open_database(root, spec)
     bad = _unit_in(units, 1)
@@ -331,18 +311,18 @@ def test_a_database_without_checksums_is_accepted_unchecked(built):
 
 def test_a_subset_config_rebuilds_a_damaged_block_with_every_level(built):
     model, units, _, spec, root = built
-    original = _tensors(root)
+    original = stored_tensors(root)
     fewer = {name: keys[1:3] for name, keys in spec.variants.items()}
     subset = DatabaseSpec(**{**spec.__dict__, "variants": fewer})
-    _flip_bytes(root / "block_002.safetensors")
+    flip_bytes(root / "block_002.safetensors")
     database._VERIFIED.clear()
     assert build_database(model, units, subset, root, _calibration(), progress=False)
-    rebuilt = _tensors(root)
+    rebuilt = stored_tensors(root)
     assert rebuilt.keys() == original.keys()
     assert all(torch.equal(rebuilt[k], original[k]) for k in original)
     # A config lacking a unit of the damaged block cannot rebuild it, and says so
     # before touching the manifest.
-    _flip_bytes(root / "block_002.safetensors")
+    flip_bytes(root / "block_002.safetensors")
     database._VERIFIED.clear()
     manifest = (root / "manifest.json").read_bytes()
     few_units = [u for u in units if u.name != _unit_in(units, 2).name]

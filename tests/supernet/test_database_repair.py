@@ -13,8 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import byte_tokenizer, search_config, tiny_llama
-from safetensors import safe_open
+from conftest import (
+    block_stamps,
+    byte_tokenizer,
+    flip_bytes,
+    search_config,
+    stored_tensors,
+    tiny_llama,
+)
 
 from evocomp.cli import main
 
@@ -24,13 +30,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EVOCOMP_CACHE", str(tmp_path / "cache"))
 
 
-def _tensors(root: Path) -> dict[tuple[str, str], torch.Tensor]:
-    out = {}
-    for path in sorted(root.glob("block_*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            names = f.keys()
-            out.update({(path.name, k): f.get_tensor(k).clone() for k in names})
-    return out
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -39,20 +38,8 @@ def _assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-def _stamps(root: Path) -> dict[str, tuple[int, int]]:
-    return {
-        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.glob("block_*.safetensors")
-    }
 
 
-def _flip_bytes(path: Path, count: int = 16) -> None:
-    """XOR ``count`` bytes in the middle of the tensor data: same size, same header."""
-    data = bytearray(path.read_bytes())
-    start = 8 + int.from_bytes(data[:8], "little")
-    middle = start + (len(data) - start) // 2
-    for i in range(middle, middle + count):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def _manifest(root: Path) -> dict:
@@ -68,9 +55,9 @@ def test_flipped_bytes_are_reported_and_a_build_restores_them(tmp_path, tiny_mod
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(f"{db}: 4 block files, ")
     assert out[0].endswith("; 4 match their checksums")
-    original = _tensors(db)
+    original = stored_tensors(db)
 
-    _flip_bytes(db / "block_001.safetensors")
+    flip_bytes(db / "block_001.safetensors")
     assert main(["-q", "database", "verify", cfg, "--set", "seed=0"]) == 2
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
@@ -83,7 +70,7 @@ def test_flipped_bytes_are_reported_and_a_build_restores_them(tmp_path, tiny_mod
 
     assert main(["-q", "database", "build", cfg]) == 0
     assert main(["-q", "database", "verify", cfg]) == 0
-    _assert_same(_tensors(db), original)
+    _assert_same(stored_tensors(db), original)
     assert main(["-q", "search", cfg, "--no-eval", "--set", "search.generations=1"]) == 0
 
 
@@ -93,7 +80,7 @@ def test_truncated_and_deleted_blocks_are_rebuilt_and_the_search_runs(
     cfg = search_config(tmp_path, tiny_model_dir)
     db = tmp_path / "db"
     assert main(["-q", "database", "build", cfg]) == 0
-    original, stamps = _tensors(db), _stamps(db)
+    original, stamps = stored_tensors(db), block_stamps(db)
     path = db / "block_000.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
     (db / "block_003.safetensors").unlink()
@@ -106,13 +93,13 @@ def test_truncated_and_deleted_blocks_are_rebuilt_and_the_search_runs(
     assert "(block_000.safetensors, block_003.safetensors)" in captured.err
 
     assert main(["-q", "database", "build", cfg]) == 0
-    after = _stamps(db)
+    after = block_stamps(db)
     assert {n for n in after if after[n] != stamps.get(n)} == {
         "block_000.safetensors", "block_003.safetensors"
     }
-    _assert_same(_tensors(db), original)
+    _assert_same(stored_tensors(db), original)
     assert main(["-q", "database", "build", cfg]) == 0  # nothing left to do
-    assert _stamps(db) == after
+    assert block_stamps(db) == after
     assert main(["-q", "search", cfg, "--no-eval", "--set", "search.generations=1"]) == 0
 
 
@@ -171,14 +158,14 @@ def test_a_build_killed_with_sigkill_resumes_and_equals_an_uninterrupted_one(tmp
     assert not killed["complete"] and 1 <= len(before) < LAYERS, before
     assert before == list(range(len(before)))
     assert sorted(killed["checksums"]) == [f"block_{b:03d}.safetensors" for b in before]
-    stamps = _stamps(db)
+    stamps = block_stamps(db)
     assert set(stamps) >= {f"block_{b:03d}.safetensors" for b in before}
 
     assert main(["-q", "database", "verify", cfg]) == 2  # unfinished: not built yet
     assert main(["-q", "database", "build", cfg]) == 0  # here: a second start-up costs ~10 s
     resumed = _manifest(db)
     assert resumed["complete"] and resumed["done_blocks"] == list(range(LAYERS))
-    after = _stamps(db)
+    after = block_stamps(db)
     kept = {n for n in stamps if after[n] == stamps[n]}
     rebuilt = {n for n in after if after[n] != stamps.get(n)}
     assert kept == {f"block_{b:03d}.safetensors" for b in before}
@@ -189,4 +176,4 @@ def test_a_build_killed_with_sigkill_resumes_and_equals_an_uninterrupted_one(tmp
     reference = tmp_path / "reference"
     assert main(["-q", "database", "build", cfg, "--set", f"database.path={reference}"]) == 0
     assert _manifest(reference)["checksums"] == resumed["checksums"]  # the very same bytes
-    _assert_same(_tensors(db), _tensors(reference))
+    _assert_same(stored_tensors(db), stored_tensors(reference))
