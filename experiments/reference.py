@@ -157,17 +157,15 @@ def _description(path: str, field: FieldInfo) -> str:
     return _cell("; ".join(parts))
 
 
+_NUMERIC_BOUNDS = ((Ge, "ge", "≥"), (Gt, "gt", ">"), (Le, "le", "≤"), (Lt, "lt", "<"))
+
+
 def _bounds(field: FieldInfo) -> Iterator[str]:
     for meta in field.metadata:
-        if isinstance(meta, Ge):
-            yield f"≥ {meta.ge}"
-        elif isinstance(meta, Gt):
-            yield f"> {meta.gt}"
-        elif isinstance(meta, Le):
-            yield f"≤ {meta.le}"
-        elif isinstance(meta, Lt):
-            yield f"< {meta.lt}"
-        elif isinstance(meta, MinLen):
+        for kind, attr, sign in _NUMERIC_BOUNDS:
+            if isinstance(meta, kind):
+                yield f"{sign} {getattr(meta, attr)}"
+        if isinstance(meta, MinLen):
             yield f"at least {meta.min_length} item{'s' * (meta.min_length != 1)}"
         elif isinstance(meta, MaxLen):
             yield f"at most {meta.max_length} items"

@@ -291,7 +291,8 @@ class ExperimentEvaluation(Evaluation):
         _ = self._exp.database, self._exp.swapper, self._exp.evaluator
 
     def __call__(self, genome: Genome, tokens: int | None) -> tuple[dict[str, float], float]:
-        self.setup()
+        if self._exp is None:  # a copy that was never set up (the hot path skips this)
+            self.setup()
         assert self._exp is not None
         return self._exp.evaluate(genome, tokens)
 

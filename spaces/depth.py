@@ -110,6 +110,10 @@ class DepthSpace(LevelSpace[DepthParams]):
         self._signature: list[tuple[int, ...]] = (
             kinds if params.swap == "same-kind" else [(sum(c),) for c in kinds]
         )
+        # Counts that dropping whole groups from the end reaches exactly.
+        self._reachable = [0]
+        for grp in reversed(self.groups):
+            self._reachable.append(self._reachable[-1] + len(grp))
         self._remove = self._resolve_remove()
         self._uniform = self._drop_last()
         # Per-kind removal counts that greedy baselines must respect, only when the
@@ -135,9 +139,7 @@ class DepthSpace(LevelSpace[DepthParams]):
     def _resolve_remove(self) -> int:
         """``remove`` (or the count nearest ``remove_fraction``) among the counts that
         dropping whole groups from the end can reach exactly."""
-        reachable = [0]
-        for grp in reversed(self.groups):
-            reachable.append(reachable[-1] + len(grp))
+        reachable = self._reachable
         p = self.params
         if p.remove is None:
             assert p.remove_fraction is not None
@@ -157,13 +159,11 @@ class DepthSpace(LevelSpace[DepthParams]):
 
     def check_movable(self) -> None:
         """Removing nothing or everything leaves nothing to swap: say which counts work."""
-        reachable = [0]
-        for grp in reversed(self.groups):
-            reachable.append(reachable[-1] + len(grp))
-        if self._remove not in self._searchable(reachable):
+        searchable = self._searchable(self._reachable)
+        if self._remove not in searchable:
             raise EvocompError(
                 f"space.remove={self._remove} leaves no removed and kept sublayers to swap; "
-                f"a depth search needs one of: {_shown(self._searchable(reachable))} "
+                f"a depth search needs one of: {_shown(searchable)} "
                 "(0 works as a part of a joint space)"
             )
         super().check_movable()
