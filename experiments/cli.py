@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="save the searched model as a Hugging Face directory")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="width searches: physically smaller weights and a modeling file "
+        "(load with trust_remote_code=True); default: removed heads/neurons zeroed",
+    )
 
     p = sub.add_parser(
         "report", help="plots and a markdown summary of a run (Pareto front, progress, layers)"
@@ -122,7 +128,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             progress=progress,
         )
     if args.command == "export":
-        return commands.export(Path(args.run_dir), Path(args.out), progress=progress)
+        return commands.export(
+            Path(args.run_dir), Path(args.out), compact=args.compact, progress=progress
+        )
     if args.command == "report":
         return commands.report(Path(args.run_dir), Path(args.out) if args.out else None)
     if args.command == "configs":

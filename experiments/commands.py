@@ -30,6 +30,7 @@ from evocomp.runner import (
     prepare_run_dir,
     run_search,
 )
+from evocomp.spaces.units import Unit
 from evocomp.supernet.sublayers import without_blocks
 from evocomp.supernet.units import find_sublayer_units
 
@@ -192,8 +193,10 @@ def evaluate(
     return 0
 
 
-def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
-    """Write the searched model so plain ``from_pretrained(out)`` loads it."""
+def export(run_dir: Path, out: Path, *, compact: bool = False, progress: bool = True) -> int:
+    """Write the searched model so plain ``from_pretrained(out)`` loads it; with
+    ``compact``, narrowed sublayers at their narrow size and a modeling file beside
+    them (loaded with ``trust_remote_code=True``)."""
     cfg, run = load_run_config(run_dir)
     best = load_best(run)
     if out.exists() and not out.is_dir():
@@ -207,9 +210,23 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
     except OSError as err:
         raise EvocompError(f"--out {out}: cannot write there ({err.strerror})") from None
     exp = Experiment(cfg, progress=progress)
-    empty = _fully_removed_blocks(exp, best)
-    with exp.applied(best, export=True) as model, without_blocks(model, empty):
-        model.save_pretrained(tmp)
+    removed = exp.swapper.removed(best)
+    if compact:
+        from evocomp.supernet.compact_llama import CompactLlamaConfig, CompactLlamaForCausalLM
+        from evocomp.supernet.shrink import compact_copy
+
+        empty: set[int] = set()
+        with exp.applied(best) as model:
+            small = compact_copy(model, {u.name for u in removed})
+        # Writes the modeling file beside the weights and the config's auto_map.
+        CompactLlamaConfig.register_for_auto_class()
+        CompactLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+        small.save_pretrained(tmp)
+        del small
+    else:
+        empty = _fully_removed_blocks(exp, removed)
+        with exp.applied(best, export=True) as model, without_blocks(model, empty):
+            model.save_pretrained(tmp)
     exp.loaded.tokenizer.save_pretrained(tmp)
     (tmp / "evocomp.json").write_text(
         json.dumps(
@@ -219,6 +236,7 @@ def export(run_dir: Path, out: Path, *, progress: bool = True) -> int:
                 "compressor": cfg.compressor.dump(),
                 "genome": list(best),
                 "removed_blocks": sorted(empty),
+                "compact": compact,
                 "layers": exp.space.describe(best),
             },
             indent=2,
@@ -242,15 +260,15 @@ def _normal_modes(folder: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
-def _fully_removed_blocks(exp: Experiment, genome: tuple[int, ...]) -> set[int]:
-    """Blocks whose every sublayer the genome removes: export leaves them out."""
-    removed = {u.name for u, _ in exp.space.placements(genome) if u.family == "sublayer"}
+def _fully_removed_blocks(exp: Experiment, removed: list[Unit]) -> set[int]:
+    """Blocks whose every sublayer is ``removed``: export leaves them out."""
     if not removed:
         return set()
+    names = {u.name for u in removed}
     by_block: dict[int, list[str]] = {}
     for u in find_sublayer_units(exp.model):
         by_block.setdefault(u.block, []).append(u.name)
-    return {b for b, names in by_block.items() if set(names) <= removed}
+    return {b for b, found in by_block.items() if set(found) <= names}
 
 
 def list_configs() -> int:

@@ -5,6 +5,7 @@ from evocomp.spaces.bits import BitsSpace
 from evocomp.spaces.depth import DepthSpace
 from evocomp.spaces.joint import JointSpace
 from evocomp.spaces.sparsity import SparsitySpace
+from evocomp.spaces.width import WidthSpace
 
 __all__ = [
     "SPACES",
@@ -15,4 +16,5 @@ __all__ = [
     "LevelSpace",
     "SearchSpace",
     "SparsitySpace",
+    "WidthSpace",
 ]

@@ -1,9 +1,9 @@
 """Width search (DarwinLM, Týr-the-Pruner): how many query heads each attention and
 how many neurons each MLP keeps, under an exact budget of kept parameters.
 
-Groundwork for issue #12: the space is complete (levels, costs, budget, level
-switches, repair) but not registered yet, because the database of structured
-variants and the swapping of narrower tensors into candidates are still to come.
+Variants come from a ``width`` compressor (``structured-obs``: greedy structured OBS
+with a least-squares refit, see :mod:`evocomp.supernet.widths`); a candidate runs
+with physically narrower projections.
 
 Design
 ------
@@ -17,8 +17,10 @@ Design
   the same number of query heads in every KV group (``per_group``, K/V kept) or
   whole KV groups (``whole_groups``); for MLPs multiples of ``neuron_multiple``.
   Rounding can merge fractions, so a gene has at most ``2·levels + 1`` levels.
-  Keeping 0 is a level (DarwinLM's "module removed"): applying it will mean
-  skipping the sublayer, as depth search does, not a zero-width projection.
+  Keeping 0 is a level (DarwinLM's "module removed"): applying it skips the
+  sublayer, as depth search does, rather than run a zero-width projection.
+* **Variant keys** are what a level keeps: an MLP's neuron count, an attention's
+  ``(query heads, KV heads)``, which also says the GQA layout.
 * **Start and budget.** Each gene starts at the level nearest ``target``; the
   budget is that start's cost, which identical sublayers (identical cost tables)
   trade exactly in the EvoPress level switch.
@@ -34,8 +36,8 @@ from pydantic import Field
 
 from evocomp.errors import EvocompError
 from evocomp.registry import StrictModel
-from evocomp.spaces.base import Genome, LevelSpace
-from evocomp.spaces.units import Unit
+from evocomp.spaces.base import SPACES, Genome, LevelSpace
+from evocomp.spaces.units import Unit, VariantKey
 
 GQALayout = Literal["per_group", "whole_groups"]
 
@@ -54,6 +56,7 @@ class WidthParams(StrictModel):
     neuron_multiple: int = Field(32, ge=1, description="MLP neurons kept in multiples of this")
 
 
+@SPACES.register("width")
 class WidthSpace(LevelSpace[WidthParams]):
     """Query heads and MLP neurons kept per block (see the module docstring)."""
 
@@ -67,9 +70,22 @@ class WidthSpace(LevelSpace[WidthParams]):
         narrow = [u.name for u in units if u.groups <= 0 or u.family != "sublayer"]
         if not units or narrow:
             raise EvocompError(
-                "the width space needs Llama-style attention (q/k/v/o_proj) and MLP "
-                f"(gate/up/down_proj) sublayers; these have no width: {', '.join(narrow[:3])}"
+                "space.name=width needs Llama-style attention (q/k/v/o_proj, whole KV "
+                "groups) and MLP (gate/up/down_proj) sublayers; these have no width: "
+                f"{', '.join(narrow[:3])}"
             )
+        for u in units:
+            what = "query head" if u.kind == "attn" else "neuron"
+            if params.step * u.groups < 1:
+                raise EvocompError(
+                    f"space.step={params.step:g} is finer than one {what} of {u.name} "
+                    f"({u.groups} {what}s); use step >= {1 / u.groups:.4g}"
+                )
+            if u.kind == "mlp" and params.neuron_multiple > u.groups:
+                raise EvocompError(
+                    f"space.neuron_multiple={params.neuron_multiple} exceeds the {u.groups} "
+                    f"neurons of {u.name}; use 1..{u.groups}"
+                )
         self._kept = [self._counts(u) for u in self.units]
         self._costs = [[self._cost(u, k) for k in kept] for u, kept in zip(
             self.units, self._kept, strict=True
@@ -80,6 +96,14 @@ class WidthSpace(LevelSpace[WidthParams]):
             for u, kept in zip(self.units, self._kept, strict=True)
         )
         self._budget = self.cost(self._start)
+        share = self.kept_share(self._start)
+        if abs(share - params.target) > params.step / 2 + 1e-9:
+            raise EvocompError(
+                f"space.target={params.target:g} cannot be reached: the nearest widths these "
+                f"sublayers can compute keep {share:.3g} of their parameters; use a target "
+                f"within step/2 of a reachable share, or gqa: "
+                f"{'whole_groups' if params.gqa == 'per_group' else 'per_group'}"
+            )
 
     # -- levels --------------------------------------------------------------------------
     def valid_counts(self, unit: Unit) -> list[int]:
@@ -121,9 +145,14 @@ class WidthSpace(LevelSpace[WidthParams]):
     def level_cost(self, gene: int, level: int) -> int:
         return self._costs[gene][level]
 
-    def variant(self, gene: int, level: int) -> int | None:
-        kept = self.kept(gene, level)
-        return None if kept == self.units[gene].groups else kept
+    def variant(self, gene: int, level: int) -> VariantKey | None:
+        unit, kept = self.units[gene], self.kept(gene, level)
+        if kept == unit.groups:
+            return None
+        if unit.kind != "attn":
+            return kept
+        per = unit.groups // unit.kv_groups
+        return (kept, unit.kv_groups if self.params.gqa == "per_group" else kept // per)
 
     def describe_level(self, gene: int, level: int) -> dict[str, Any]:
         unit, kept = self.units[gene], self.kept(gene, level)

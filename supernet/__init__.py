@@ -3,6 +3,7 @@
 from evocomp.supernet.composite import PruneQuantize
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor, Pruner
 from evocomp.supernet.quantizers import GPTQ, RTN, Quantizer
+from evocomp.supernet.structured import StructuredOBS
 from evocomp.supernet.sublayers import skip, span_importance, sublayer_importance, zeroed
 from evocomp.supernet.units import find_blocks, find_linear_units, find_sublayer_units, find_units
 
@@ -14,6 +15,7 @@ __all__ = [
     "PruneQuantize",
     "Pruner",
     "Quantizer",
+    "StructuredOBS",
     "find_blocks",
     "find_linear_units",
     "find_sublayer_units",

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from evocomp.errors import EvocompError
 from evocomp.registry import Registry, StrictModel
-from evocomp.spaces.units import VariantKey
+from evocomp.spaces.units import UnitFamily, VariantKey
 
 __all__ = [
     "COMPRESSORS",
@@ -50,6 +50,10 @@ class LayerCompressor(ABC):
 
     kind: ClassVar[str]
     needs_calibration: ClassVar[bool]
+    unit_family: ClassVar[UnitFamily] = "linear"
+    """The units whose variants it builds: linear layers, or whole sublayers (width)."""
+    parts: ClassVar[tuple[str, ...]] = ()
+    """Tensors stored with every variant besides its weight (e.g. kept indices)."""
 
     Params = LayerCompressorParams
 
@@ -78,6 +82,12 @@ class LayerCompressor(ABC):
         with ``params`` (e.g. zero counts that are no N:M pattern). Every key is
         fine by default."""
         return None
+
+    @classmethod
+    def needs_start(cls, params: Any) -> bool:
+        """Whether a database build with ``params`` propagates its calibration inputs
+        through the search's starting variants (which the build is then given)."""
+        return False
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulate statistics from layer inputs ``[..., in_features]`` (any dtype)."""

@@ -41,19 +41,21 @@ from evocomp.errors import EvocompError
 from evocomp.paths import locked
 from evocomp.spaces.units import Unit, VariantKey, variant_key
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor
+from evocomp.supernet.structured import KEPT
 from evocomp.supernet.units import find_blocks
+from evocomp.supernet.widths import Batch, WidthVariant, build_width_block, propagates
 
 log = logging.getLogger("evocomp")
 
 FORMAT_VERSION = 1
 
-def variant_name(unit: str, key: VariantKey) -> str:
+def variant_name(unit: str, key: VariantKey, part: str = "") -> str:
     """The stored tensor name of ``unit`` at ``key``: ``unit@7`` for an int key (the
-    names of the first databases), ``unit@1024x3`` for a tuple."""
+    names of the first databases), ``unit@1024x3`` for a tuple; a ``part`` other than
+    the weight (see :attr:`.LayerCompressor.parts`) is appended, ``unit@6x3.kept``."""
     key = variant_key(key)
-    if isinstance(key, tuple):
-        return f"{unit}@{'x'.join(str(k) for k in key)}"
-    return f"{unit}@{key}"
+    name = f"{unit}@{'x'.join(str(k) for k in key)}" if isinstance(key, tuple) else f"{unit}@{key}"
+    return f"{name}.{part}" if part else name
 
 
 def database_key(parts: dict[str, Any]) -> str:
@@ -78,9 +80,17 @@ class DatabaseSpec:
     calibration_fingerprint: str
     dtype: str
     variants: dict[str, list[VariantKey]]  # unit name -> variant keys (e.g. zero counts)
+    through: dict[str, VariantKey] | None = None
+    """The start variants calibration inputs are propagated through, for compressors
+    that ask (:meth:`.LayerCompressor.needs_start`); None for the others."""
 
     def parts(self) -> dict[str, Any]:
-        return {
+        extra = {}
+        if self.through is not None:
+            extra["through"] = hashlib.sha256(
+                json.dumps(self.through, sort_keys=True).encode()
+            ).hexdigest()
+        return extra | {
             "format": FORMAT_VERSION,
             "model": self.model_fingerprint,
             "compressor": self.compressor,
@@ -113,7 +123,7 @@ class VariantDatabase:
             name: [variant_key(k) for k in info["variants"]]
             for name, info in manifest["units"].items()
         }
-        self._cache: OrderedDict[tuple[str, VariantKey, str], torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, VariantKey, str, str], torch.Tensor] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
         self._checked: set[int] = set()  # blocks whose file matched its checksum
@@ -128,12 +138,22 @@ class VariantDatabase:
             raise EvocompError(f"database {self.root} has no unit {unit!r}")
         return list(self._variants[unit])
 
+    def holds(self, unit: str) -> bool:
+        """Whether the database stores variants of ``unit``."""
+        return unit in self._block_of
+
     def get(
-        self, unit: str, variant: VariantKey, *, device: torch.device | str = "cpu"
+        self,
+        unit: str,
+        variant: VariantKey,
+        *,
+        part: str = "",
+        device: torch.device | str = "cpu",
     ) -> torch.Tensor:
-        """The stored weight of ``unit`` at ``variant`` (module layout), on ``device``."""
+        """The stored weight of ``unit`` at ``variant`` (module layout), on ``device``;
+        with ``part``, that stored part of the variant instead (e.g. ``"kept"``)."""
         variant = variant_key(variant)  # a list would not hash
-        ck = (unit, variant, str(device))
+        ck = (unit, variant, part, str(device))
         hit = self._cache.get(ck)
         if hit is not None:
             self._cache.move_to_end(ck)
@@ -162,7 +182,7 @@ class VariantDatabase:
                 # A view into the memory-mapped file is misaligned (the header has
                 # arbitrary length), which slowed CPU matmuls ~5% (measured); the
                 # clone is aligned and resident while it stays in the cache.
-                tensor = f.get_tensor(variant_name(unit, variant)).clone()
+                tensor = f.get_tensor(variant_name(unit, variant, part)).clone()
         except (SafetensorError, OSError) as err:
             raise EvocompError(
                 f"database file {path} is corrupt or unreadable ({err}); delete {self.root} "
@@ -279,10 +299,11 @@ def _block_problem(root: Path, manifest: dict[str, Any], block: int) -> str | No
 
 def _block_names(manifest: dict[str, Any], block: int) -> set[str]:
     return {
-        variant_name(name, variant_key(k))
+        variant_name(name, variant_key(k), part)
         for name, info in manifest["units"].items()
         if info["block"] == block
         for k in info["variants"]
+        for part in ("", *info.get("parts", ()))
     }
 
 
@@ -480,7 +501,7 @@ def _build_database(
     progress: bool,
     on_block: Callable[[int], None] | None,
 ) -> bool:
-    manifest = _start_manifest(root, spec, units)
+    manifest = _start_manifest(root, spec, units, COMPRESSORS.get(spec.compressor).parts)
     # What the manifest lists is built: a database serving a subset of its levels
     # (see _check_same) rebuilds a damaged block with all of them.
     variants = {name: info["variants"] for name, info in manifest["units"].items()}
@@ -497,13 +518,30 @@ def _build_database(
     if manifest.get("complete"):
         return False
     compressor_cls = COMPRESSORS.get(spec.compressor)
-    _, blocks = find_blocks(model)
+    path, blocks = find_blocks(model)
     if todo_blocks:
         # The calibration forward goes as far as the last block still to build.
         last = todo_blocks[-1]
         with torch.inference_mode():
             inputs = capture_block_inputs(model, calibration, batch_size)
             bar = tqdm(range(last + 1), desc="database", unit="block", disable=not progress)
+            if compressor_cls.unit_family == "sublayer":
+                batches = [Batch(hidden, None, kw) for hidden, kw in inputs]
+                del inputs
+                for b in bar:
+                    todo = by_block.get(b, [])
+                    write = b not in done and bool(todo)
+                    if not write and not propagates(params):
+                        todo = []  # finished, and the next inputs do not depend on it
+                    built, batches = build_width_block(
+                        model, path, b, blocks[b], todo, batches, params, variants, spec.through
+                    )
+                    if write:
+                        _write_block(root, b, _width_tensors(model, built), manifest, done)
+                    del built
+                    if on_block is not None:
+                        on_block(b)
+                bar = []
             for b in bar:
                 todo = [] if b in done else by_block.get(b, [])
                 compressors = _attach(model, todo, compressor_cls, params)
@@ -550,7 +588,9 @@ def _check_buildable(
             )
 
 
-def _start_manifest(root: Path, spec: DatabaseSpec, units: Sequence[Unit]) -> dict[str, Any]:
+def _start_manifest(
+    root: Path, spec: DatabaseSpec, units: Sequence[Unit], parts: Sequence[str] = ()
+) -> dict[str, Any]:
     """The manifest of a build of ``spec`` at ``root``: the one there (refused if it is
     another spec's; it may already say ``complete``) or a new one, written at once."""
     manifest = _read_manifest(root)
@@ -566,6 +606,7 @@ def _start_manifest(root: Path, spec: DatabaseSpec, units: Sequence[Unit]) -> di
                 "shape": list(u.shape),
                 "variants": spec.variants[u.name],
             }
+            | ({"parts": list(parts)} if parts else {})
             for u in units
         },
         "done_blocks": [],
@@ -607,6 +648,20 @@ def _compress_block(
             tensors[variant_name(u.name, key)] = (
                 (w.T if u.transposed else w).to(weight.dtype).contiguous().cpu()
             )
+    return tensors
+
+
+def _width_tensors(
+    model: nn.Module, built: dict[str, dict[VariantKey, WidthVariant]]
+) -> dict[str, torch.Tensor]:
+    """One block's width variants by stored name: the output projection's refit weight
+    (in the model's dtype) and the kept indices (part ``kept``)."""
+    dtype = next(model.parameters()).dtype
+    tensors = {}
+    for unit, variants in built.items():
+        for key, v in variants.items():
+            tensors[variant_name(unit, key)] = v.weight.to(dtype).contiguous()
+            tensors[variant_name(unit, key, KEPT)] = v.kept
     return tensors
 
 

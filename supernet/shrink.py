@@ -27,7 +27,7 @@ from torch import nn
 from evocomp.errors import EvocompError
 from evocomp.supernet.structured import group_columns
 
-__all__ = ["heads_kept", "neurons_kept"]
+__all__ = ["heads_kept", "narrowed", "neurons_kept", "output_projection"]
 
 
 def _linear(module: nn.Module, name: str) -> nn.Linear:
@@ -138,3 +138,115 @@ def neurons_kept(
         yield mlp
     finally:
         swaps.restore()
+
+
+def output_projection(sublayer: nn.Module, kind: str) -> nn.Linear:
+    """The linear whose input columns are ``sublayer``'s heads or neurons: ``o_proj`` of
+    an attention, ``down_proj`` of an MLP (what structured OBS prunes and refits)."""
+    return _linear(sublayer, "o_proj" if kind == "attn" else "down_proj")
+
+
+@contextmanager
+def _zeroed_groups(
+    sublayer: nn.Module, kind: str, kept: torch.Tensor, weight: torch.Tensor
+) -> Iterator[nn.Module]:
+    """Full-size tensors whose removed heads / neurons are zero and whose kept output
+    columns hold ``weight``: what plain ``from_pretrained`` loads and computes alike."""
+    out = output_projection(sublayer, kind)
+    if kind == "attn":
+        head_dim = int(sublayer.head_dim)
+        n_heads = _linear(sublayer, "q_proj").out_features // head_dim
+        per = int(sublayer.num_key_value_groups)
+        rows = {"q_proj": group_columns(_removed(kept, n_heads), head_dim)}
+        gone_kv = _removed(kept // per, n_heads // per)  # KV groups with no query head left
+        rows |= {n: group_columns(gone_kv, head_dim) for n in ("k_proj", "v_proj")}
+        columns = group_columns(kept, head_dim)
+    else:
+        n = out.in_features
+        rows = {name: _removed(kept, n) for name in ("gate_proj", "up_proj")}
+        columns = kept
+    swaps = _Swaps()
+    try:
+        for name, gone in rows.items():
+            linear = _linear(sublayer, name)
+            w = linear.weight.data.clone()
+            w[gone] = 0
+            swaps.tensor(linear.weight, w)
+            if linear.bias is not None:
+                b = linear.bias.data.clone()
+                b[gone] = 0
+                swaps.tensor(linear.bias, b)
+        full = torch.zeros_like(out.weight.data)
+        full[:, columns] = weight.to(full.dtype)
+        swaps.tensor(out.weight, full)
+        yield sublayer
+    finally:
+        swaps.restore()
+
+
+def _removed(kept: torch.Tensor, n: int) -> torch.Tensor:
+    alive = torch.zeros(n, dtype=torch.bool)
+    alive[kept.to(torch.long)] = True
+    return (~alive).nonzero().squeeze(1)
+
+
+@contextmanager
+def narrowed(
+    sublayer: nn.Module, kind: str, kept: torch.Tensor, weight: torch.Tensor, *, zero: bool = False
+) -> Iterator[nn.Module]:
+    """While active, ``sublayer`` (``kind`` ``attn`` or ``mlp``) keeps only the heads or
+    neurons ``kept`` (at least one), with ``weight`` as its output projection's kept
+    columns. Physically narrower by default; with ``zero`` the tensors keep their size
+    and the removed rows and columns are zero instead (for export)."""
+    if zero:
+        manager = _zeroed_groups(sublayer, kind, kept, weight)
+    elif kind == "attn":
+        manager = heads_kept(sublayer, kept, o_weight=weight)
+    else:
+        manager = neurons_kept(sublayer, kept, down_weight=weight)
+    with manager:
+        yield sublayer
+
+
+def compact_copy(model: nn.Module, removed: set[str]) -> nn.Module:
+    """A :class:`~evocomp.supernet.compact_llama.CompactLlamaForCausalLM` holding
+    ``model``'s weights as they are now: narrowed sublayers (see :func:`narrowed`) at
+    their narrow size, the sublayers named in ``removed`` (dotted paths) gone. Only
+    for Llama-architecture models (``config.model_type == "llama"``)."""
+    from evocomp.supernet.compact_llama import CompactLlamaConfig, CompactLlamaForCausalLM
+    from evocomp.supernet.units import find_blocks
+
+    config = model.config
+    if config.model_type != "llama":
+        raise EvocompError(
+            f"--compact supports Llama-architecture models, not {config.model_type!r}; "
+            "the default export (removed heads and neurons zeroed) loads anywhere"
+        )
+    path, blocks = find_blocks(model)
+    heads, kv_heads, widths = [], [], []
+    for b, block in enumerate(blocks):
+        attn, mlp = block.self_attn, block.mlp
+        if f"{path}.{b}.self_attn" in removed:
+            heads.append(0)
+            kv_heads.append(0)
+        else:
+            # The weights' shapes: narrowing swaps tensors, not out_features.
+            heads.append(_linear(attn, "q_proj").weight.shape[0] // int(attn.head_dim))
+            kv_heads.append(_linear(attn, "k_proj").weight.shape[0] // int(attn.head_dim))
+        gone = f"{path}.{b}.mlp" in removed
+        widths.append(0 if gone else _linear(mlp, "gate_proj").weight.shape[0])
+    options = {
+        k: v for k, v in config.to_dict().items()
+        if k not in ("model_type", "architectures", "auto_map", "transformers_version")
+    }
+    compact_config = CompactLlamaConfig(
+        layer_heads=heads, layer_kv_heads=kv_heads, layer_intermediate=widths, **options
+    )
+    dtype = next(model.parameters()).dtype
+    compact = CompactLlamaForCausalLM(compact_config).to(dtype).eval()
+    state = {
+        k: v for k, v in model.state_dict().items()
+        if not any(k.startswith(name + ".") for name in removed)
+    }
+    compact.load_state_dict(state, strict=True)
+    return compact

@@ -13,16 +13,19 @@ Also here: which query-head counts a grouped-query-attention layout can keep
 from __future__ import annotations
 
 import operator
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from pydantic import Field
 
 from evocomp.errors import EvocompError
-from evocomp.supernet.compressors import HessianCompressor, LayerCompressorParams
+from evocomp.supernet.compressors import COMPRESSORS, HessianCompressor, LayerCompressorParams
 
 __all__ = [
+    "KEPT",
+    "PROPAGATIONS",
     "GQALayout",
+    "Propagation",
     "StructuredOBS",
     "StructuredOBSParams",
     "StructuredResult",
@@ -63,6 +66,12 @@ class _Removal(NamedTuple):
     """OBS score of each group when it was removed, in removal order (float32)."""
 
 
+Propagation = Literal["expectation", "dense", "level"]
+"""How a width database build forms the next block's calibration inputs (see
+:mod:`evocomp.supernet.widths`)."""
+PROPAGATIONS: tuple[str, ...] = get_args(Propagation)
+
+
 class StructuredOBSParams(LayerCompressorParams):
     """Options of :class:`StructuredOBS`."""
 
@@ -70,8 +79,20 @@ class StructuredOBSParams(LayerCompressorParams):
         default=1, ge=1, description="input columns per group: head_dim for o_proj, 1 for neurons"
     )
     dampening: float = Field(default=0.01, gt=0, description="fraction of mean diag(H)")
+    propagate: Propagation = Field(
+        default="expectation",
+        description="next block's calibration inputs: expectation = kept-share-weighted mean "
+        "of the block's variants' outputs (Tyr), dense = the dense model's, level = through "
+        "the search's starting variants",
+    )
 
 
+KEPT = "kept"
+"""The database part (see :attr:`.LayerCompressor.parts`) holding a width variant's kept
+head / neuron indices, beside its refit output-projection weight."""
+
+
+@COMPRESSORS.register("structured-obs")
 class StructuredOBS(HessianCompressor[_Removal]):
     """Remove whole groups of input columns by greedy OBS, then refit the kept ones.
 
@@ -107,6 +128,12 @@ class StructuredOBS(HessianCompressor[_Removal]):
 
     kind = "width"
     needs_calibration = True
+    unit_family = "sublayer"
+    parts = (KEPT,)
+
+    @classmethod
+    def needs_start(cls, params: StructuredOBSParams) -> bool:
+        return params.propagate == "level"
 
     Params = StructuredOBSParams
 
@@ -120,6 +147,31 @@ class StructuredOBS(HessianCompressor[_Removal]):
                 f"{self.columns} input features"
             )
         self.groups = self.columns // self.params.group_size
+        # 2/n Σ x̃ᵀx between the inputs seen (x̃, e.g. propagated through a pruned model)
+        # and the dense model's inputs x at the same tokens; None while they are the same.
+        self._cross: torch.Tensor | None = None
+
+    def add_batch(self, inputs: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """Accumulate statistics from layer inputs ``[..., in_features]``.
+
+        ``dense``, when given, holds the DENSE model's inputs to this layer at the same
+        tokens (``inputs`` then come from a pruned model, Týr's propagation): the
+        removal order still follows ``inputs``, but the refit fits the kept columns of
+        ``inputs`` to the dense output ``dense Wᵀ``. Give it for every batch or none."""
+        if (dense is None) != (self._cross is None) and self.nsamples:
+            raise EvocompError("give dense inputs with every batch or with none")
+        if dense is not None:
+            if dense.shape != inputs.shape:
+                raise ValueError(f"dense inputs {tuple(dense.shape)} != {tuple(inputs.shape)}")
+            x = inputs.detach().reshape(-1, self.columns).to(self.device, torch.float32)
+            d = dense.detach().reshape(-1, self.columns).to(self.device, torch.float32)
+            if self._cross is None:
+                self._cross = torch.zeros_like(self._hessian)
+            total = self.nsamples + x.shape[0]
+            if total:
+                self._cross.mul_(self.nsamples / total)
+                self._cross.addmm_(x.T, d, alpha=2 / total)
+        super().add_batch(inputs)
 
     @property
     def removal_order(self) -> torch.Tensor:
@@ -210,8 +262,15 @@ class StructuredOBS(HessianCompressor[_Removal]):
         chol, info = torch.linalg.cholesky_ex(h[columns][:, columns])
         if info != 0:  # pragma: no cover - a damped PSD matrix is positive definite
             raise EvocompError("the damped Hessian of the kept columns is not positive definite")
-        # W_k = G_k H_kk⁻¹ with G = W H; solved as H_kk W_kᵀ = (W H[:, k])ᵀ.
-        weight = torch.cholesky_solve((w @ h[:, columns]).T, chol).T
+        # W_k = W M[k, :]ᵀ H_kk⁻¹ with M = x̃ᵀx (M = H when the inputs are the dense ones),
+        # solved as H_kk W_kᵀ = (W M[k, :]ᵀ)ᵀ. The same damping is added to M, which makes
+        # it the ridge regression pulled towards the dense weights.
+        if self._cross is None:
+            m = h
+        else:
+            m = self._cross.to(torch.float64)
+            m.diagonal().add_(h.diagonal() - self._hessian.diagonal().to(torch.float64))
+        weight = torch.cholesky_solve((w @ m[columns].T).T, chol).T
         return StructuredResult(kept, columns, weight.to(self.dtype).contiguous(), removed)
 
     def _greedy(self, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

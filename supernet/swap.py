@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
 from evocomp.spaces.base import Genome, SearchSpace
-from evocomp.spaces.units import Unit
+from evocomp.spaces.units import Unit, VariantKey
 from evocomp.supernet.database import VariantDatabase
+from evocomp.supernet.shrink import narrowed
+from evocomp.supernet.structured import KEPT
 from evocomp.supernet.sublayers import skip, zeroed
 
 
@@ -21,7 +23,9 @@ class Swapper:
     variant (moved once to the model's device and dtype, then cached by the
     database), and points it back at the original tensor on exit, so the dense
     model is restored bit for bit. Units whose level leaves them dense are not
-    touched.
+    touched. A sublayer unit is skipped (depth), or, when the database holds
+    width variants of it, narrowed to the stored heads or neurons (skipped when
+    it keeps none); with ``export`` it keeps its size, the removed parts zeroed.
     """
 
     def __init__(self, model: nn.Module, space: SearchSpace, database: VariantDatabase | None):
@@ -41,24 +45,52 @@ class Swapper:
         removed: list[Unit] = []
         self._active = True
         try:
-            for unit, key in self.space.placements(genome):
-                if unit.family == "sublayer":
-                    removed.append(unit)  # depth: skipped, no database
-                    continue
-                if self.database is None:
-                    raise RuntimeError("this space needs a variant database")
-                module = self._modules[unit.name]
-                original = module.weight.data
-                variant = self.database.get(unit.name, key, device=original.device)
-                if variant.dtype != original.dtype:
-                    variant = variant.to(original.dtype)
-                module.weight.data = variant
-                swapped.append((module, original))
-            # Export zeroes removed sublayers' parameters so save_pretrained keeps the
-            # removal; scoring skips their forward (no compute).
-            with (zeroed if export else skip)(self.model, removed):
-                yield self.model
+            with ExitStack() as narrowing:
+                for unit, key in self.space.placements(genome):
+                    module = self._modules[unit.name]
+                    if unit.family == "sublayer":
+                        if self._narrow(narrowing, unit, key, export=export):
+                            continue
+                        removed.append(unit)  # skipped (depth, or a width keeping nothing)
+                        continue
+                    if self.database is None:
+                        raise RuntimeError("this space needs a variant database")
+                    original = module.weight.data
+                    variant = self.database.get(unit.name, key, device=original.device)
+                    if variant.dtype != original.dtype:
+                        variant = variant.to(original.dtype)
+                    module.weight.data = variant
+                    swapped.append((module, original))
+                # Export zeroes removed sublayers' parameters so save_pretrained keeps the
+                # removal; scoring skips their forward (no compute).
+                with (zeroed if export else skip)(self.model, removed):
+                    yield self.model
         finally:
             for module, original in reversed(swapped):
                 module.weight.data = original
             self._active = False
+
+    def removed(self, genome: Genome) -> list[Unit]:
+        """The sublayers ``apply(genome)`` removes (skips, or zeroes for export)."""
+        out = []
+        for unit, key in self.space.placements(genome):
+            if unit.family != "sublayer":
+                continue
+            held = self.database is not None and self.database.holds(unit.name)
+            if not held or self.database.get(unit.name, key, part=KEPT).numel() == 0:
+                out.append(unit)
+        return out
+
+    def _narrow(self, stack: ExitStack, unit: Unit, key: VariantKey, *, export: bool) -> bool:
+        """Narrow sublayer ``unit`` to its stored width variant ``key`` on ``stack``;
+        False when it is to be skipped instead (no width variants, or none kept)."""
+        if self.database is None or not self.database.holds(unit.name):
+            return False
+        module = self._modules[unit.name]
+        device = next(module.parameters()).device
+        kept = self.database.get(unit.name, key, part=KEPT, device=device)
+        if kept.numel() == 0:
+            return False
+        weight = self.database.get(unit.name, key, device=device)
+        stack.enter_context(narrowed(module, unit.kind, kept, weight, zero=export))
+        return True

@@ -24,7 +24,8 @@ def _gqa_units():
 
 
 def _space(**kw):
-    return WidthSpace(_gqa_units(), WidthParams(**{"neuron_multiple": 8, **kw}))
+    # 6 heads: a step under 1/6 would be finer than one head.
+    return WidthSpace(_gqa_units(), WidthParams(**{"neuron_multiple": 8, "step": 0.17, **kw}))
 
 
 def test_discovery_records_each_sublayers_width():
@@ -37,7 +38,7 @@ def test_discovery_records_each_sublayers_width():
 
 @pytest.mark.parametrize("gqa, counts", [("per_group", {0, 2, 4, 6}), ("whole_groups", {0, 3, 6})])
 def test_attention_levels_keep_layouts_the_attention_can_compute(gqa, counts):
-    space = _space(gqa=gqa, levels=8, step=0.1)
+    space = _space(gqa=gqa, levels=8, target=0.6)
     kept = {space.kept(0, lv) for lv in range(space.n_levels(0))}
     assert kept == counts
     mlp = {space.kept(1, lv) for lv in range(space.n_levels(1))}
@@ -56,10 +57,10 @@ def test_costs_count_the_parameters_kept():
 
 
 def test_the_budget_is_exact_under_thousands_of_mutations_and_repairs():
-    space = _space(target=0.5, step=0.125)
+    space = _space(target=0.6)
     start = space.uniform()
     assert space.cost(start) == space.budget
-    # Nearest to half of 6 heads and 40 neurons; ties go to the wider level.
+    # Nearest to 60% of 6 heads (3.6: 4, in pairs) and of 40 neurons (24, in eights).
     assert [space.kept(i, g) for i, g in enumerate(start)][:2] == [4, 24]
     rng, genome = random.Random(0), start
     moved = set()
@@ -75,10 +76,24 @@ def test_the_budget_is_exact_under_thousands_of_mutations_and_repairs():
 
 
 def test_units_without_width_are_refused():
-    with pytest.raises(EvocompError, match="width space needs"):
+    with pytest.raises(EvocompError, match="space.name=width needs"):
         WidthSpace(find_linear_units(tiny_llama()), WidthParams())
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64))
     units = find_sublayer_units(gpt2)  # Conv1D projections: no width understood yet
     assert all(u.groups == 0 for u in units)
     with pytest.raises(EvocompError, match="transformer.h.0.attn"):
         WidthSpace(units, WidthParams())
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"step": 0.1}, "space.step=0.1 is finer than one query head"),
+        ({"neuron_multiple": 48}, "space.neuron_multiple=48 exceeds the 40 neurons"),
+        ({"target": 0.1, "gqa": "whole_groups", "neuron_multiple": 40},
+         "space.target=0.1 cannot be reached"),
+    ],
+)
+def test_grids_no_sublayer_can_compute_are_refused_naming_the_field(kw, field):
+    with pytest.raises(EvocompError, match=field.replace(".", r"\.")):
+        _space(**kw)
