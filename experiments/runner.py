@@ -112,13 +112,18 @@ class Experiment:
         return load_splits(self.cfg.data, self.loaded.tokenizer)
 
     def database_spec(self) -> DatabaseSpec:
+        spec = self.cfg.compressor
+        through = None
+        if COMPRESSORS.get(spec.name).needs_start(spec.params):
+            through = {u.name: k for u, k in self.space.placements(self.space.uniform())}
         return DatabaseSpec(
             model_fingerprint=self.loaded.fingerprint,
-            compressor=self.cfg.compressor.name,
-            compressor_params=self.cfg.compressor.params.model_dump(mode="json"),
+            compressor=spec.name,
+            compressor_params=spec.params.model_dump(mode="json"),
             calibration_fingerprint=self.splits.fingerprint("calibration"),
             dtype=self.cfg.model.dtype,
             variants=self.space.variants(),
+            through=through,
         )
 
     def database_root(self, spec: DatabaseSpec) -> Path:

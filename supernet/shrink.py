@@ -27,7 +27,14 @@ from torch import nn
 from evocomp.errors import EvocompError
 from evocomp.supernet.structured import group_columns
 
-__all__ = ["heads_kept", "narrowed", "neurons_kept", "output_projection"]
+__all__ = [
+    "compact_copy",
+    "heads_kept",
+    "narrowed",
+    "neurons_kept",
+    "output_projection",
+    "output_weight",
+]
 
 
 def _linear(module: nn.Module, name: str) -> nn.Linear:
@@ -121,29 +128,72 @@ def heads_kept(
         swaps.restore()
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2): a linear layer whose weight is stored [in, out].
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None),
+                                                            torch.Tensor)
+
+
+def _mlp_projections(mlp: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """``([projections producing the neurons], projection reading them)``: gate/up and
+    down of a Llama-style MLP, c_fc and c_proj of GPT-2's."""
+    names = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if all(isinstance(m, nn.Linear) for m in names):
+        return names[:2], names[2]
+    fc, proj = getattr(mlp, "c_fc", None), getattr(mlp, "c_proj", None)
+    if fc is not None and proj is not None and _is_conv1d(fc) and _is_conv1d(proj):
+        return [fc], proj
+    raise EvocompError(
+        f"{type(mlp).__name__} is not a Llama-style (gate/up/down_proj) or GPT-2-style "
+        "(c_fc/c_proj) MLP; width search cannot narrow it"
+    )
+
+
+def _output_index(module: nn.Module) -> int:
+    """The weight dimension that indexes a projection's outputs."""
+    return 1 if _is_conv1d(module) else 0
+
+
 @contextmanager
 def neurons_kept(
     mlp: nn.Module, neurons: torch.Tensor, *, down_weight: torch.Tensor | None = None
 ) -> Iterator[nn.Module]:
-    """While active, a Llama-style MLP computes only ``neurons`` of its
-    intermediate width: ``gate_proj`` / ``up_proj`` keep their rows, ``down_proj``
-    their columns (or ``down_weight``, a refit ``[hidden, len(neurons)]``)."""
-    gate, up, down = (_linear(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+    """While active, a Llama- or GPT-2-style MLP computes only ``neurons`` of its
+    intermediate width: ``gate_proj`` / ``up_proj`` (``c_fc``) keep their outputs,
+    ``down_proj`` (``c_proj``) its inputs, or ``down_weight``, a refit
+    ``[hidden, len(neurons)]`` (``[out, in]`` layout, also for GPT-2)."""
+    producers, down = _mlp_projections(mlp)
     neurons = neurons.to(torch.long).sort().values
     swaps = _Swaps()
     try:
-        swaps.rows(gate, neurons)
-        swaps.rows(up, neurons)
-        swaps.columns(down, neurons, down_weight)
+        for proj in producers:
+            dim = _output_index(proj)
+            swaps.tensor(proj.weight, proj.weight.data.index_select(dim, neurons))
+            if proj.bias is not None:
+                swaps.tensor(proj.bias, proj.bias.data[neurons])
+            if _is_conv1d(proj):
+                swaps.attr(proj, "nf", neurons.numel())  # Conv1D shapes its output by nf
+        if isinstance(down, nn.Linear):
+            swaps.columns(down, neurons, down_weight)
+        else:
+            kept = down.weight.data[neurons] if down_weight is None else down_weight.T
+            swaps.tensor(down.weight, kept)
         yield mlp
     finally:
         swaps.restore()
 
 
-def output_projection(sublayer: nn.Module, kind: str) -> nn.Linear:
-    """The linear whose input columns are ``sublayer``'s heads or neurons: ``o_proj`` of
-    an attention, ``down_proj`` of an MLP (what structured OBS prunes and refits)."""
-    return _linear(sublayer, "o_proj" if kind == "attn" else "down_proj")
+def output_projection(sublayer: nn.Module, kind: str) -> nn.Module:
+    """The projection whose inputs are ``sublayer``'s heads or neurons: ``o_proj`` of
+    an attention, ``down_proj`` (GPT-2: ``c_proj``) of an MLP (what structured OBS
+    prunes and refits)."""
+    return _linear(sublayer, "o_proj") if kind == "attn" else _mlp_projections(sublayer)[1]
+
+
+def output_weight(sublayer: nn.Module, kind: str) -> torch.Tensor:
+    """:func:`output_projection`'s weight in ``[out, in]`` layout (a view)."""
+    proj = output_projection(sublayer, kind)
+    return proj.weight.T if _is_conv1d(proj) else proj.weight
 
 
 @contextmanager
@@ -152,32 +202,36 @@ def _zeroed_groups(
 ) -> Iterator[nn.Module]:
     """Full-size tensors whose removed heads / neurons are zero and whose kept output
     columns hold ``weight``: what plain ``from_pretrained`` loads and computes alike."""
-    out = output_projection(sublayer, kind)
     if kind == "attn":
         head_dim = int(sublayer.head_dim)
         n_heads = _linear(sublayer, "q_proj").out_features // head_dim
         per = int(sublayer.num_key_value_groups)
-        rows = {"q_proj": group_columns(_removed(kept, n_heads), head_dim)}
         gone_kv = _removed(kept // per, n_heads // per)  # KV groups with no query head left
-        rows |= {n: group_columns(gone_kv, head_dim) for n in ("k_proj", "v_proj")}
+        outputs = {_linear(sublayer, "q_proj"): group_columns(_removed(kept, n_heads), head_dim)}
+        for name in ("k_proj", "v_proj"):
+            outputs[_linear(sublayer, name)] = group_columns(gone_kv, head_dim)
+        out: nn.Module = _linear(sublayer, "o_proj")
         columns = group_columns(kept, head_dim)
     else:
-        n = out.in_features
-        rows = {name: _removed(kept, n) for name in ("gate_proj", "up_proj")}
+        producers, out = _mlp_projections(sublayer)
+        n = out.weight.shape[1 - _output_index(out)]
+        outputs = {proj: _removed(kept, n) for proj in producers}
         columns = kept
     swaps = _Swaps()
     try:
-        for name, gone in rows.items():
-            linear = _linear(sublayer, name)
-            w = linear.weight.data.clone()
-            w[gone] = 0
-            swaps.tensor(linear.weight, w)
-            if linear.bias is not None:
-                b = linear.bias.data.clone()
+        for proj, gone in outputs.items():
+            w = proj.weight.data.clone()
+            w.index_fill_(_output_index(proj), gone, 0)
+            swaps.tensor(proj.weight, w)
+            if proj.bias is not None:
+                b = proj.bias.data.clone()
                 b[gone] = 0
-                swaps.tensor(linear.bias, b)
+                swaps.tensor(proj.bias, b)
         full = torch.zeros_like(out.weight.data)
-        full[:, columns] = weight.to(full.dtype)
+        if _is_conv1d(out):
+            full[columns] = weight.T.to(full.dtype)
+        else:
+            full[:, columns] = weight.to(full.dtype)
         swaps.tensor(out.weight, full)
         yield sublayer
     finally:

@@ -111,7 +111,8 @@ def find_sublayer_units(
 
 def _width(module: nn.Module, kind: str) -> tuple[int, int, int]:
     """``(groups, group_numel, kv_groups)`` of a Llama-style sublayer (q/k/v/o_proj
-    attention, gate/up/down_proj MLP; see :mod:`evocomp.supernet.shrink`), else zeros."""
+    attention, gate/up/down_proj MLP) or a GPT-2 MLP (c_fc/c_proj; see
+    :mod:`evocomp.supernet.shrink`), else zeros."""
     linears = {n: m for n, m in module.named_children() if isinstance(m, nn.Linear)}
     if kind == "attn" and {"q_proj", "k_proj", "o_proj"} <= linears.keys():
         head_dim = getattr(module, "head_dim", None)
@@ -126,6 +127,14 @@ def _width(module: nn.Module, kind: str) -> tuple[int, int, int]:
         per_neuron = gate.in_features + up.in_features + linears["down_proj"].out_features
         per_neuron += (gate.bias is not None) + (up.bias is not None)
         return gate.out_features, per_neuron, 0
+    children = dict(module.named_children())
+    fc, proj = children.get("c_fc"), children.get("c_proj")
+    if kind == "mlp" and fc is not None and proj is not None:
+        fc_shape, proj_shape = _weight_shape(fc), _weight_shape(proj)
+        if fc_shape and proj_shape and fc_shape[1] and proj_shape[1]:  # GPT-2's Conv1D
+            (neurons, hidden), _ = fc_shape
+            per_neuron = hidden + (fc.bias is not None) + proj_shape[0][0]
+            return neurons, per_neuron, 0
     return 0, 0, 0
 
 

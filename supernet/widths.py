@@ -38,7 +38,7 @@ from torch import nn
 
 from evocomp.errors import EvocompError
 from evocomp.spaces.units import SUBLAYER_KINDS, Unit, VariantKey, variant_key
-from evocomp.supernet.shrink import narrowed, output_projection
+from evocomp.supernet.shrink import narrowed, output_projection, output_weight
 from evocomp.supernet.structured import StructuredOBS, StructuredOBSParams, gqa_kept_heads
 from evocomp.supernet.sublayers import skip
 from evocomp.supernet.units import sublayer_module
@@ -167,7 +167,9 @@ def _sublayer(
     module = model.get_submodule(unit.name)
     proj = output_projection(module, unit.kind)
     group = int(module.head_dim) if unit.kind == "attn" else 1
-    comp = StructuredOBS(proj.weight, params.model_copy(update={"group_size": group}))
+    comp = StructuredOBS(
+        output_weight(module, unit.kind), params.model_copy(update={"group_size": group})
+    )
     seen: list[torch.Tensor] = []
     handle = proj.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
     dense_out: list[torch.Tensor] = []

@@ -1,0 +1,84 @@
+"""Width search end to end on the tiny uneven Llama: the search beats uniform width
+on held-out text, resume re-evaluates nothing, and both export forms reload and
+reproduce the searched model's logits."""
+
+import json
+
+import pytest
+import torch
+from conftest import search_config
+from transformers import AutoModelForCausalLM
+
+from evocomp import runner
+from evocomp.cli import main
+from evocomp.evaluators import KLEvaluator
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOCOMP_CACHE", str(tmp_path / "cache"))
+
+
+def test_width_search_beats_uniform_and_both_exports_reproduce_it(tmp_path, uneven_model_dir):
+    cfg = search_config(
+        tmp_path,
+        uneven_model_dir,
+        name="width",
+        compressor={"name": "structured-obs"},
+        space={"name": "width", "target": 0.5, "step": 0.25, "levels": 2, "neuron_multiple": 16},
+        search={
+            "name": "evopress",
+            "generations": 6,
+            "offspring": 4,
+            "stages": [{"tokens": 64, "keep": 2}, {"tokens": 256, "keep": 1}],
+        },
+    )
+    assert main(["-q", "search", cfg]) == 0
+    run = tmp_path / "runs" / "width"
+    best = json.loads((run / "best.json").read_text())
+    assert best["cost"] <= best["budget"]
+    assert {"heads", "neurons"} <= {k for row in best["layers"] for k in row}
+
+    config, _ = runner.load_run_config(run)
+    exp = runner.Experiment(config, progress=False)
+    kl = KLEvaluator.create(exp.model, exp.splits.heldout, KLEvaluator.Params(), progress=False)
+    scores = {}
+    for name, genome in {"uniform": exp.space.uniform(), "searched": tuple(best["genome"])}.items():
+        with exp.applied(genome) as model:
+            scores[name] = kl.evaluate(model)["kl"]
+    assert scores["searched"] < scores["uniform"], scores
+
+    evaluations = len((run / "trials.jsonl").read_text().splitlines()) if (
+        run / "trials.jsonl"
+    ).exists() else None
+    assert main(["-q", "search", "--resume", str(run), "--no-eval"]) == 0
+    if evaluations is not None:
+        assert len((run / "trials.jsonl").read_text().splitlines()) == evaluations
+
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), exp.applied(tuple(best["genome"])) as model:
+        want = model(x, use_cache=False).logits
+    zeroed, compact = tmp_path / "zeroed", tmp_path / "compact"
+    assert main(["-q", "export", str(run), "--out", str(zeroed)]) == 0
+    assert main(["-q", "export", str(run), "--out", str(compact), "--compact"]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(zeroed).eval()
+    small = AutoModelForCausalLM.from_pretrained(compact, trust_remote_code=True).eval()
+    dense_params = sum(p.numel() for p in plain.parameters())
+    assert sum(p.numel() for p in small.parameters()) < dense_params
+    assert type(small).__name__ == "CompactLlamaForCausalLM"
+    heads = [r["heads"] for r in best["layers"] if "heads" in r]
+    assert small.config.layer_heads == heads
+    for model in (plain, small):
+        with torch.no_grad():
+            got = model(x, use_cache=False).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_width_space_with_a_sparsity_compressor_is_one_clear_error(
+    tmp_path, uneven_model_dir, capsys
+):
+    cfg = search_config(tmp_path, uneven_model_dir, space={"name": "width", "step": 0.25})
+    assert main(["-q", "search", cfg]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "structured-obs" in err[0] and "compressor.name" in err[0], err
+    assert not (tmp_path / "runs").exists()
