@@ -99,5 +99,5 @@ def timed_search(config: str, overrides: list[str], loaded: Any = None) -> tuple
         exp.loaded = loaded  # one model load for every search of a benchmark
     _ = exp.database, exp.evaluator  # built or loaded outside the timed search
     started = time.perf_counter()
-    result = run_search(exp, prepare_run_dir(cfg, resume=False))
+    result = run_search(exp, prepare_run_dir(exp.cfg, resume=False))
     return exp, result, time.perf_counter() - started

@@ -8,7 +8,8 @@ For each share of block parameters removed: uniform width (every sublayer at the
 target, same OBS database), depth at no fewer kept parameters (whole blocks removed,
 the better of ShortGPT and an EvoPress depth search with the width search's
 budget), and the EvoPress width search. The propagation ablation scores uniform
-width at the first share for each ``compressor.propagate``. Speed: prefill of 512
+width at the first share for each ``compressor.propagate``; the searches use the
+best of them. Speed: prefill of 512
 tokens and greedy decode of 64 from an 8-token prompt, dense vs the compact
 searched model (``compact_copy``, what ``export --compact`` saves), interleaved.
 Figures: held-out perplexity and KL to the dense model (16 x 512 Wikipedia tokens).
@@ -83,8 +84,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=20)
     ap.add_argument("--removed", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument(
-        "--propagations", nargs="*", default=["expectation", "dense", "level"],
-        help="first: the one the searches use",
+        "--propagations", nargs="+", default=["expectation", "dense", "level"],
+        help="the ablation; the searches use the one whose uniform width is best",
     )
     ap.add_argument("--speed-repeats", type=int, default=5)
     ap.add_argument(
@@ -93,7 +94,6 @@ def main() -> None:
     )
     add_overrides(ap)
     args = ap.parse_args()
-    default = args.propagations[0] if args.propagations else "expectation"
     loaded = None
     targets: dict[str, Any] = {}
     propagation: dict[str, Any] = {}
@@ -119,6 +119,9 @@ def main() -> None:
             figures = heldout_metrics(exp, {f"uniform-{mode}": exp.space.uniform()})
             propagation[mode] = {"ppl": figures["ppl"][f"uniform-{mode}"],
                                  "kl": figures["kl"][f"uniform-{mode}"]}
+        # The searches use the propagation whose uniform width is closest to dense.
+        default = min(propagation, key=lambda m: propagation[m]["kl"])
+        print(f"searches use propagate={default}", flush=True)
         for removed in args.removed:
             kept = round(1 - removed, 6)
             base = [f"space.target={kept}", f"model.device={DEVICE}", *args.overrides]
@@ -134,7 +137,10 @@ def main() -> None:
             # as many parameters (the comparison leans its way).
             n_blocks = len({u.block for u in exp.space.units})
             blocks = math.floor(removed * n_blocks + 1e-9)
-            depth_base = [f"space={{name: depth, granularity: block, remove: {2 * blocks}}}"]
+            depth_base = [
+                "space.granularity=block", f"space.remove={2 * blocks}",
+                "space.remove_fraction=null", "data.calibration=16",
+            ]
             genomes: dict[str, Any] = {"uniform_width": exp.space.uniform(),
                                        "searched": result.best}
             depth: dict[str, Any] = {}

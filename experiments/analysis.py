@@ -485,6 +485,7 @@ _ALLOCATION_COLUMNS = {
     "bits": ("magma", "{:.0f}"),
     "removed": ("Greys", "{:.0f}"),
     "cost per weight": ("magma", "{:.2g}"),
+    "kept": ("magma", "{:.2f}"),  # width: share of heads / neurons kept
 }
 
 
@@ -525,10 +526,10 @@ def plot_allocation(
 ) -> Figure:
     """A heatmap of what ``genome`` (default: the best; an int: a trial number)
     does per layer: blocks down, linear kinds (``q_proj`` ... ``down_proj``, or
-    sublayers for depth) across, the value sparsity, bits, removed (1) or, for
-    joint spaces, cost per weight. Joint spaces get one panel per column unless
-    ``column`` names one (or ``ax`` is given: then the column with most distinct
-    values is shown)."""
+    sublayers for depth and width) across, the value sparsity, bits, removed (1),
+    kept share (width) or, for joint spaces, cost per weight. Joint spaces get one
+    panel per column unless ``column`` names one (or ``ax`` is given: then the column
+    with most distinct values is shown)."""
     rows = _allocation_table(run, genome)
     present = [c for c in _ALLOCATION_COLUMNS if c in rows]
     if column is not None:

@@ -67,6 +67,7 @@ def search(
     # Everything that can fail is checked before the run directory exists, so a
     # failed start leaves nothing behind that would block the fixed rerun.
     exp.check(final_eval=final and cfg.final_eval.enabled)
+    cfg = exp.cfg  # with what the space measured (e.g. sublayer timings)
     run = prepare_run_dir(cfg, resume=bool(resume))
     with _logging_to(run.log):
         log.info("run directory: %s", run.path)

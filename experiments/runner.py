@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from evocomp.config import Config
+from evocomp.config import ComponentSpec, Config
 from evocomp.errors import EvocompError, choices
 from evocomp.evaluators.base import EVALUATORS, Evaluator
 from evocomp.evaluators.data import TokenSplits, load_splits
@@ -54,6 +54,7 @@ from evocomp.supernet.database import (
     build_database,
     open_database,
 )
+from evocomp.supernet.latency import sublayer_timings
 from evocomp.supernet.models import LoadedModel, load_model
 from evocomp.supernet.sublayers import span_importance
 from evocomp.supernet.swap import Swapper
@@ -88,7 +89,19 @@ class Experiment:
     @cached_property
     def space(self) -> SearchSpace:
         spec = self.cfg.space
-        space = SPACES.get(spec.name)(self.units, spec.params)
+        cls = SPACES.get(spec.name)
+        needed = cls.timings_needed(self.units, spec.params)
+        if needed:
+            timings = sublayer_timings(
+                self.model, needed, tokens=self.cfg.data.seq_len, cache=cache_dir() / "latency",
+                progress=self.progress,
+            )
+            params = cls.with_timings(spec.params, timings)
+            spec = ComponentSpec.of(SPACES, {"name": spec.name, **params.model_dump(mode="json")})
+            # The run directory's config records the timings, so a resume, Ray workers
+            # and analysis see the very costs this search uses.
+            self.cfg = self.cfg.model_copy(update={"space": spec})
+        space = cls(self.units, spec.params)
         wanted = space.compressor_kind
         if wanted is not None:
             have = COMPRESSORS.get(self.cfg.compressor.name).kind

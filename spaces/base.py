@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from evocomp.errors import EvocompError
 from evocomp.registry import Registry, StrictModel
-from evocomp.spaces.units import Unit, UnitFamily, UnitQuery, VariantKey
+from evocomp.spaces.units import TimingRequest, Unit, UnitFamily, UnitQuery, VariantKey
 
 Genome = tuple[int, ...]
 
@@ -100,6 +100,20 @@ class SearchSpace(ABC, Generic[P]):
         """Which units of the model the space searches (called before it exists):
         by default every unit of :attr:`unit_family`, narrowed by ``units.targets``."""
         return (UnitQuery(cls.unit_family),)
+
+    @classmethod
+    def timings_needed(cls, units: Sequence[Unit], params: P) -> dict[str, TimingRequest]:
+        """Called by the runner before the space exists: sublayer widths whose measured
+        forward time the space's costs need, by a key of the space's choosing (empty:
+        none). The runner times them on the model (cached per machine) and
+        builds the space with :meth:`with_timings`' params instead."""
+        return {}
+
+    @classmethod
+    def with_timings(cls, params: P, timings: dict[str, dict[int, int]]) -> P:
+        """``params`` holding measured nanoseconds per :meth:`timings_needed` key and
+        kept count; called only for spaces that asked for timings."""
+        raise NotImplementedError(f"{cls.__name__} does not use measured timings")
 
     # -- what every space provides -------------------------------------------------
     def __len__(self) -> int:

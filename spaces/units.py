@@ -112,3 +112,15 @@ def variant_key(key: object) -> VariantKey:
     except TypeError:
         pass
     raise EvocompError(f"a variant key is an int or a non-empty tuple of ints, got {key!r}")
+
+
+@dataclass(frozen=True)
+class TimingRequest:
+    """Widths of one sublayer whose forward time a space's costs need (see
+    :meth:`~evocomp.spaces.base.SearchSpace.timings_needed`)."""
+
+    unit: Unit
+    counts: tuple[int, ...]
+    """Query heads or neurons kept, one timing each (0: removed)."""
+    whole_groups: bool = False
+    """Attention: whole KV groups go (with their K/V heads), not heads within each."""

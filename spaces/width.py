@@ -11,7 +11,8 @@ Design
   ``group_numel`` and ``kv_groups`` unit discovery fills in). A level is a number
   of groups kept; level costs are kept parameters (``numel - removed groups ×
   group_numel``, K/V too when whole KV groups go), so the budget is exact.
-* **Levels.** Kept fractions ``target + k·step`` for ``k = -levels..levels``
+* **Levels.** Kept shares of the sublayer's PARAMETERS ``target + k·step`` for
+  ``k = -levels..levels``
   (Týr's grid; ``levels`` large and ``step`` 0.1 gives DarwinLM's full range),
   clipped to [0, 1] and rounded to counts the sublayer can compute: for attention
   the same number of query heads in every KV group (``per_group``, K/V kept) or
@@ -29,15 +30,15 @@ Design
 from __future__ import annotations
 
 from collections.abc import Sequence
-from fractions import Fraction
+from random import Random
 from typing import Any, Literal
 
 from pydantic import Field
 
 from evocomp.errors import EvocompError
 from evocomp.registry import StrictModel
-from evocomp.spaces.base import SPACES, Genome, LevelSpace
-from evocomp.spaces.units import Unit, VariantKey
+from evocomp.spaces.base import SPACES, CostAxis, Genome, LevelSpace
+from evocomp.spaces.units import TimingRequest, Unit, VariantKey
 
 GQALayout = Literal["per_group", "whole_groups"]
 
@@ -45,8 +46,10 @@ GQALayout = Literal["per_group", "whole_groups"]
 class WidthParams(StrictModel):
     """Options of the ``width`` space."""
 
-    target: float = Field(0.5, gt=0.0, le=1.0, description="share of heads and neurons kept")
-    step: float = Field(0.125, gt=0.0, le=1.0, description="kept share between levels")
+    target: float = Field(
+        0.5, gt=0.0, le=1.0, description="share of each sublayer's parameters kept"
+    )
+    step: float = Field(0.125, gt=0.0, le=1.0, description="kept parameter share between levels")
     levels: int = Field(4, ge=1, le=64, description="levels on each side of target")
     gqa: GQALayout = Field(
         "per_group",
@@ -54,6 +57,16 @@ class WidthParams(StrictModel):
         "(K/V kept), or whole KV groups",
     )
     neuron_multiple: int = Field(32, ge=1, description="MLP neurons kept in multiples of this")
+    cost: Literal["params", "latency"] = Field(
+        "params",
+        description="what target, levels and the budget count: parameters kept, or the "
+        "sublayers' measured forward time (target 0.667 asks for ~1.5x faster blocks)",
+    )
+    latency: dict[str, dict[int, int]] | None = Field(
+        None,
+        description="with cost: latency, the measured forward nanoseconds per sublayer "
+        "shape and width, filled in by evocomp (timed once per machine, cached)",
+    )
 
 
 @SPACES.register("width")
@@ -86,13 +99,15 @@ class WidthSpace(LevelSpace[WidthParams]):
                     f"space.neuron_multiple={params.neuron_multiple} exceeds the {u.groups} "
                     f"neurons of {u.name}; use 1..{u.groups}"
                 )
+        self._timings: dict[str, dict[int, int]] = {}
+        if params.cost == "latency":
+            self._timings = self._checked_timings(params)
         self._kept = [self._counts(u) for u in self.units]
-        self._costs = [[self._cost(u, k) for k in kept] for u, kept in zip(
-            self.units, self._kept, strict=True
-        )]
+        self._costs = [
+            [self._cost(u, k) for k in kept] for u, kept in zip(self.units, self._kept, strict=True)
+        ]
         self._start = tuple(
-            min(range(len(kept)), key=lambda i, u=u, kept=kept: (abs(kept[i] / u.groups
-                - params.target), -kept[i]))
+            self._nearest(u, range(len(kept)), kept, params.target)
             for u, kept in zip(self.units, self._kept, strict=True)
         )
         self._budget = self.cost(self._start)
@@ -100,7 +115,8 @@ class WidthSpace(LevelSpace[WidthParams]):
         if abs(share - params.target) > params.step / 2 + 1e-9:
             raise EvocompError(
                 f"space.target={params.target:g} cannot be reached: the nearest widths these "
-                f"sublayers can compute keep {share:.3g} of their parameters; use a target "
+                f"sublayers can compute keep {share:.3g} of their "
+                f"{'latency' if params.cost == 'latency' else 'parameters'}; use a target "
                 f"within step/2 of a reachable share, or gqa: "
                 f"{'whole_groups' if params.gqa == 'per_group' else 'per_group'}"
             )
@@ -108,24 +124,27 @@ class WidthSpace(LevelSpace[WidthParams]):
     # -- levels --------------------------------------------------------------------------
     def valid_counts(self, unit: Unit) -> list[int]:
         """Every number of groups ``unit`` can keep and still compute."""
-        if unit.kind == "attn":
-            per = unit.groups // max(unit.kv_groups, 1)
-            if self.params.gqa == "per_group":
-                return [r * unit.kv_groups for r in range(per + 1)]
-            return [g * per for g in range(unit.kv_groups + 1)]
-        m = self.params.neuron_multiple
-        return sorted({*range(0, unit.groups + 1, m), unit.groups})
+        return _valid_counts(unit, self.params)
 
     def _counts(self, unit: Unit) -> list[int]:
         p = self.params
         valid = self.valid_counts(unit)
-        wanted = [
-            min(1.0, max(0.0, p.target + k * p.step)) * unit.groups
-            for k in range(-p.levels, p.levels + 1)
-        ]
-        return sorted({min(valid, key=lambda c, w=w: (abs(c - w), -c)) for w in wanted})
+        wanted = [min(1.0, max(0.0, p.target + k * p.step)) for k in range(-p.levels, p.levels + 1)]
+        return sorted({valid[self._nearest(unit, range(len(valid)), valid, w)] for w in wanted})
+
+    def _nearest(self, unit: Unit, options: range, counts: list[int], share: float) -> int:
+        """The option whose count keeps the share of ``unit``'s cost nearest ``share``
+        (ties: the wider)."""
+        full = self._cost(unit, unit.groups)
+        return min(options, key=lambda i: (abs(self._cost(unit, counts[i]) / full - share), -i))
 
     def _cost(self, unit: Unit, kept: int) -> int:
+        if self.params.cost == "latency":
+            return self._timings[timing_key(unit, self.params)][kept]
+        return self._params(unit, kept)
+
+    def _params(self, unit: Unit, kept: int) -> int:
+        """Parameters ``unit`` keeps with ``kept`` heads or neurons."""
         removed = (unit.groups - kept) * unit.group_numel
         if unit.kind == "attn" and self.params.gqa == "whole_groups":
             # Each KV group removed takes its k_proj and v_proj rows along.
@@ -133,6 +152,38 @@ class WidthSpace(LevelSpace[WidthParams]):
             kv_numel = (unit.numel - unit.groups * unit.group_numel) // unit.kv_groups
             removed += (unit.groups - kept) // per * kv_numel
         return unit.numel - removed
+
+    # -- measured latency ----------------------------------------------------------------
+    @classmethod
+    def timings_needed(cls, units: Sequence[Unit], params: WidthParams) -> dict[str, TimingRequest]:
+        """With ``cost: latency`` and no table yet: one unit per sublayer shape, with
+        every width it can compute."""
+        if params.cost != "latency" or params.latency is not None:
+            return {}
+        out: dict[str, TimingRequest] = {}
+        whole = params.gqa == "whole_groups"
+        for u in units:
+            if u.groups > 0 and timing_key(u, params) not in out:
+                counts = tuple(_valid_counts(u, params))
+                out[timing_key(u, params)] = TimingRequest(u, counts, whole and u.kind == "attn")
+        return out
+
+    @classmethod
+    def with_timings(cls, params: WidthParams, timings: dict[str, dict[int, int]]) -> WidthParams:
+        return params.model_copy(update={"latency": timings})
+
+    def _checked_timings(self, params: WidthParams) -> dict[str, dict[int, int]]:
+        given = params.latency or {}
+        table = {k: {int(c): int(t) for c, t in v.items()} for k, v in given.items()}
+        for u in self.units:
+            have = table.get(timing_key(u, params), {})
+            missing = [c for c in _valid_counts(u, params) if c not in have]
+            if missing:
+                raise EvocompError(
+                    f"space.latency has no time for {u.name} keeping {missing[0]} "
+                    "(leave space.latency unset: evocomp measures it)"
+                )
+        return table
 
     def kept(self, gene: int, level: int) -> int:
         """The number of heads (attention) or neurons (MLP) gene ``gene`` keeps."""
@@ -157,20 +208,67 @@ class WidthSpace(LevelSpace[WidthParams]):
     def describe_level(self, gene: int, level: int) -> dict[str, Any]:
         unit, kept = self.units[gene], self.kept(gene, level)
         what = "heads" if unit.kind == "attn" else "neurons"
-        return {what: kept, "kept": round(kept / unit.groups, 6)}
+        row: dict[str, Any] = {what: kept, "kept": round(kept / unit.groups, 6)}
+        if self.params.cost == "latency":
+            row["latency_ms"] = round(self.level_cost(gene, level) / 1e6, 4)
+        return row
 
     @property
     def budget(self) -> int:
         return self._budget
 
+    def mutate(self, genome: Genome, rng: Random, *, switches: int = 1) -> Genome:
+        """Parameter costs: EvoPress level switches (exact). Measured times rarely
+        trade exactly, so with ``cost: latency`` each move is one random level step
+        followed by :meth:`repair` (random steps down until under the budget, then
+        up while it allows): never over the budget, within a step of it."""
+        if self.params.cost != "latency":
+            return super().mutate(genome, rng, switches=switches)
+        g = genome
+        for _ in range(switches):
+            step = self.random_step(g, rng)
+            if step is not None:
+                g = tuple(step.get(i, x) for i, x in enumerate(g))
+            g = self.repair(g, rng)
+        return g
+
     def uniform(self) -> Genome:
         """Every sublayer at the level nearest ``target``."""
         return self._start
 
-    def size_factor(self, gene: int, level: int) -> Fraction:
-        """The kept share of the sublayer's parameters."""
-        return Fraction(self.level_cost(gene, level), self.units[gene].numel)
-
     def kept_share(self, genome: Genome) -> float:
-        """Kept parameters of the searched sublayers, as a share of dense."""
-        return self.cost(genome) / sum(u.numel for u in self.units)
+        """The searched sublayers' cost (parameters or time) as a share of dense."""
+        return self.cost(genome) / self._dense_cost
+
+    def params_kept(self, genome: Genome) -> float:
+        """Kept parameters of the searched sublayers as a share of dense (whatever
+        the cost counts)."""
+        kept = sum(self._params(u, self.kept(i, g)) for i, (u, g) in enumerate(
+            zip(self.units, genome, strict=True)))
+        return kept / sum(u.numel for u in self.units)
+
+    @property
+    def _dense_cost(self) -> int:
+        return sum(self._cost(u, u.groups) for u in self.units)
+
+    def cost_axis(self) -> CostAxis:
+        if self.params.cost == "latency":
+            return CostAxis(float(self._dense_cost), "share of the sublayers' dense latency")
+        return CostAxis(float(self._dense_cost), "share of block parameters kept")
+
+
+def timing_key(unit: Unit, params: WidthParams) -> str:
+    """Sublayers with equal keys run equally fast at equal widths (same shape and,
+    for attention, GQA layout)."""
+    key = f"{unit.kind}/{unit.groups}/{unit.kv_groups}/{unit.numel}"
+    return f"{key}/{params.gqa}" if unit.kind == "attn" else key
+
+
+def _valid_counts(unit: Unit, params: WidthParams) -> list[int]:
+    if unit.kind == "attn":
+        per = unit.groups // max(unit.kv_groups, 1)
+        if params.gqa == "per_group":
+            return [r * unit.kv_groups for r in range(per + 1)]
+        return [g * per for g in range(unit.kv_groups + 1)]
+    m = params.neuron_multiple
+    return sorted({*range(0, unit.groups + 1, m), unit.groups})

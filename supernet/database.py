@@ -526,7 +526,7 @@ def _build_database(
             inputs = capture_block_inputs(model, calibration, batch_size)
             bar = tqdm(range(last + 1), desc="database", unit="block", disable=not progress)
             if compressor_cls.unit_family == "sublayer":
-                batches = [Batch(hidden, None, kw) for hidden, kw in inputs]
+                batches = [Batch(hidden, kw) for hidden, kw in inputs]
                 del inputs
                 for b in bar:
                     todo = by_block.get(b, [])

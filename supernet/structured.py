@@ -75,9 +75,6 @@ PROPAGATIONS: tuple[str, ...] = get_args(Propagation)
 class StructuredOBSParams(LayerCompressorParams):
     """Options of :class:`StructuredOBS`."""
 
-    group_size: int = Field(
-        default=1, ge=1, description="input columns per group: head_dim for o_proj, 1 for neurons"
-    )
     dampening: float = Field(default=0.01, gt=0, description="fraction of mean diag(H)")
     propagate: Propagation = Field(
         default="expectation",
@@ -97,8 +94,8 @@ class StructuredOBS(HessianCompressor[_Removal]):
     """Remove whole groups of input columns by greedy OBS, then refit the kept ones.
 
     ``weight`` is ``[out, in]``; group ``g`` is the input columns
-    ``[g * group_size, (g + 1) * group_size)`` (``Params.group_size``: ``head_dim`` for
-    an ``o_proj``, 1 or a chunk of neurons for a ``down_proj``). ``add_batch`` accumulates
+    ``[g * group_size, (g + 1) * group_size)`` (``group_size``: ``head_dim`` for an
+    ``o_proj``, 1 or a chunk of neurons for a ``down_proj``). ``add_batch`` accumulates
     ``H = 2/n Σ xᵀx`` exactly like SparseGPT.
 
     Removal (ZipLM / DarwinLM): ``H`` is damped by ``dampening`` × its mean diagonal
@@ -139,40 +136,20 @@ class StructuredOBS(HessianCompressor[_Removal]):
 
     params: StructuredOBSParams
 
-    def __init__(self, weight: torch.Tensor, params: StructuredOBSParams | None = None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        params: StructuredOBSParams | None = None,
+        *,
+        group_size: int = 1,
+    ) -> None:
         super().__init__(weight, params)
-        if self.columns % self.params.group_size:
+        if group_size < 1 or self.columns % group_size:
             raise EvocompError(
-                f"group size {self.params.group_size} does not divide the "
-                f"{self.columns} input features"
+                f"group size {group_size} does not divide the {self.columns} input features"
             )
-        self.groups = self.columns // self.params.group_size
-        # 2/n Σ x̃ᵀx between the inputs seen (x̃, e.g. propagated through a pruned model)
-        # and the dense model's inputs x at the same tokens; None while they are the same.
-        self._cross: torch.Tensor | None = None
-
-    def add_batch(self, inputs: torch.Tensor, dense: torch.Tensor | None = None) -> None:
-        """Accumulate statistics from layer inputs ``[..., in_features]``.
-
-        ``dense``, when given, holds the DENSE model's inputs to this layer at the same
-        tokens (``inputs`` then come from a pruned model, Týr's propagation): the
-        removal order still follows ``inputs``, but the refit fits the kept columns of
-        ``inputs`` to the dense output ``dense Wᵀ``. Give it for every batch or none."""
-        if (dense is None) != (self._cross is None) and self.nsamples:
-            raise EvocompError("give dense inputs with every batch or with none")
-        if dense is not None:
-            if dense.shape != inputs.shape:
-                raise ValueError(f"dense inputs {tuple(dense.shape)} != {tuple(inputs.shape)}")
-            x = inputs.detach().reshape(-1, self.columns).to(self.device, torch.float32)
-            d = dense.detach().reshape(-1, self.columns).to(self.device, torch.float32)
-            if self._cross is None:
-                self._cross = torch.zeros_like(self._hessian)
-            total = self.nsamples + x.shape[0]
-            if total:
-                self._cross.mul_(self.nsamples / total)
-                self._cross.addmm_(x.T, d, alpha=2 / total)
-        super().add_batch(inputs)
-
+        self.group_size = group_size
+        self.groups = self.columns // group_size
     @property
     def removal_order(self) -> torch.Tensor:
         """Every group, first removed first (LongTensor ``[groups]``); runs the greedy
@@ -209,7 +186,7 @@ class StructuredOBS(HessianCompressor[_Removal]):
             return self._refit(self._kept(removed), removed)
         order, weight, _ = self._greedy(stop=keep_groups)
         kept = self._kept(order)
-        columns = group_columns(kept, self.params.group_size)
+        columns = group_columns(kept, self.group_size)
         return StructuredResult(kept, columns, weight[:, columns].to(self.dtype), order)
 
     def refit(self, kept: torch.Tensor) -> StructuredResult:
@@ -246,7 +223,7 @@ class StructuredOBS(HessianCompressor[_Removal]):
         return self._factor
 
     def _refit(self, kept: torch.Tensor, removed: torch.Tensor) -> StructuredResult:
-        columns = group_columns(kept, self.params.group_size)
+        columns = group_columns(kept, self.group_size)
         if columns.numel() == 0:
             empty = self.weight.new_zeros(self.rows, 0, dtype=self.dtype)
             return StructuredResult(kept, columns, empty, removed)
@@ -262,21 +239,14 @@ class StructuredOBS(HessianCompressor[_Removal]):
         chol, info = torch.linalg.cholesky_ex(h[columns][:, columns])
         if info != 0:  # pragma: no cover - a damped PSD matrix is positive definite
             raise EvocompError("the damped Hessian of the kept columns is not positive definite")
-        # W_k = W M[k, :]ᵀ H_kk⁻¹ with M = x̃ᵀx (M = H when the inputs are the dense ones),
-        # solved as H_kk W_kᵀ = (W M[k, :]ᵀ)ᵀ. The same damping is added to M, which makes
-        # it the ridge regression pulled towards the dense weights.
-        if self._cross is None:
-            m = h
-        else:
-            m = self._cross.to(torch.float64)
-            m.diagonal().add_(h.diagonal() - self._hessian.diagonal().to(torch.float64))
-        weight = torch.cholesky_solve((w @ m[columns].T).T, chol).T
+        # W_k = G_k H_kk⁻¹ with G = W H; solved as H_kk W_kᵀ = (W H[:, k])ᵀ.
+        weight = torch.cholesky_solve((w @ h[:, columns]).T, chol).T
         return StructuredResult(kept, columns, weight.to(self.dtype).contiguous(), removed)
 
     def _greedy(self, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Greedy OBS removal until ``stop`` groups remain: (removal order, OBS-updated
         float32 weight with removed columns zero, each removed group's score)."""
-        c, n = self.params.group_size, self.groups
+        c, n = self.group_size, self.groups
         h, dead = _damped_hessian(self._hessian, self.params.dampening)
         hinv = _inverse(h, torch.ones_like(dead))
         # Dead inputs never reach the output, so their weights count as zero (SparseGPT

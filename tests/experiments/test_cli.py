@@ -137,7 +137,8 @@ def test_resume_after_a_kill_reevaluates_nothing(
         (["model.name=/no/such/model"], "does not exist"),
         (
             ["compressor.name=obs"],
-            "allowed: 'gptq', 'magnitude', 'prune-quantize', 'rtn', 'sparsegpt', 'wanda'",
+            "allowed: 'gptq', 'magnitude', 'prune-quantize', 'rtn', 'sparsegpt', "
+            "'structured-obs', 'wanda'",
         ),
         (["space.target=1.3"], "space: "),
         (["space.levels=9"], "at most 5 levels fit"),

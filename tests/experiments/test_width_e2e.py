@@ -82,3 +82,32 @@ def test_a_width_space_with_a_sparsity_compressor_is_one_clear_error(
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "structured-obs" in err[0] and "compressor.name" in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_latency_budget_is_measured_once_and_recorded_in_the_run(
+    tmp_path, uneven_model_dir, monkeypatch
+):
+    cfg = search_config(
+        tmp_path,
+        uneven_model_dir,
+        name="fast",
+        compressor={"name": "structured-obs", "propagate": "dense"},
+        space={"name": "width", "cost": "latency", "target": 0.9, "step": 0.25,
+               "neuron_multiple": 32},
+        search={"name": "random", "samples": 3, "tokens": 64},
+    )
+    assert main(["-q", "search", cfg, "--no-eval"]) == 0
+    run = tmp_path / "runs" / "fast"
+    recorded = runner.load_run_config(run)[0].space.params.latency
+    assert recorded and all(t[0] == 0 for t in recorded.values())
+    best = json.loads((run / "best.json").read_text())
+    assert best["cost"] <= best["budget"] and "latency_ms" in best["layers"][0]
+
+    from evocomp.supernet import latency
+
+    def no_timing(*_a, **_k):
+        raise AssertionError("a resumed run measured its sublayers again")
+
+    monkeypatch.setattr(latency, "_fastest_ns", no_timing)
+    assert main(["-q", "search", "--resume", str(run), "--no-eval"]) == 0
+    assert json.loads((run / "best.json").read_text())["budget"] == best["budget"]

@@ -60,8 +60,9 @@ def test_the_budget_is_exact_under_thousands_of_mutations_and_repairs():
     space = _space(target=0.6)
     start = space.uniform()
     assert space.cost(start) == space.budget
-    # Nearest to 60% of 6 heads (3.6: 4, in pairs) and of 40 neurons (24, in eights).
-    assert [space.kept(i, g) for i, g in enumerate(start)][:2] == [4, 24]
+    # Nearest to 60% of the parameters: 2 heads per pair of KV groups keep 50% of the
+    # attention (K/V stay), 4 heads 75%; 24 of 40 neurons keep 60% of the MLP.
+    assert [space.kept(i, g) for i, g in enumerate(start)][:2] == [2, 24]
     rng, genome = random.Random(0), start
     moved = set()
     for _ in range(2000):
@@ -79,10 +80,12 @@ def test_units_without_width_are_refused():
     with pytest.raises(EvocompError, match="space.name=width needs"):
         WidthSpace(find_linear_units(tiny_llama()), WidthParams())
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64))
-    units = find_sublayer_units(gpt2)  # Conv1D projections: no width understood yet
-    assert all(u.groups == 0 for u in units)
+    units = find_sublayer_units(gpt2)  # GPT-2's fused c_attn has no head width; its MLP has
+    assert [u.groups for u in units] == [0, 128, 0, 128]
     with pytest.raises(EvocompError, match="transformer.h.0.attn"):
         WidthSpace(units, WidthParams())
+    mlps = [u for u in units if u.kind == "mlp"]  # units.targets: [mlp]
+    assert WidthSpace(mlps, WidthParams()).kept(0, 0) == 0
 
 
 @pytest.mark.parametrize(
@@ -97,3 +100,43 @@ def test_units_without_width_are_refused():
 def test_grids_no_sublayer_can_compute_are_refused_naming_the_field(kw, field):
     with pytest.raises(EvocompError, match=field.replace(".", r"\.")):
         _space(**kw)
+
+
+def _timed(**kw):
+    """A latency-cost space from a made-up timing table (no model needed)."""
+    units = _gqa_units()
+    params = WidthParams(**{"neuron_multiple": 8, "step": 0.17, "cost": "latency", **kw})
+    needed = WidthSpace.timings_needed(units, params)
+    assert {r.unit.kind for r in needed.values()} == {"attn", "mlp"}  # one per shape
+    # Attention time grows with heads from a fixed part (K/V); MLPs linearly.
+    table = {
+        key: {c: (0 if c == 0 else 1000 + 500 * c) if r.unit.kind == "attn" else 40 * c
+              for c in r.counts}
+        for key, r in needed.items()
+    }
+    return WidthSpace(units, WidthSpace.with_timings(params, table)), table
+
+
+def test_a_latency_cost_counts_measured_time_and_keeps_budgets_exact():
+    space, table = _timed(target=0.6)
+    assert WidthSpace.timings_needed(space.units, space.params) == {}  # already measured
+    attn_key = next(k for k in table if k.startswith("attn/"))
+    for lv in range(space.n_levels(0)):
+        assert space.level_cost(0, lv) == table[attn_key][space.kept(0, lv)]
+    assert space.cost(space.uniform()) == space.budget
+    dense = sum(max(t.values()) for t in table.values() for _ in range(3))
+    assert space.kept_share(space.uniform()) == pytest.approx(space.budget / dense)
+    assert "latency_ms" in space.describe(space.uniform())[0]
+    rng, genome = random.Random(0), space.uniform()
+    for _ in range(500):
+        genome = space.mutate(genome, rng)
+        assert space.is_feasible(genome)
+
+
+def test_a_latency_table_missing_a_width_is_refused():
+    space, table = _timed(target=0.6)
+    key = next(iter(table))
+    del table[key][max(table[key])]
+    params = space.params.model_copy(update={"latency": table})
+    with pytest.raises(EvocompError, match="space.latency has no time for"):
+        WidthSpace(space.units, params)

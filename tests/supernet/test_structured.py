@@ -25,7 +25,7 @@ def layer(name: str, tokens: int = 512, seed: int = 1) -> tuple[StructuredOBS, t
     """A calibrated compressor for ``name`` and its calibration inputs."""
     group_size, cols = LAYERS[name]
     x = correlated_inputs(tokens, cols, seed=seed)
-    obs = StructuredOBS(random_weight(0, ROWS, cols), StructuredOBS.Params(group_size=group_size))
+    obs = StructuredOBS(random_weight(0, ROWS, cols), group_size=group_size)
     obs.add_batch(x)
     return obs, x
 
@@ -40,7 +40,7 @@ def output_error(
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_every_level_keeps_exactly_k_groups_nested(name: str) -> None:
     obs, _ = layer(name)
-    c, n = obs.params.group_size, obs.groups
+    c, n = obs.group_size, obs.groups
     order = obs.removal_order
     assert sorted(order.tolist()) == list(range(n))
     previous: set[int] = set()
@@ -61,7 +61,7 @@ def test_every_level_keeps_exactly_k_groups_nested(name: str) -> None:
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_first_removed_group_has_the_lowest_obs_score(name: str) -> None:
     obs, x = layer(name)
-    c, n = obs.params.group_size, obs.groups
+    c, n = obs.group_size, obs.groups
     h = 2 * x.double().T @ x.double() / x.shape[0]
     hinv = torch.linalg.inv(h + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0]))
     w = obs.weight.double()
@@ -77,7 +77,7 @@ def test_first_removed_group_has_the_lowest_obs_score(name: str) -> None:
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_obs_and_refit_beat_magnitude_group_removal(name: str) -> None:
     obs, x = layer(name)
-    c, n = obs.params.group_size, obs.groups
+    c, n = obs.group_size, obs.groups
     w = obs.weight
     norms = w.view(ROWS, n, c).square().sum((0, 2))
     ratios = []
@@ -170,8 +170,8 @@ def test_dead_inputs_go_first_and_dtype_is_kept() -> None:
 
 def test_bad_requests_are_refused() -> None:
     with pytest.raises(EvocompError, match="does not divide"):
-        StructuredOBS(random_weight(0, 4, 10), StructuredOBS.Params(group_size=3))
-    obs = StructuredOBS(random_weight(0, 4, 8), StructuredOBS.Params(group_size=2))
+        StructuredOBS(random_weight(0, 4, 10), group_size=3)
+    obs = StructuredOBS(random_weight(0, 4, 8), group_size=2)
     with pytest.raises(EvocompError, match="needs calibration"):
         obs.prune(1)
     obs.add_batch(correlated_inputs(64, 8))
