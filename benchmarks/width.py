@@ -18,6 +18,7 @@ Figures: held-out perplexity and KL to the dense model (16 x 512 Wikipedia token
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import tempfile
@@ -25,7 +26,14 @@ import time
 from typing import Any
 
 import torch
-from _common import DEVICE, add_overrides, heldout_metrics, timed_search, write_result
+from _common import (
+    DEVICE,
+    RESULTS,
+    add_overrides,
+    heldout_metrics,
+    timed_search,
+    write_result,
+)
 
 from evocomp.config import load_config
 from evocomp.runner import Experiment
@@ -79,6 +87,29 @@ def _speed(dense: torch.nn.Module, compact: torch.nn.Module, repeats: int) -> di
     return out
 
 
+def _speed_only(args: argparse.Namespace) -> None:
+    """Re-measure ``speed`` of the first target's recorded genome into width.json."""
+    path = RESULTS / "width.json"
+    figures = json.loads(path.read_text())
+    first = str(args.removed[0])
+    genome = tuple(row["level"] for row in figures["targets"][first]["genome"])
+    cfg = load_config(
+        "width",
+        [f"space.target={round(1 - args.removed[0], 6)}", f"model.device={DEVICE}",
+         f"database.path={args.db_root}/db-{figures['propagation_default']}", *args.overrides],
+    )
+    exp = Experiment(cfg, progress=False)
+    with exp.applied(genome) as model:
+        compact = compact_copy(model, {u.name for u in exp.swapper.removed(genome)})
+    speed = _speed(exp.model, compact, args.speed_repeats)
+    figures["quality_command"] = figures.get("quality_command", figures["command"])
+    figures["quality_date"] = figures.get("quality_date", figures["date"])
+    figures = {k: v for k, v in figures.items() if k not in ("command", "machine", "date")}
+    figures["speed"], figures["speedup"] = speed, speed["prefill"]["speedup"]
+    figures["speed_remeasured"] = "speed only (--speed-only), same genome and database"
+    write_result("width", figures)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--generations", type=int, default=20)
@@ -92,8 +123,14 @@ def main() -> None:
         "--db-root", help="keep the databases here (db-<propagation>), e.g. to re-run; "
         "default: a temporary directory"
     )
+    ap.add_argument(
+        "--speed-only", action="store_true",
+        help="only re-measure the speed of the recorded 50%% genome (needs --db-root)",
+    )
     add_overrides(ap)
     args = ap.parse_args()
+    if args.speed_only:
+        return _speed_only(args)
     loaded = None
     targets: dict[str, Any] = {}
     propagation: dict[str, Any] = {}

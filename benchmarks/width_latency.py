@@ -29,6 +29,10 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=20)
     ap.add_argument("--speed-repeats", type=int, default=5)
     ap.add_argument("--db", help="database.path to reuse (e.g. benchmarks/width.py's)")
+    ap.add_argument(
+        "--compare", action="store_true",
+        help="also search with the parameter budget at the share of parameters found",
+    )
     add_overrides(ap)
     args = ap.parse_args()
     target = round(1 / args.speedup, 4)
@@ -49,13 +53,14 @@ def main() -> None:
             compact = compact_copy(model, removed)
         speed = _speed(exp.model, compact, args.speed_repeats)
         del compact
-        # The same share of parameters, searched with the parameter budget.
-        pexp, presult, _ = timed_search(
-            "width",
-            [*base, f"space.target={round(kept_params, 4)}", f"run_dir={tmp}/params"],
-            exp.loaded,
-        )
-        same = heldout_metrics(pexp, {"params_budget": presult.best})
+        same: dict[str, dict[str, float]] = {"ppl": {}, "kl": {}}
+        if args.compare:  # the same share of parameters, searched with the parameter budget
+            pexp, presult, _ = timed_search(
+                "width",
+                [*base, f"space.target={round(kept_params, 4)}", f"run_dir={tmp}/params"],
+                exp.loaded,
+            )
+            same = heldout_metrics(pexp, {"params_budget": presult.best})
     write_result(
         "width_latency",
         {

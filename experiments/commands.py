@@ -226,7 +226,11 @@ def export(run_dir: Path, out: Path, *, compact: bool = False, progress: bool = 
         del small
     else:
         empty = _fully_removed_blocks(exp, removed)
-        with exp.applied(best, export=True) as model, without_blocks(model, empty):
+        with (
+            exp.applied(best, export=True) as model,
+            without_blocks(model, empty),
+            _with_cache(model),
+        ):
             model.save_pretrained(tmp)
     exp.loaded.tokenizer.save_pretrained(tmp)
     (tmp / "evocomp.json").write_text(
@@ -249,6 +253,18 @@ def export(run_dir: Path, out: Path, *, compact: bool = False, progress: bool = 
     tmp.rename(out)
     print(f"exported to {out}")
     return 0
+
+
+@contextmanager
+def _with_cache(model: Any) -> Iterator[None]:
+    """The loader turns the KV cache off for scoring (``config.use_cache``); a saved
+    model must generate with it, as the model it came from does."""
+    saved = model.config.use_cache
+    model.config.use_cache = True
+    try:
+        yield
+    finally:
+        model.config.use_cache = saved
 
 
 def _normal_modes(folder: Path) -> None:

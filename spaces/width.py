@@ -62,6 +62,12 @@ class WidthParams(StrictModel):
         description="what target, levels and the budget count: parameters kept, or the "
         "sublayers' measured forward time (target 0.667 asks for ~1.5x faster blocks)",
     )
+    trade: float = Field(
+        0.25, ge=0.0, le=1.0,
+        description="share of mutations that are trades (a random level step, then steps "
+        "until under the budget and up while it allows) instead of exact level switches; "
+        "removing a whole sublayer has no exact partner. 1 with cost: latency",
+    )
     latency: dict[str, dict[int, int]] | None = Field(
         None,
         description="with cost: latency, the measured forward nanoseconds per sublayer "
@@ -144,7 +150,10 @@ class WidthSpace(LevelSpace[WidthParams]):
         return self._params(unit, kept)
 
     def _params(self, unit: Unit, kept: int) -> int:
-        """Parameters ``unit`` keeps with ``kept`` heads or neurons."""
+        """Parameters ``unit`` keeps with ``kept`` heads or neurons (none when it keeps
+        no group: the sublayer is skipped, K/V and biases with it)."""
+        if kept == 0:
+            return 0
         removed = (unit.groups - kept) * unit.group_numel
         if unit.kind == "attn" and self.params.gqa == "whole_groups":
             # Each KV group removed takes its k_proj and v_proj rows along.
@@ -218,14 +227,18 @@ class WidthSpace(LevelSpace[WidthParams]):
         return self._budget
 
     def mutate(self, genome: Genome, rng: Random, *, switches: int = 1) -> Genome:
-        """Parameter costs: EvoPress level switches (exact). Measured times rarely
-        trade exactly, so with ``cost: latency`` each move is one random level step
-        followed by :meth:`repair` (random steps down until under the budget, then
-        up while it allows): never over the budget, within a step of it."""
-        if self.params.cost != "latency":
-            return super().mutate(genome, rng, switches=switches)
+        """``switches`` moves, each an EvoPress level switch (exact: two identical
+        sublayers trade a level) or, with probability ``trade`` (always with
+        ``cost: latency``, whose measured times rarely trade exactly), a trade: one
+        random level step, then :meth:`repair` (random steps down until under the
+        budget, then up while it allows). Removing a sublayer (keeping nothing frees
+        its K/V and biases too) only happens through trades."""
+        trade = 1.0 if self.params.cost == "latency" else self.params.trade
         g = genome
         for _ in range(switches):
+            if rng.random() >= trade:
+                g = super().mutate(g, rng)
+                continue
             step = self.random_step(g, rng)
             if step is not None:
                 g = tuple(step.get(i, x) for i, x in enumerate(g))

@@ -293,6 +293,8 @@ def compact_copy(model: nn.Module, removed: set[str]) -> nn.Module:
         k: v for k, v in config.to_dict().items()
         if k not in ("model_type", "architectures", "auto_map", "transformers_version")
     }
+    # evocomp's loader turns the KV cache off for scoring; the copy is for generating.
+    options["use_cache"] = True
     compact_config = CompactLlamaConfig(
         layer_heads=heads, layer_kv_heads=kv_heads, layer_intermediate=widths, **options
     )

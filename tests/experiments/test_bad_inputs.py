@@ -109,6 +109,16 @@ def _run_with_best(tmp: Path) -> None:
 
 HAND: list[Case] = [
     # units
+    Case("width.finer-than-a-head",
+         _search("compressor={name: structured-obs}", "space={name: width, step: 0.1}"),
+         "space.step"),
+    Case("width.unreachable",
+         _search("compressor={name: structured-obs}",
+                 "space={name: width, target: 0.3, step: 0.25}"),
+         "space.target"),
+    Case("width.sparsity-compressor", _search("space={name: width, step: 0.25}"),
+         "compressor.name"),
+    Case("width.joint", _search("space={name: joint, spaces: [{name: width}]}"), "spaces"),
     Case("units.regex", _search('units.targets=["re:(("]'), "units.targets"),
     Case("units.ignore.regex", _search('units.ignore=["re:[z"]'), "units.ignore"),
     Case("units.nothing", _search("units.targets=[nothing]"), "units.targets"),

@@ -66,6 +66,7 @@ def test_width_search_beats_uniform_and_both_exports_reproduce_it(tmp_path, unev
     dense_params = sum(p.numel() for p in plain.parameters())
     assert sum(p.numel() for p in small.parameters()) < dense_params
     assert type(small).__name__ == "CompactLlamaForCausalLM"
+    assert plain.config.use_cache and small.config.use_cache  # they generate with a cache
     heads = [r["heads"] for r in best["layers"] if "heads" in r]
     assert small.config.layer_heads == heads
     for model in (plain, small):

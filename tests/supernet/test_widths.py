@@ -171,3 +171,27 @@ def test_a_damaged_block_of_a_propagated_build_is_rebuilt_bit_for_bit(tmp_path):
     after = stored_tensors(tmp_path / "db")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_compact_copy_generates_like_the_zeroed_model_with_removed_sublayers(tmp_path):
+    from evocomp.supernet.shrink import compact_copy
+
+    model = tiny_llama()
+    space, db = _build(model, tmp_path / "db")
+    genome = list(space.uniform())
+    genome[0] = 0  # block 0's attention keeps no head: the KV cache's first layer
+    genome[3] = 0  # block 1's MLP keeps no neuron
+    genome = tuple(genome)
+    swapper = Swapper(model, space, db)
+    with swapper.apply(genome) as m:
+        removed = {u.name for u in swapper.removed(genome)}
+        small = compact_copy(m, removed)
+    assert small.config.layer_heads[0] == 0 and small.config.layer_intermediate[1] == 0
+    prompt = TOKENS[:1, :6]
+    with torch.no_grad(), swapper.apply(genome, export=True) as m:
+        want = m.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        logits = _logits(m)
+    with torch.no_grad():
+        got = small.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        torch.testing.assert_close(_logits(small), logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got, want)
