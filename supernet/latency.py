@@ -34,21 +34,25 @@ from evocomp.supernet.shrink import narrowed, output_weight
 from evocomp.supernet.sublayers import skip
 from evocomp.supernet.units import find_blocks, sublayer_module
 
-__all__ = ["sublayer_timings"]
+__all__ = ["cpu_name", "sublayer_timings"]
 
 log = logging.getLogger("evocomp")
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
+    return platform.processor() or platform.machine()
+
+
+def _machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    return f"{cpu_name()}|{gpu}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
 
 
 def _sync(device: torch.device) -> None:
