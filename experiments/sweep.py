@@ -352,6 +352,8 @@ def _run_trial(overrides: dict[str, Any], plan: _Plan) -> dict[str, Any]:
         log.info("sweep %s: search %s", plan.sweep, run.path.name)
         exp = Experiment(cfg, progress=False)
         _prepare(exp)
+        if exp.cfg is not cfg:  # the space measured something (sublayer timings): record it
+            run.config.write_text(yaml.safe_dump(exp.cfg.dump(), sort_keys=False))
         result = run_search(exp, run)
         report = None
         if cfg.final_eval.enabled:
