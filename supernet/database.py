@@ -42,6 +42,7 @@ from evocomp.paths import locked
 from evocomp.spaces.units import Unit, VariantKey, variant_key
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor
 from evocomp.supernet.structured import KEPT
+from evocomp.supernet.sublayers import first_output
 from evocomp.supernet.units import find_blocks
 from evocomp.supernet.widths import Batch, WidthVariant, build_width_block, propagates
 
@@ -445,10 +446,6 @@ def capture_block_inputs(
     return captured
 
 
-def _block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 # unit name -> (its compressor, the forward hook feeding it)
 _Attached: TypeAlias = dict[str, tuple[LayerCompressor, RemovableHandle]]
 
@@ -501,7 +498,8 @@ def _build_database(
     progress: bool,
     on_block: Callable[[int], None] | None,
 ) -> bool:
-    manifest = _start_manifest(root, spec, units, COMPRESSORS.get(spec.compressor).parts)
+    compressor_cls = COMPRESSORS.get(spec.compressor)
+    manifest = _start_manifest(root, spec, units, compressor_cls.parts)
     # What the manifest lists is built: a database serving a subset of its levels
     # (see _check_same) rebuilds a damaged block with all of them.
     variants = {name: info["variants"] for name, info in manifest["units"].items()}
@@ -517,7 +515,6 @@ def _build_database(
         _forget(root, manifest, damaged)
     if manifest.get("complete"):
         return False
-    compressor_cls = COMPRESSORS.get(spec.compressor)
     path, blocks = find_blocks(model)
     if todo_blocks:
         # The calibration forward goes as far as the last block still to build.
@@ -541,18 +538,18 @@ def _build_database(
                     del built
                     if on_block is not None:
                         on_block(b)
-                bar = []
-            for b in bar:
-                todo = [] if b in done else by_block.get(b, [])
-                compressors = _attach(model, todo, compressor_cls, params)
-                inputs = _forward_block(blocks[b], inputs, compressors)
-                if todo:
-                    tensors = _compress_block(model, todo, compressors, variants)
-                    del compressors  # free the calibration statistics before the next block
-                    _write_block(root, b, tensors, manifest, done)
-                    del tensors
-                if on_block is not None:
-                    on_block(b)
+            else:
+                for b in bar:
+                    todo = [] if b in done else by_block.get(b, [])
+                    compressors = _attach(model, todo, compressor_cls, params)
+                    inputs = _forward_block(blocks[b], inputs, compressors)
+                    if todo:
+                        tensors = _compress_block(model, todo, compressors, variants)
+                        del compressors  # free the calibration statistics before the next block
+                        _write_block(root, b, tensors, manifest, done)
+                        del tensors
+                    if on_block is not None:
+                        on_block(b)
     manifest["complete"] = True
     _atomic_write_json(root / "manifest.json", manifest)
     return True
@@ -623,7 +620,7 @@ def _forward_block(
     """Run ``block`` on every calibration batch (feeding the attached compressors) and
     return its outputs, the next block's inputs; the hooks are removed afterwards."""
     try:
-        return [(_block_output(block(hidden, **kw)), kw) for hidden, kw in inputs]
+        return [(first_output(block(hidden, **kw)), kw) for hidden, kw in inputs]
     finally:
         for _, handle in compressors.values():
             handle.remove()

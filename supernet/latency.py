@@ -19,8 +19,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,10 @@ from tqdm.auto import tqdm
 
 from evocomp.spaces.units import TimingRequest, Unit
 from evocomp.supernet.database import capture_block_inputs
-from evocomp.supernet.shrink import narrowed, output_weight
+from evocomp.supernet.shrink import output_weight
 from evocomp.supernet.sublayers import skip
-from evocomp.supernet.units import find_blocks, sublayer_module
+from evocomp.supernet.units import find_blocks
+from evocomp.supernet.widths import WidthVariant, applied, block_sublayers
 
 __all__ = ["cpu_name", "sublayer_timings"]
 
@@ -60,17 +60,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextmanager
-def _width(model: nn.Module, unit: Unit, kept: int, whole_groups: bool) -> Iterator[None]:
+def _width(model: nn.Module, unit: Unit, kept: int, whole_groups: bool) -> AbstractContextManager:
     """``unit`` keeping ``kept`` groups (the first ones per KV group, or the first
-    whole groups), or skipped."""
+    whole groups; dense at full width, skipped at 0)."""
     if kept == unit.groups:
-        yield
-        return
-    if kept == 0:
-        with skip(model, [unit]):
-            yield
-        return
+        return nullcontext()
     module = model.get_submodule(unit.name)
     if unit.kind == "attn":
         per, n_kv = unit.groups // unit.kv_groups, unit.kv_groups
@@ -78,14 +72,13 @@ def _width(model: nn.Module, unit: Unit, kept: int, whole_groups: bool) -> Itera
             heads = list(range(kept))
         else:  # the same number in every group
             heads = [g * per + i for g in range(n_kv) for i in range(kept // n_kv)]
-        index = torch.tensor(heads)
-        columns = (index[:, None] * int(module.head_dim) + torch.arange(int(module.head_dim)))
-        weight = output_weight(module, unit.kind)[:, columns.reshape(-1)]
+        index = torch.tensor(heads, dtype=torch.long)
+        dim = int(module.head_dim)
+        columns = (index[:, None] * dim + torch.arange(dim)).reshape(-1)
     else:
-        index = torch.arange(kept)
-        weight = output_weight(module, unit.kind)[:, index]
-    with narrowed(module, unit.kind, index.to(weight.device), weight):
-        yield
+        index = columns = torch.arange(kept)
+    weight = output_weight(module, unit.kind)[:, columns]
+    return applied(model, unit, WidthVariant(index.to(weight.device), weight))
 
 
 def _fastest_ns(
@@ -155,10 +148,8 @@ def sublayer_timings(
         for key, (request, path) in bar:
             unit = request.unit
             block = blocks[unit.block]
-            other_kind = "mlp" if unit.kind == "attn" else "attn"
-            found = sublayer_module(block, other_kind)
-            assert found is not None  # unit discovery found both
-            other = Unit(f"{path_}.{unit.block}.{found[0]}", other_kind, unit.block, (0, 1))
+            sublayers = block_sublayers(path_, unit.block, block)
+            other = sublayers["mlp" if unit.kind == "attn" else "attn"]
 
             with skip(model, [other]):
                 base = _fastest_ns(model, block, hidden, kwargs, request, None, repeats)

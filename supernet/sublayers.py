@@ -184,12 +184,12 @@ class _ResidualRecorder:
 
     def attn_output(self, b: int, _m: nn.Module, _a: Any, out: Any) -> None:
         """Forward hook of block ``b``'s attention: the residual before its MLP."""
-        self._mid[b] = self._block_input.pop(b) + _first(out).double()
+        self._mid[b] = self._block_input.pop(b) + first_output(out).double()
         self.reach(2 * b + 1, self._mid[b], end=True, start=True)
 
     def mlp_output(self, b: int, _m: nn.Module, _a: Any, out: Any) -> None:
         """Forward hook of block ``b``'s MLP: the residual after the block."""
-        self.reach(2 * b + 2, self._mid.pop(b) + _first(out).double(), end=True, start=False)
+        self.reach(2 * b + 2, self._mid.pop(b) + first_output(out).double(), end=True, start=False)
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
         """Register the hooks on every block of ``model``; the caller removes them."""
@@ -209,7 +209,8 @@ class _ResidualRecorder:
         return handles
 
 
-def _first(out: Any) -> torch.Tensor:
+def first_output(out: Any) -> torch.Tensor:
+    """A module's main output: the first item of a tuple, or the tensor itself."""
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -72,25 +72,29 @@ class Swapper:
 
     def removed(self, genome: Genome) -> list[Unit]:
         """The sublayers ``apply(genome)`` removes (skips, or zeroes for export)."""
-        out = []
-        for unit, key in self.space.placements(genome):
-            if unit.family != "sublayer":
-                continue
-            held = self.database is not None and self.database.holds(unit.name)
-            if not held or self.database.get(unit.name, key, part=KEPT).numel() == 0:
-                out.append(unit)
-        return out
+        return [
+            unit
+            for unit, key in self.space.placements(genome)
+            if unit.family == "sublayer" and self._kept(unit, key, "cpu") is None
+        ]
+
+    def _kept(self, unit: Unit, key: VariantKey, device: torch.device | str) -> torch.Tensor | None:
+        """The heads or neurons sublayer ``unit`` keeps at width variant ``key``, or
+        None when it is removed instead (no width variants: depth; or none kept)."""
+        if self.database is None or not self.database.holds(unit.name):
+            return None
+        kept = self.database.get(unit.name, key, part=KEPT, device=device)
+        return kept if kept.numel() else None
 
     def _narrow(self, stack: ExitStack, unit: Unit, key: VariantKey, *, export: bool) -> bool:
         """Narrow sublayer ``unit`` to its stored width variant ``key`` on ``stack``;
-        False when it is to be skipped instead (no width variants, or none kept)."""
-        if self.database is None or not self.database.holds(unit.name):
-            return False
+        False when it is to be skipped instead (see :meth:`_kept`)."""
         module = self._modules[unit.name]
         device = next(module.parameters()).device
-        kept = self.database.get(unit.name, key, part=KEPT, device=device)
-        if kept.numel() == 0:
+        kept = self._kept(unit, key, device)
+        if kept is None:
             return False
+        assert self.database is not None  # _kept found variants in it
         weight = self.database.get(unit.name, key, device=device)
         stack.enter_context(narrowed(module, unit.kind, kept, weight, zero=export))
         return True

@@ -41,10 +41,18 @@ from evocomp.errors import EvocompError
 from evocomp.spaces.units import SUBLAYER_KINDS, Unit, VariantKey, variant_key
 from evocomp.supernet.shrink import narrowed, output_projection, output_weight
 from evocomp.supernet.structured import StructuredOBS, StructuredOBSParams, gqa_kept_heads
-from evocomp.supernet.sublayers import skip
+from evocomp.supernet.sublayers import first_output, skip
 from evocomp.supernet.units import sublayer_module
 
-__all__ = ["Batch", "WidthVariant", "build_width_block", "propagates", "width_variant"]
+__all__ = [
+    "Batch",
+    "WidthVariant",
+    "applied",
+    "block_sublayers",
+    "build_width_block",
+    "propagates",
+    "width_variant",
+]
 
 
 class Batch(NamedTuple):
@@ -80,7 +88,7 @@ def width_variant(comp: StructuredOBS, unit: Unit, key: VariantKey) -> WidthVari
 
 
 @contextmanager
-def _applied(
+def applied(
     model: nn.Module, unit: Unit, variant: WidthVariant | None
 ) -> Iterator[None]:
     """``unit`` at ``variant`` (None: dense); keeping nothing skips the sublayer."""
@@ -95,7 +103,9 @@ def _applied(
             yield
 
 
-def _sublayer_units(model: nn.Module, path: str, b: int, block: nn.Module) -> dict[str, Unit]:
+def block_sublayers(path: str, b: int, block: nn.Module) -> dict[str, Unit]:
+    """Units for the attention and MLP of ``block`` (block ``b`` at ``path``), by kind,
+    for :func:`~evocomp.supernet.sublayers.skip` (their sizes are not filled in)."""
     units = {}
     for kind in SUBLAYER_KINDS:
         found = sublayer_module(block, kind)
@@ -128,7 +138,7 @@ def build_width_block(
     for ``level``). Sublayers not in ``units`` stay dense and are propagated as such.
     """
     searched = {u.kind: u for u in units}
-    sublayers = _sublayer_units(model, path, b, block)
+    sublayers = block_sublayers(path, b, block)
     out: dict[str, dict[VariantKey, WidthVariant]] = {}
     for kind in SUBLAYER_KINDS:
         other = sublayers["mlp" if kind == "attn" else "attn"]
@@ -145,11 +155,7 @@ def build_width_block(
 
 
 def _forward(block: nn.Module, x: Batch) -> Batch:
-    return Batch(_output(block(x.hidden, **x.kwargs)), x.kwargs)
-
-
-def _output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
+    return Batch(first_output(block(x.hidden, **x.kwargs)), x.kwargs)
 
 
 def _sublayer(
@@ -170,7 +176,7 @@ def _sublayer(
     outputs: list[torch.Tensor] = []
     try:
         for x in batches:
-            outputs.append(_output(block(x.hidden, **x.kwargs)))
+            outputs.append(first_output(block(x.hidden, **x.kwargs)))
             comp.add_batch(seen.pop())
     finally:
         handle.remove()
@@ -180,8 +186,8 @@ def _sublayer(
     del comp
     if params.propagate == "level":
         start = (through or {}).get(unit.name)
-        with _applied(model, unit, None if start is None else built[variant_key(start)]):
-            outputs = [_output(block(x.hidden, **x.kwargs)) for x in batches]
+        with applied(model, unit, None if start is None else built[variant_key(start)]):
+            outputs = [first_output(block(x.hidden, **x.kwargs)) for x in batches]
     elif params.propagate == "expectation":
         outputs = _expectation(model, block, unit, batches, built, dense=outputs)
     return built, [Batch(h, x.kwargs) for h, x in zip(outputs, batches, strict=True)]
@@ -203,7 +209,7 @@ def _expectation(
     for weight, variant in options:
         if weight == 0:
             continue
-        with _applied(model, unit, variant):
+        with applied(model, unit, variant):
             for a, x in zip(acc, batches, strict=True):
-                a.add_(_output(block(x.hidden, **x.kwargs)), alpha=weight / total)
+                a.add_(first_output(block(x.hidden, **x.kwargs)), alpha=weight / total)
     return acc
