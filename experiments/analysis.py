@@ -34,9 +34,9 @@ import pandas as pd
 from evocomp.config import Config
 from evocomp.errors import EvocompError
 from evocomp.results import markdown_table, pareto_front
-from evocomp.runner import RunDir, load_run_config
+from evocomp.runner import RunDir, load_run_config, searched_space
 from evocomp.search.store import decode_genome, encode_genome
-from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.spaces.base import Genome, SearchSpace
 from evocomp.spaces.units import Unit
 
 if TYPE_CHECKING:
@@ -179,8 +179,7 @@ class Run:
     def space(self) -> SearchSpace:
         """The run's search space, rebuilt from ``units.json`` and the config
         without loading the model."""
-        spec = self._config.space
-        return SPACES.get(spec.name)(self.units, spec.params)
+        return searched_space(self._config, self.units)
 
     def _space_or_none(self) -> SearchSpace | None:
         try:

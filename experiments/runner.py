@@ -12,7 +12,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -101,7 +101,7 @@ class Experiment:
             # The run directory's config records the timings, so a resume, Ray workers
             # and analysis see the very costs this search uses.
             self.cfg = self.cfg.model_copy(update={"space": spec})
-        space = cls(self.units, spec.params)
+        space = searched_space(self.cfg, self.units)
         wanted = space.compressor_kind
         if wanted is not None:
             have = COMPRESSORS.get(self.cfg.compressor.name).kind
@@ -273,6 +273,15 @@ class Experiment:
                 out[name] = ev.evaluate(model)
             log.info("%s ppl %-9s %.3f", label, name, out[name]["ppl"])
         return out
+
+
+def searched_space(cfg: Config, units: Sequence[Unit]) -> SearchSpace[Any]:
+    """The space ``cfg``'s search runs on: the configured one, with the options its
+    optimizer asks for (:meth:`~evocomp.search.base.Optimizer.space_params`)."""
+    cls = SPACES.get(cfg.space.name)
+    search = cfg.search
+    params = OPTIMIZERS.get(search.name).space_params(search.params, cls, cfg.space.params)
+    return cls(units, params)
 
 
 def prepare_optimizer(

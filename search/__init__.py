@@ -3,6 +3,7 @@
 from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Optimizer, Request
 from evocomp.search.baselines import SLEB, DropLast, ShortGPT
 from evocomp.search.bayesian import OptunaSearch
+from evocomp.search.coarse_to_fine import CoarseToFine
 from evocomp.search.evopress import EvoPress, Stage
 from evocomp.search.genetic import NSGA2, GeneticAlgorithm
 from evocomp.search.random_search import RandomSearch
@@ -12,6 +13,7 @@ __all__ = [
     "NSGA2",
     "OPTIMIZERS",
     "SLEB",
+    "CoarseToFine",
     "DropLast",
     "EvoPress",
     "GeneratorOptimizer",

@@ -83,6 +83,13 @@ class Optimizer(ABC, Generic[P]):
         self.best_genome: Genome | None = None
         self.best_fitness = float("inf")
 
+    @classmethod
+    def space_params(cls, params: P, space: type[SearchSpace[Any]], space_params: Any) -> Any:
+        """Called by the runner before the space exists, with this optimizer's and the
+        space's options: the space options to search with (default: as configured;
+        coarse-to-fine asks for the finest grid it reaches)."""
+        return space_params
+
     def measurement(self) -> Measurement | None:
         """What to measure on the dense model before the first :meth:`ask` (``None``:
         nothing, as for most optimizers; ``shortgpt`` asks for span importance)."""

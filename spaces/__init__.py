@@ -6,6 +6,7 @@ from evocomp.spaces.depth import DepthSpace
 from evocomp.spaces.joint import JointSpace
 from evocomp.spaces.sparsity import SparsitySpace
 from evocomp.spaces.width import WidthSpace
+from evocomp.spaces.window import Window
 
 __all__ = [
     "SPACES",
@@ -17,4 +18,5 @@ __all__ = [
     "SearchSpace",
     "SparsitySpace",
     "WidthSpace",
+    "Window",
 ]

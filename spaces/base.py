@@ -115,6 +115,18 @@ class SearchSpace(ABC, Generic[P]):
         kept count; called only for spaces that asked for timings."""
         raise NotImplementedError(f"{cls.__name__} does not use measured timings")
 
+    @classmethod
+    def refined(cls, params: P, factor: int) -> P:
+        """``params`` for a grid ``factor`` times finer over the same range (levels
+        that round to the same variant merge): the finest grid of a coarse-to-fine
+        search, called by the runner before the space exists. Spaces whose levels
+        lie on no continuous axis (bits, depth) refuse."""
+        grids = [n for n in SPACES.names() if _refinable(SPACES.get(n))]
+        raise EvocompError(
+            f"space.name={cls.name!r} has no level grid to refine; a coarse-to-fine "
+            f"search needs space.name one of: {', '.join(grids)}"
+        )
+
     # -- what every space provides -------------------------------------------------
     def __len__(self) -> int:
         """The number of genes (one per unit unless a space says otherwise)."""
@@ -288,6 +300,25 @@ class LevelSpace(SearchSpace[P]):
     size_unit: ClassVar[SizeUnit] = "fraction"
     """What :meth:`size_factor` measures: a kept fraction, or bits per weight."""
 
+    @property
+    def trade_share(self) -> float:
+        """The share of :meth:`mutate`'s moves that are trades (a random level step,
+        then :meth:`repair`) rather than exact level switches: 0 unless a space's
+        levels rarely trade exactly (measured latencies, removed sublayers)."""
+        return 0.0
+
+    def position(self, gene: int, level: int) -> float:
+        """Where ``level`` sits on the gene's continuous axis (the kept share of its
+        cost), on which coarse-to-fine lays its grids; spaces with such an axis
+        override it with :meth:`grid_step` and :meth:`refined`."""
+        raise EvocompError(f"space {self.name!r} has no continuous level axis")
+
+    @property
+    def grid_step(self) -> float:
+        """The distance between neighbouring levels on the :meth:`position` axis, as
+        configured (rounding to computable variants may merge some)."""
+        raise EvocompError(f"space {self.name!r} has no continuous level axis")
+
     # -- what subclasses provide -------------------------------------------------
     @abstractmethod
     def level_cost(self, gene: int, level: int) -> int:
@@ -340,11 +371,21 @@ class LevelSpace(SearchSpace[P]):
         return sum(self.level_cost(i, lv) - self.level_cost(i, g[i]) for i, lv in step.items())
 
     def mutate(self, genome: Genome, rng: Random, *, switches: int = 1) -> Genome:
-        """EvoPress level switch, ``switches`` times: move one gene a level up or
+        """``switches`` moves, each an EvoPress level switch (one gene a level up or
         down and another gene the opposite way by exactly the same cost, so the
-        total cost is unchanged. Returns ``genome`` unchanged if no switch exists."""
+        total cost is unchanged; none when no switch exists) or, with probability
+        :attr:`trade_share`, a trade: one random level step, then :meth:`repair`
+        (random steps down until under the budget, then up while it allows)."""
+        trade = self.trade_share
         g = list(genome)
         for _ in range(switches):
+            if trade and rng.random() < trade:
+                step = self.random_step(tuple(g), rng)
+                if step is not None:
+                    for i, lv in step.items():
+                        g[i] = lv
+                g = list(self.repair(tuple(g), rng))
+                continue
             for _attempt in range(64):
                 if self._switch(g, rng):
                     break
@@ -383,7 +424,7 @@ class LevelSpace(SearchSpace[P]):
             i = rng.choice(order)
             # Levels are ordered by cost, but not always downwards: pick the cheaper side.
             options = [x for x in (g[i] - 1, g[i] + 1) if 0 <= x < self.n_levels(i)]
-            x = min(options, key=lambda lv: self.level_cost(i, lv))
+            x = min(options, key=lambda lv: self.level_cost(i, lv), default=g[i])
             if self.level_cost(i, x) < self.level_cost(i, g[i]):
                 cost += self.level_cost(i, x) - self.level_cost(i, g[i])
                 g[i] = x
@@ -424,6 +465,10 @@ class LevelSpace(SearchSpace[P]):
             for i, (u, g) in enumerate(zip(self.units, genome, strict=True))
             if (key := self.variant(i, g)) is not None
         ]
+
+
+def _refinable(cls: type[SearchSpace[Any]]) -> bool:
+    return cls.refined.__func__ is not SearchSpace.refined.__func__  # type: ignore[attr-defined]
 
 
 SPACES: Registry[type[SearchSpace[Any]]] = Registry("space", SearchSpace)

@@ -20,6 +20,11 @@ class SparsityParams(StrictModel):
     target: float = Field(0.5, gt=0.0, lt=1.0, description="average sparsity")
     step: float = Field(0.05, gt=0.0, lt=1.0, description="sparsity between levels")
     levels: int = Field(4, ge=1, le=64, description="levels on each side of target")
+    refine: int = Field(
+        1, ge=1, le=64,
+        description="levels lie step/refine apart (levels·refine on each side); "
+        "coarse-to-fine search sets it for its finest grid",
+    )
 
     @model_validator(mode="after")
     def _levels_fit(self) -> SparsityParams:
@@ -59,19 +64,20 @@ class SparsitySpace(LevelSpace[SparsityParams]):
         super().__init__(units, params)
         if any(u.family != "linear" for u in units):
             raise EvocompError("the sparsity space applies to linear units only")
-        self._center = params.levels
+        self._center = params.levels * params.refine
         self._zeros = [
-            [self._zeros_at(u.numel, k) for k in range(-params.levels, params.levels + 1)]
+            [self._zeros_at(u.numel, k) for k in range(-self._center, self._center + 1)]
             for u in self.units
         ]
         self._budget = self.cost(self.uniform())
 
     def _zeros_at(self, numel: int, k: int) -> int:
         base = round(self.params.target * numel)
-        return min(numel, max(0, base + k * round(self.params.step * numel)))
+        step = round(self.params.step / self.params.refine * numel)
+        return min(numel, max(0, base + k * step))
 
     def n_levels(self, gene: int) -> int:
-        return 2 * self.params.levels + 1
+        return 2 * self._center + 1
 
     def level_cost(self, gene: int, level: int) -> int:
         return self.units[gene].numel - self._zeros[gene][level]
@@ -96,6 +102,18 @@ class SparsitySpace(LevelSpace[SparsityParams]):
         """The kept fraction of the layer's weights."""
         numel = self.units[gene].numel
         return Fraction(numel - self._zeros[gene][level], numel)
+
+    def position(self, gene: int, level: int) -> float:
+        """The kept share of the layer's weights (1 - sparsity)."""
+        return 1 - self._zeros[gene][level] / self.units[gene].numel
+
+    @property
+    def grid_step(self) -> float:
+        return self.params.step
+
+    @classmethod
+    def refined(cls, params: SparsityParams, factor: int) -> SparsityParams:
+        return params.model_copy(update={"refine": params.refine * factor})
 
     def sparsity(self, genome: Genome) -> float:
         """Overall sparsity of the searched units."""

@@ -30,7 +30,6 @@ Design
 from __future__ import annotations
 
 from collections.abc import Sequence
-from random import Random
 from typing import Any, Literal
 
 from pydantic import Field
@@ -55,6 +54,12 @@ class WidthParams(StrictModel):
         "per_group",
         description="attention keeps the same number of query heads per KV group "
         "(K/V kept), or whole KV groups",
+    )
+    refine: int = Field(
+        1, ge=1, le=64,
+        description="levels lie step/refine apart (levels·refine on each side), those "
+        "finer than one head or neuron_multiple merging; coarse-to-fine search sets it "
+        "for its finest grid",
     )
     neuron_multiple: int = Field(32, ge=1, description="MLP neurons kept in multiples of this")
     cost: Literal["params", "latency"] = Field(
@@ -135,7 +140,8 @@ class WidthSpace(LevelSpace[WidthParams]):
     def _counts(self, unit: Unit) -> list[int]:
         p = self.params
         valid = self.valid_counts(unit)
-        wanted = [min(1.0, max(0.0, p.target + k * p.step)) for k in range(-p.levels, p.levels + 1)]
+        n, step = p.levels * p.refine, p.step / p.refine
+        wanted = [min(1.0, max(0.0, p.target + k * step)) for k in range(-n, n + 1)]
         return sorted({valid[self._nearest(unit, range(len(valid)), valid, w)] for w in wanted})
 
     def _nearest(self, unit: Unit, options: range, counts: list[int], share: float) -> int:
@@ -226,24 +232,25 @@ class WidthSpace(LevelSpace[WidthParams]):
     def budget(self) -> int:
         return self._budget
 
-    def mutate(self, genome: Genome, rng: Random, *, switches: int = 1) -> Genome:
-        """``switches`` moves, each an EvoPress level switch (exact: two identical
-        sublayers trade a level) or, with probability ``trade`` (always with
-        ``cost: latency``, whose measured times rarely trade exactly), a trade: one
-        random level step, then :meth:`repair` (random steps down until under the
-        budget, then up while it allows). Removing a sublayer (keeping nothing frees
-        its K/V and biases too) only happens through trades."""
-        trade = 1.0 if self.params.cost == "latency" else self.params.trade
-        g = genome
-        for _ in range(switches):
-            if rng.random() >= trade:
-                g = super().mutate(g, rng)
-                continue
-            step = self.random_step(g, rng)
-            if step is not None:
-                g = tuple(step.get(i, x) for i, x in enumerate(g))
-            g = self.repair(g, rng)
-        return g
+    @property
+    def trade_share(self) -> float:
+        """``trade``, or 1 with ``cost: latency`` (measured times rarely trade
+        exactly). Removing a sublayer (keeping nothing frees its K/V and biases
+        too) has no exact partner and only happens through trades."""
+        return 1.0 if self.params.cost == "latency" else self.params.trade
+
+    def position(self, gene: int, level: int) -> float:
+        """The kept share of the sublayer's cost (parameters or time)."""
+        unit = self.units[gene]
+        return self.level_cost(gene, level) / self._cost(unit, unit.groups)
+
+    @property
+    def grid_step(self) -> float:
+        return self.params.step
+
+    @classmethod
+    def refined(cls, params: WidthParams, factor: int) -> WidthParams:
+        return params.model_copy(update={"refine": params.refine * factor})
 
     def uniform(self) -> Genome:
         """Every sublayer at the level nearest ``target``."""

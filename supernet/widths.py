@@ -193,6 +193,10 @@ def _sublayer(
     return built, [Batch(h, x.kwargs) for h, x in zip(outputs, batches, strict=True)]
 
 
+EXPECTATION_POINTS = 9
+"""Variants Týr's expectation averages over at most (its 9-level grid)."""
+
+
 def _expectation(
     model: nn.Module,
     block: nn.Module,
@@ -202,8 +206,15 @@ def _expectation(
     dense: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """Týr's expectation: the kept-share-weighted mean output over the variants and
-    ``dense``, the outputs with the sublayer dense."""
-    options = [(v.kept.numel() / unit.groups, v) for v in built.values()]
+    ``dense``, the outputs with the sublayer dense. Over at most
+    :data:`EXPECTATION_POINTS` variants spread evenly by width: a fine grid (coarse-to-
+    fine's) would otherwise cost a block forward per level for nearly the same mean."""
+    ordered = list(built.values())
+    if len(ordered) > EXPECTATION_POINTS:
+        ordered.sort(key=lambda v: v.kept.numel())
+        last, n = len(ordered) - 1, EXPECTATION_POINTS
+        ordered = [ordered[i] for i in sorted({round(k * last / (n - 1)) for k in range(n)})]
+    options = [(v.kept.numel() / unit.groups, v) for v in ordered]
     total = 1.0 + sum(w for w, _ in options)
     acc = [d / total for d in dense]
     for weight, variant in options:

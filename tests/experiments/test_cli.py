@@ -93,6 +93,12 @@ RESUMABLE = {
     "optuna": {"name": "optuna", "trials": 20, "batch": 4, "startup": 6, "tokens": 128},
     "random": {"name": "random", "samples": 16, "batch": 4, "tokens": 128},
     "nsga2": {"name": "nsga2", "population": 8, "offspring": 8, "generations": 2, "tokens": 128},
+    # killed mid-iteration: the replay crosses an iteration boundary
+    "coarse-to-fine": {
+        "name": "coarse-to-fine", "iterations": 2, "levels": 2,
+        "inner": {"name": "evopress", "generations": 2, "offspring": 3,
+                  "stages": [{"tokens": 64, "keep": 1}]},
+    },
 }
 
 
