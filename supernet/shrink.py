@@ -34,6 +34,7 @@ __all__ = [
     "neurons_kept",
     "output_projection",
     "output_weight",
+    "widened",
 ]
 
 
@@ -98,34 +99,41 @@ def heads_kept(
     every KV group, K/V stay and ``num_key_value_groups`` shrinks; with whole KV
     groups, ``k_proj`` / ``v_proj`` keep those groups' rows. Other layouts cannot
     be computed by the attention and are refused (see ``gqa_head_levels``)."""
-    head_dim = int(attn.head_dim)
-    per = int(attn.num_key_value_groups)
     q, k, v, o = (_linear(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    n_heads = q.out_features // head_dim
-    n_kv = n_heads // per
-    heads = heads.to(torch.long).sort().values
-    counts = torch.bincount(heads // per, minlength=n_kv)
+    kept_per, kv_rows, columns = _head_layout(attn, heads.to(torch.long).sort().values)
     swaps = _Swaps()
     try:
-        if bool((counts == counts[0]).all()) and int(counts[0]) > 0:
-            kept_per = int(counts[0])  # every KV group stays, with fewer query heads
-        elif bool(((counts == 0) | (counts == per)).all()) and int(counts.sum()) > 0:
-            kept_per = per  # whole KV groups go, their K/V rows with them
-            kv_rows = group_columns(torch.nonzero(counts).flatten(), head_dim)
+        if kv_rows is not None:
             swaps.rows(k, kv_rows)
             swaps.rows(v, kv_rows)
-        else:
-            raise EvocompError(
-                f"heads {heads.tolist()} keep {counts.tolist()} of {per} query heads per KV "
-                "group: keep the same number in every group, or whole groups"
-            )
-        columns = group_columns(heads, head_dim)
         swaps.rows(q, columns)
         swaps.columns(o, columns, o_weight)
         swaps.attr(attn, "num_key_value_groups", kept_per)
         yield attn
     finally:
         swaps.restore()
+
+
+def _head_layout(
+    attn: nn.Module, heads: torch.Tensor
+) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+    """How ``attn`` keeps the query heads ``heads`` (ascending): query heads per KV
+    group afterwards, the ``k_proj`` / ``v_proj`` rows kept (None: all, every KV group
+    stays) and the ``q_proj`` rows (= ``o_proj`` columns) kept."""
+    head_dim = int(attn.head_dim)
+    per = int(attn.num_key_value_groups)
+    n_heads = _linear(attn, "q_proj").out_features // head_dim
+    counts = torch.bincount(heads // per, minlength=n_heads // per)
+    columns = group_columns(heads, head_dim)
+    if bool((counts == counts[0]).all()) and int(counts[0]) > 0:
+        return int(counts[0]), None, columns  # every KV group stays, with fewer query heads
+    if bool(((counts == 0) | (counts == per)).all()) and int(counts.sum()) > 0:
+        # whole KV groups go, their K/V rows with them
+        return per, group_columns(torch.nonzero(counts).flatten(), head_dim), columns
+    raise EvocompError(
+        f"heads {heads.tolist()} keep {counts.tolist()} of {per} query heads per KV "
+        "group: keep the same number in every group, or whole groups"
+    )
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -260,6 +268,41 @@ def narrowed(
         manager = neurons_kept(sublayer, kept, down_weight=weight)
     with manager:
         yield sublayer
+
+
+def widened(
+    sublayer: nn.Module, kind: str, kept: torch.Tensor, narrow: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Full-size values of ``sublayer``'s parameters from values of its form narrowed
+    to ``kept`` (see :func:`narrowed`), e.g. trained while narrowed; keys are parameter
+    names relative to ``sublayer`` (``q_proj.weight``). Each kept row or column goes
+    back where narrowing took it from; the rest is what ``sublayer`` holds now (zeros,
+    inside ``narrowed(..., zero=True)``). Parameters narrowing leaves whole pass through."""
+    kept = kept.to(torch.long).sort().values
+    slices: dict[str, tuple[int, torch.Tensor]] = {}
+    if kind == "attn":
+        _, kv_rows, columns = _head_layout(sublayer, kept)
+        slices.update({"q_proj.weight": (0, columns), "q_proj.bias": (0, columns),
+                       "o_proj.weight": (1, columns)})
+        if kv_rows is not None:
+            for name in ("k_proj", "v_proj"):
+                slices.update({f"{name}.weight": (0, kv_rows), f"{name}.bias": (0, kv_rows)})
+    else:
+        producers, down = _mlp_projections(sublayer)
+        names = {id(m): n for n, m in sublayer.named_modules()}
+        for proj in producers:
+            slices[f"{names[id(proj)]}.weight"] = (_output_index(proj), kept)
+            slices[f"{names[id(proj)]}.bias"] = (0, kept)
+        slices[f"{names[id(down)]}.weight"] = (1 - _output_index(down), kept)
+    params = dict(sublayer.named_parameters())
+    out = {}
+    for name, value in narrow.items():
+        full = params[name].data
+        if name in slices and value.shape != full.shape:
+            dim, index = slices[name]
+            value = full.index_copy(dim, index.to(full.device), value.to(full.dtype))
+        out[name] = value
+    return out
 
 
 def compact_copy(model: nn.Module, removed: set[str]) -> nn.Module:

@@ -78,6 +78,15 @@ class Swapper:
             if unit.family == "sublayer" and self._kept(unit, key, "cpu") is None
         ]
 
+    def narrowed(self, genome: Genome) -> list[tuple[Unit, torch.Tensor]]:
+        """The sublayers ``apply(genome)`` narrows, each with the heads or neurons it
+        keeps (what :func:`~evocomp.supernet.shrink.widened` needs)."""
+        out = []
+        for unit, key in self.space.placements(genome):
+            if unit.family == "sublayer" and (kept := self._kept(unit, key, "cpu")) is not None:
+                out.append((unit, kept))
+        return out
+
     def _kept(self, unit: Unit, key: VariantKey, device: torch.device | str) -> torch.Tensor | None:
         """The heads or neurons sublayer ``unit`` keeps at width variant ``key``, or
         None when it is removed instead (no width variants: depth; or none kept)."""
