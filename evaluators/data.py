@@ -304,6 +304,19 @@ def _encoded(
         yield from encoded["input_ids"]
 
 
+def _stream(docs: list[str], tokenizer: PreTrainedTokenizerBase, need: int) -> list[int]:
+    """The first ``need`` tokens of the EOS-joined documents (all of them when fewer)."""
+    separator = _separator(tokenizer)
+    stream: list[int] = []
+    for index, ids in enumerate(_encoded(docs, tokenizer)):
+        if index:
+            stream.append(separator)
+        stream.extend(ids)
+        if len(stream) >= need:
+            return stream[:need]
+    return stream
+
+
 def _sequences(
     docs: list[str],
     tokenizer: PreTrainedTokenizerBase,
@@ -315,14 +328,9 @@ def _sequences(
     need = n * seq_len
     if need == 0:
         return torch.empty(0, seq_len, dtype=torch.long)
-    separator = _separator(tokenizer)
-    stream: list[int] = []
-    for index, ids in enumerate(_encoded(docs, tokenizer)):
-        if index:
-            stream.append(separator)
-        stream.extend(ids)
-        if len(stream) >= need:
-            return torch.tensor(stream[:need], dtype=torch.long).view(n, seq_len)
+    stream = _stream(docs, tokenizer, need)
+    if len(stream) >= need:
+        return torch.tensor(stream, dtype=torch.long).view(n, seq_len)
     raise EvocompError(
         f"{where} has {len(stream) // seq_len} sequences of {seq_len} tokens "
         f"({len(stream)} tokens in {len(docs)} documents) but {n} were asked for; "
@@ -349,3 +357,33 @@ def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TokenSpl
         for name in SPLITS
     }
     return TokenSplits(**tensors)
+
+
+class NotEnoughText(EvocompError):
+    """A corpus split holds fewer tokens than were asked for."""
+
+    def __init__(self, message: str, available: int) -> None:
+        super().__init__(message)
+        self.available = available
+        """The most tokens (in whole sequences) the split can supply."""
+
+
+def training_tokens(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, tokens: int
+) -> torch.Tensor:
+    """``tokens // cfg.seq_len`` sequences of ``cfg.seq_len`` tokens to fine-tune on,
+    ``[n, seq_len]``: the start of the calibration split's text (the calibration
+    sequences, then what follows them), so never a document of the search or held-out
+    split. Raises :class:`NotEnoughText` (with the maximum) when that text is too short.
+    """
+    n = tokens // cfg.seq_len
+    docs = split_documents(CORPORA.get(cfg.corpus)(cfg.path), cfg.seed)["calibration"]
+    stream = _stream(docs, tokenizer, n * cfg.seq_len)
+    if len(stream) < n * cfg.seq_len:
+        most = len(stream) // cfg.seq_len * cfg.seq_len
+        raise NotEnoughText(
+            f"the calibration split of corpus {cfg.corpus!r} (seed {cfg.seed}) holds {most} "
+            f"tokens in sequences of {cfg.seq_len}, fewer than the {tokens} asked for",
+            most,
+        )
+    return torch.tensor(stream, dtype=torch.long).view(n, cfg.seq_len)
