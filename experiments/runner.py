@@ -32,7 +32,7 @@ from evocomp.evaluators.metrics import PerplexityEvaluator
 from evocomp.evaluators.reference import ReferenceCache
 from evocomp.paths import cache_dir
 from evocomp.results import markdown_table, pareto_front
-from evocomp.search.base import OPTIMIZERS, Optimizer, Request
+from evocomp.search.base import OPTIMIZERS, Optimizer, Request, Training
 from evocomp.search.executor import EXECUTORS, Evaluation, Executor
 from evocomp.search.store import (
     Claim,
@@ -58,6 +58,7 @@ from evocomp.supernet.latency import sublayer_timings
 from evocomp.supernet.models import LoadedModel, load_model
 from evocomp.supernet.sublayers import span_importance
 from evocomp.supernet.swap import Swapper
+from evocomp.supernet.training import TrainParams, training
 from evocomp.supernet.units import find_units
 
 log = logging.getLogger("evocomp")
@@ -186,12 +187,44 @@ class Experiment:
             self.model, self.splits.search, spec.params, cache=cache, progress=self.progress
         )
 
-    def evaluate(self, genome: Genome, tokens: int | None) -> tuple[dict[str, float], float]:
-        """Metrics of ``genome`` on the search tokens, and the seconds it took."""
+    def evaluate(
+        self, genome: Genome, tokens: int | None, train: Training | None = None
+    ) -> tuple[dict[str, float], float]:
+        """Metrics of ``genome`` on the search tokens, and the seconds it took; with
+        ``train``, after fine-tuning it on calibration tokens (the weights are as
+        before once it returns), and ``train_tokens`` among the metrics."""
         started = time.perf_counter()
         with self.swapper.apply(genome) as model:
-            metrics = self.evaluator.evaluate(model, tokens)
+            if train is None:
+                metrics = self.evaluator.evaluate(model, tokens)
+            else:
+                metrics = self._trained(model, genome, tokens, train)
         return metrics, time.perf_counter() - started
+
+    def quantized(self, genome: Genome) -> set[str]:
+        """Parameter names ``genome`` puts on a quantization grid (under 16 bits, as
+        the space describes each unit), which full fine-tuning must leave as they are."""
+        rows = self.space.describe(genome)
+        return {f"{r['unit']}.weight" for r in rows if r.get("bits", 16) < 16}
+
+    def _trained(
+        self, model: torch.nn.Module, genome: Genome, tokens: int | None, train: Training
+    ) -> dict[str, float]:
+        # DarwinLM's selection trains on the language-model loss: the evaluating model
+        # is the dense one with the candidate swapped in, so there is no teacher copy.
+        params = TrainParams(
+            tokens=train.tokens, method="full" if train.params == "all" else "lora",
+            lr=train.lr, kd_weight=0.0, lm_weight=1.0, warmup=0.0,
+            batch_size=self.cfg.evaluator.params.batch_size,
+        )
+        removed = [u.name for u in self.swapper.removed(genome)]
+        with training(
+            model, self.splits.calibration, params, removed=removed,
+            frozen=self.quantized(genome),
+        ) as trainer:
+            done = trainer.run()
+            metrics = self.evaluator.evaluate(model, tokens)
+        return {**metrics, "train_tokens": float(done.tokens)}
 
     def evaluation(self) -> ExperimentEvaluation:
         """This experiment's scoring as the picklable callable executors map: here
@@ -223,6 +256,15 @@ class Experiment:
                     f"search.{option}={tokens} exceeds the {available} search tokens "
                     f"(data.search={cfg.data.search} x data.seq_len={cfg.data.seq_len}); "
                     f"lower it or raise data.search"
+                )
+        calibration = self.splits.calibration.numel()
+        for option, tokens in optimizer.train_budgets().items():
+            if tokens > calibration:
+                raise EvocompError(
+                    f"search.{option}={tokens} exceeds the {calibration} calibration tokens "
+                    f"(data.calibration={cfg.data.calibration} x data.seq_len="
+                    f"{cfg.data.seq_len}) candidates train on; lower it or raise "
+                    "data.calibration"
                 )
         if final_eval and self.splits.heldout.shape[0] == 0:
             raise EvocompError(
@@ -317,11 +359,13 @@ class ExperimentEvaluation(Evaluation):
             self._exp = Experiment(self.cfg, progress=False)
         _ = self._exp.database, self._exp.swapper, self._exp.evaluator
 
-    def __call__(self, genome: Genome, tokens: int | None) -> tuple[dict[str, float], float]:
+    def __call__(
+        self, genome: Genome, tokens: int | None, train: Training | None = None
+    ) -> tuple[dict[str, float], float]:
         if self._exp is None:  # a copy that was never set up (the hot path skips this)
             self.setup()
         assert self._exp is not None
-        return self._exp.evaluate(genome, tokens)
+        return self._exp.evaluate(genome, tokens, train)
 
 
 # -- run directories ------------------------------------------------------------
@@ -565,11 +609,13 @@ class _Evaluations:
         self.metric = type(exp.evaluator).metric
         self.uniform = exp.space.uniform()
         self.evaluated = self.reused = 0
+        self.train: dict[int, Training | None] = {}  # a token budget's training
 
     def __call__(self, requests: list[Request], name: str) -> list[Record]:
         space, store = self.exp.space, self.store
         jobs: dict[Key, Job] = {}
         for req in requests:
+            self.train[req.tokens] = req.train
             if (req.genome, req.tokens) in jobs or store.lookup(req.genome, req.tokens):
                 continue
             ok = space.is_feasible(req.genome) if self.budgeted else space.is_valid(req.genome)
@@ -601,7 +647,7 @@ class _Evaluations:
     def _run(self, claims: list[Claim]) -> None:
         done: set[int] = set()
         try:
-            jobs = [Request(c.job.genome, c.job.tokens) for c in claims]
+            jobs = [Request(c.job.genome, c.job.tokens, self.train[c.job.tokens]) for c in claims]
             for i, metrics, seconds in self.executor.map(jobs):
                 self.store.complete(claims[i], metrics[self.metric], metrics, seconds)
                 done.add(i)
@@ -644,12 +690,12 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
                     if optimizer.progress[0] != bar.n:
                         bar.update(optimizer.progress[0] - bar.n)
                         bar.set_postfix({metric: f"{optimizer.best_fitness:.4f}"})
-                        _write_best(run, exp, optimizer)
+                        _write_best(run, exp, optimizer, store)
         finally:
             bar.close()
             _write_trials(run, store)
     assert optimizer.best_genome is not None
-    _write_best(run, exp, optimizer)
+    _write_best(run, exp, optimizer, store)
     result = SearchResult(
         best=optimizer.best_genome,
         fitness=optimizer.best_fitness,
@@ -657,8 +703,9 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
         reused=evaluations.reused,
         seconds=time.perf_counter() - started,
     )
+    trained = int(sum(r.metrics.get("train_tokens", 0) for r in store.records()))
     log.info(
-        "search done: best %s %.5f (%s %.5f), %d evaluations here (%d reused) in %.0f s",
+        "search done: best %s %.5f (%s %.5f), %d evaluations here (%d reused) in %.0f s%s",
         metric,
         result.fitness,
         space.baseline_name,
@@ -666,6 +713,7 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
         result.evaluations,
         result.reused,
         result.seconds,
+        f"; candidates trained on {trained} tokens" if trained else "",
     )
     return result
 
@@ -685,11 +733,12 @@ def _uniform_fitness(store: TrialStore, uniform: Genome) -> float:
     return max(recs, key=lambda r: r.tokens).fitness if recs else math.nan
 
 
-def _write_best(run: RunDir, exp: Experiment, optimizer: Optimizer) -> None:
+def _write_best(run: RunDir, exp: Experiment, optimizer: Optimizer, store: TrialStore) -> None:
     genome = optimizer.best_genome
     if genome is None:
         return
     space = exp.space
+    records = store.records()
     _write_json(
         run.best,
         {
@@ -700,6 +749,12 @@ def _write_best(run: RunDir, exp: Experiment, optimizer: Optimizer) -> None:
             "cost": space.cost(genome),
             "budget": space.budget,
             "progress": list(optimizer.progress),
+            # What the search has spent so far: tokens scored, and tokens candidates
+            # were fine-tuned on (training-aware selection).
+            "tokens": {
+                "evaluation": sum(r.tokens for r in records),
+                "training": int(sum(r.metrics.get("train_tokens", 0) for r in records)),
+            },
             "layers": space.describe(genome),
         },
     )

@@ -10,9 +10,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from evocomp.registry import Registry, StrictModel
 from evocomp.spaces.base import Genome, SearchSpace
@@ -28,11 +28,53 @@ class OneBudgetParams(StrictModel):
 
 
 @dataclass(frozen=True)
+class Training:
+    """Fine-tune a candidate briefly before it is scored (DarwinLM's training-aware
+    selection): ``tokens`` calibration tokens, learning rate ``lr``, optimizer
+    ``optimizer`` (``adamw`` | ``sgd``), on ``params`` (``all`` weights, or ``lora``
+    adapters); the trained weights are discarded after scoring."""
+
+    tokens: int
+    lr: float = 1e-5
+    optimizer: str = "adamw"
+    params: str = "all"
+
+
+class TrainAware(StrictModel):
+    """Training-aware selection (DarwinLM): fine-tune every candidate of a stage on
+    calibration tokens before scoring it."""
+
+    tokens: list[int] = Field(
+        description="training tokens per candidate at each stage (one per stage, growing "
+        "as the pool shrinks; DarwinLM: 10000, 50000, 100000, 200000)",
+    )
+    lr: float = Field(1e-5, gt=0, description="learning rate")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
+    params: Literal["all", "lora"] = Field(
+        "all", description="train every weight (DarwinLM) or LoRA adapters over them"
+    )
+
+    @field_validator("tokens")
+    @classmethod
+    def _growing(cls, tokens: list[int]) -> list[int]:
+        if any(t <= 0 for t in tokens) or tokens != sorted(tokens):
+            raise ValueError(f"training tokens must be positive and grow, got {tokens}")
+        return tokens
+
+    def at(self, stage: int) -> Training:
+        """The training of stage ``stage``."""
+        return Training(self.tokens[stage], self.lr, self.optimizer, self.params)
+
+
+@dataclass(frozen=True)
 class Request:
-    """Evaluate ``genome`` on the first ``tokens`` evaluation tokens."""
+    """Evaluate ``genome`` on the first ``tokens`` evaluation tokens (after
+    ``train``, when given). Within one search a token budget always comes with the
+    same training, so ``(genome, tokens)`` identifies an evaluation."""
 
     genome: Genome
     tokens: int
+    train: Training | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +162,12 @@ class Optimizer(ABC, Generic[P]):
     @abstractmethod
     def progress(self) -> tuple[int, int]:
         """(steps done, steps planned), for progress bars."""
+
+    def train_budgets(self) -> dict[str, int]:
+        """The calibration tokens each :class:`Training` the optimizer will ask for
+        uses, by its option's name; checked against the calibration split before
+        the search, like :meth:`token_budgets`. Default: no training."""
+        return {}
 
 
 class GeneratorOptimizer(Optimizer[P]):

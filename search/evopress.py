@@ -10,7 +10,14 @@ from pydantic import Field, field_validator, model_validator
 
 from evocomp.errors import choices
 from evocomp.registry import StrictModel
-from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Measurement, Request
+from evocomp.search.base import (
+    OPTIMIZERS,
+    GeneratorOptimizer,
+    Measurement,
+    Request,
+    TrainAware,
+    Training,
+)
 from evocomp.search.baselines import OneShot
 from evocomp.spaces.base import Genome, SearchSpace
 
@@ -45,6 +52,12 @@ class EvoPressParams(StrictModel):
         description="selection steps [{tokens, keep}]: token budgets grow, keep shrinks to 1",
     )
 
+    train: TrainAware | None = Field(
+        None,
+        description="training-aware selection: {tokens: [one per stage], lr, optimizer, "
+        "params: all | lora}; none: candidates are scored as compressed",
+    )
+
     @field_validator("start_from")
     @classmethod
     def _one_shot(cls, names: list[str]) -> list[str]:
@@ -66,6 +79,16 @@ class EvoPressParams(StrictModel):
         tokens = [s.tokens for s in self.stages]
         if tokens != sorted(tokens):
             raise ValueError(f"stage token budgets must grow, got {tokens}")
+        if self.train is not None:
+            if len(self.train.tokens) != len(self.stages):
+                raise ValueError(
+                    f"train.tokens needs one count per stage ({len(self.stages)}), "
+                    f"got {self.train.tokens}"
+                )
+            # A token budget must name one training, so the trial store's
+            # (genome, tokens) key stays unambiguous.
+            if len(set(tokens)) != len(tokens):
+                raise ValueError(f"with train, stage token budgets must all differ, got {tokens}")
         return self
 
 
@@ -87,6 +110,14 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
 
     def token_budgets(self) -> dict[str, int]:
         return {f"stages[{k}].tokens": stage.tokens for k, stage in enumerate(self.params.stages)}
+
+    def train_budgets(self) -> dict[str, int]:
+        train = self.params.train
+        tokens = [] if train is None else train.tokens
+        return {f"train.tokens[{k}]": t for k, t in enumerate(tokens)}
+
+    def _train(self, stage: int) -> Training | None:
+        return None if self.params.train is None else self.params.train.at(stage)
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -132,7 +163,8 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
         starts = [self.space.uniform(), *dict.fromkeys(seeded)] + [
             self.space.random(self.rng) for _ in range(p.init_samples)
         ]
-        scores = yield [Request(g, final) for g in starts]
+        last = len(p.stages) - 1
+        scores = yield [Request(g, final, self._train(last)) for g in starts]
         best = min(range(len(starts)), key=scores.__getitem__)
         parent = starts[best]
         self.consider(parent, scores[best])
@@ -141,8 +173,8 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
                 self.space.mutate(parent, self.rng, switches=self.rng.randint(1, p.max_switches))
                 for _ in range(p.offspring)
             ]
-            for stage in p.stages:
-                scores = yield [Request(g, stage.tokens) for g in pool]
+            for k, stage in enumerate(p.stages):
+                scores = yield [Request(g, stage.tokens, self._train(k)) for g in pool]
                 # sorted() is stable, so the parent (first) wins ties.
                 ranked = sorted(range(len(pool)), key=scores.__getitem__)[: stage.keep]
                 pool = [pool[i] for i in ranked]

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from evocomp.errors import EvocompError
 from evocomp.registry import Registry, StrictModel
-from evocomp.search.base import Request
+from evocomp.search.base import Request, Training
 from evocomp.spaces.base import Genome
 
 log = logging.getLogger("evocomp")
@@ -49,9 +49,12 @@ class Evaluation(ABC):
         outputs), so that failures show before the first job; idempotent."""
 
     @abstractmethod
-    def __call__(self, genome: Genome, tokens: int | None) -> tuple[dict[str, float], float]:
+    def __call__(
+        self, genome: Genome, tokens: int | None, train: Training | None = None
+    ) -> tuple[dict[str, float], float]:
         """``(metrics, seconds the evaluation took)`` of ``genome`` at ``tokens``
-        (``None``: every evaluation token)."""
+        (``None``: every evaluation token), fine-tuned first as ``train`` says (and
+        the trained weights discarded after scoring) when it is given."""
 
 
 class ExecutorParams(StrictModel):
@@ -115,7 +118,7 @@ class LocalExecutor(Executor[ExecutorParams]):
 
     def map(self, jobs: Sequence[Request]) -> Iterator[Result]:
         for index, job in enumerate(jobs):
-            metrics, seconds = self.evaluation(job.genome, job.tokens)
+            metrics, seconds = self.evaluation(job.genome, job.tokens, job.train)
             yield index, metrics, seconds
 
 
@@ -320,7 +323,7 @@ class RayExecutor(Executor[RayExecutorParams]):
 
         def submit(worker: int) -> None:
             index, job = queue.popleft()
-            ref = self._actors[worker].evaluate.remote(job.genome, job.tokens)
+            ref = self._actors[worker].evaluate.remote(job.genome, job.tokens, job.train)
             running[ref] = (index, worker)
 
         for worker in range(min(len(self._actors), len(queue))):
@@ -383,9 +386,11 @@ class _Worker:
             raise self.error
         return os.getpid()
 
-    def evaluate(self, genome: Genome, tokens: int | None) -> tuple[dict[str, float], float]:
+    def evaluate(
+        self, genome: Genome, tokens: int | None, train: Training | None = None
+    ) -> tuple[dict[str, float], float]:
         self.evaluations += 1
-        return self.evaluation(genome, tokens)
+        return self.evaluation(genome, tokens, train)
 
     def count(self) -> int:
         """Evaluations done so far (for tests)."""

@@ -67,6 +67,8 @@ from evocomp.search.base import (
     OneBudgetParams,
     Point,
     Request,
+    TrainAware,
+    Training,
     cost_spread,
     pareto_front,
 )
@@ -110,6 +112,10 @@ class _Evolution(GeneratorOptimizer[V]):
     crossovers, varOr children, redraws of known genomes, and batch evaluation.
     Subclasses choose parents (:meth:`_select`), fix crossover children
     (:meth:`_fix`) and mutate (:meth:`_mutant`)."""
+
+    def _training(self) -> Training | None:
+        """The training every genome gets before it is scored (none by default)."""
+        return None
 
     def __init__(self, space: SearchSpace[Any], params: V, *, seed: int = 0) -> None:
         super().__init__(space, params, seed=seed)
@@ -175,7 +181,7 @@ class _Evolution(GeneratorOptimizer[V]):
     def _evaluate(self, genomes: list[Genome]) -> Generator[list[Request], list[float], None]:
         if not genomes:
             return
-        scores = yield [Request(g, self.params.tokens) for g in genomes]
+        scores = yield [Request(g, self.params.tokens, self._training()) for g in genomes]
         for g, score in zip(genomes, scores, strict=True):
             self._fitness[g] = score
             self.consider(g, score)
@@ -211,6 +217,20 @@ class GeneticAlgorithmParams(_VariationParams):
     """Options of :class:`GeneticAlgorithm`."""
 
     tournament: int = Field(3, ge=1, description="parents are the best of this many")
+    train: TrainAware | None = Field(
+        None,
+        description="training-aware selection: {tokens: [one count], lr, optimizer, params: "
+        "all | lora}: every genome is fine-tuned before it is scored",
+    )
+
+    @model_validator(mode="after")
+    def _one_training(self) -> GeneticAlgorithmParams:
+        if self.train is not None and len(self.train.tokens) != 1:
+            raise ValueError(
+                "train.tokens needs one count (the GA scores at one budget), "
+                f"got {self.train.tokens}"
+            )
+        return self
 
 
 @OPTIMIZERS.register("ga")
@@ -223,6 +243,12 @@ class GeneticAlgorithm(_Evolution[GeneticAlgorithmParams]):
     name = "ga"
 
     Params = GeneticAlgorithmParams
+
+    def _training(self) -> Training | None:
+        return None if self.params.train is None else self.params.train.at(0)
+
+    def train_budgets(self) -> dict[str, int]:
+        return {} if self.params.train is None else {"train.tokens[0]": self.params.train.tokens[0]}
 
     def _select(self, population: list[_Individual], k: int) -> list[_Individual]:
         return tools.selTournament(population, k, self.params.tournament, fit_attr="score")

@@ -213,6 +213,10 @@ HAND: list[Case] = [
     Case("c2f.inner.tokens",
          _search("search={name: coarse-to-fine, inner: {stages: [{tokens: 99999, keep: 1}]}}"),
          "search.inner.stages[0].tokens"),
+    Case("train.calibration", _search("search.train={tokens: [64, 99999]}"),
+         "search.train.tokens[1]"),
+    Case("train.per-stage", _search("search.train={tokens: [64]}"), "train.tokens"),
+    Case("train.params", _search("search.train={tokens: [64, 128], params: some}"), "params"),
     Case("pq.pruner", _search("compressor.name=prune-quantize", "compressor.prune={name: gptq}"),
          "prune"),
     # model

@@ -114,3 +114,38 @@ def test_evopress_beats_random_search_at_equal_evaluations():
         rnd.tell([_loss(space, r.genome, r.tokens) for r in requests])
     assert rnd.progress == (len(asked), len(asked))
     assert evo.best_fitness < rnd.best_fitness
+
+
+def test_training_aware_stages_ask_for_their_own_training():
+    from evocomp.search.base import Training
+
+    space = _space()
+    stages = [{"tokens": 256, "keep": 4}, {"tokens": 1024, "keep": 1}]
+    train = {"tokens": [100, 400], "lr": 2e-5, "params": "lora"}
+    opt = EvoPress(space, EvoPress.Params(generations=2, offspring=4, stages=stages, train=train))
+    seen = set()
+    while requests := opt.ask():
+        seen |= {(r.tokens, r.train) for r in requests}
+        opt.tell([_loss(space, r.genome, r.tokens) for r in requests])
+    assert seen == {
+        (256, Training(100, 2e-5, "adamw", "lora")),
+        (1024, Training(400, 2e-5, "adamw", "lora")),
+    }
+    assert opt.train_budgets() == {"train.tokens[0]": 100, "train.tokens[1]": 400}
+    plain = EvoPress(space, EvoPress.Params(stages=stages))
+    assert all(r.train is None for r in plain.ask()) and plain.train_budgets() == {}
+
+
+@pytest.mark.parametrize(
+    "stages, train, message",
+    [
+        ([{"tokens": 256, "keep": 1}], {"tokens": [1, 2]}, "one count per stage"),
+        ([{"tokens": 256, "keep": 2}, {"tokens": 256, "keep": 1}], {"tokens": [1, 2]},
+         "must all differ"),
+        ([{"tokens": 256, "keep": 2}, {"tokens": 512, "keep": 1}], {"tokens": [5, 2]}, "grow"),
+        ([{"tokens": 256, "keep": 1}], {"tokens": [5], "params": "some"}, "params"),
+    ],
+)
+def test_bad_training_settings_are_refused(stages, train, message):
+    with pytest.raises(ValidationError, match=message):
+        EvoPress.Params(stages=stages, train=train)

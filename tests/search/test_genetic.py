@@ -140,3 +140,14 @@ def test_ga_search_through_the_cli(tmp_path, tiny_model_dir, monkeypatch):
     )
     assert best["cost"] <= best["budget"]
     assert best["progress"] == [2, 2]
+
+
+def test_a_training_aware_ga_trains_every_genome_at_its_one_budget():
+    from evocomp.search.base import Training
+
+    space = sparsity_space()
+    ga, asked = _ga(space, train={"tokens": [300]}, generations=1)
+    assert {r.train for r in asked} == {Training(300)}
+    assert ga.train_budgets() == {"train.tokens[0]": 300}
+    with pytest.raises(ValidationError, match="one count"):
+        GeneticAlgorithm.Params(train={"tokens": [1, 2]})
