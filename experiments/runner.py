@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import hashlib
@@ -194,12 +195,20 @@ class Experiment:
         ``train``, after fine-tuning it on calibration tokens (the weights are as
         before once it returns), and ``train_tokens`` among the metrics."""
         started = time.perf_counter()
+        # Copied (once) before the candidate is applied: the teacher is the dense model.
+        teacher = self.teacher if train is not None and train.loss == "kd" else None
         with self.swapper.apply(genome) as model:
             if train is None:
                 metrics = self.evaluator.evaluate(model, tokens)
             else:
-                metrics = self._trained(model, genome, tokens, train)
+                metrics = self._trained(model, genome, tokens, train, teacher)
         return metrics, time.perf_counter() - started
+
+    @cached_property
+    def teacher(self) -> torch.nn.Module:
+        """A copy of the dense model to distil from, taken once (the model itself
+        holds candidates while they train)."""
+        return copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def quantized(self, genome: Genome) -> set[str]:
         """Parameter names ``genome`` puts on a quantization grid (under 16 bits, as
@@ -208,19 +217,19 @@ class Experiment:
         return {f"{r['unit']}.weight" for r in rows if r.get("bits", 16) < 16}
 
     def _trained(
-        self, model: torch.nn.Module, genome: Genome, tokens: int | None, train: Training
+        self, model: torch.nn.Module, genome: Genome, tokens: int | None, train: Training,
+        teacher: torch.nn.Module | None,
     ) -> dict[str, float]:
-        # DarwinLM's selection trains on the language-model loss: the evaluating model
-        # is the dense one with the candidate swapped in, so there is no teacher copy.
+        kd = teacher is not None
         params = TrainParams(
             tokens=train.tokens, method="full" if train.params == "all" else "lora",
-            lr=train.lr, kd_weight=0.0, lm_weight=1.0, warmup=0.0,
-            batch_size=self.cfg.evaluator.params.batch_size,
+            lr=train.lr, kd_weight=1.0 if kd else 0.0, lm_weight=0.0 if kd else 1.0,
+            warmup=0.0, batch_size=self.cfg.evaluator.params.batch_size,
         )
         removed = [u.name for u in self.swapper.removed(genome)]
         with training(
             model, self.splits.calibration, params, removed=removed,
-            frozen=self.quantized(genome),
+            frozen=self.quantized(genome), teacher=teacher,
         ) as trainer:
             done = trainer.run()
             metrics = self.evaluator.evaluate(model, tokens)

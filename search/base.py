@@ -31,13 +31,15 @@ class OneBudgetParams(StrictModel):
 class Training:
     """Fine-tune a candidate briefly before it is scored (DarwinLM's training-aware
     selection): ``tokens`` calibration tokens, learning rate ``lr``, optimizer
-    ``optimizer`` (``adamw`` | ``sgd``), on ``params`` (``all`` weights, or ``lora``
-    adapters); the trained weights are discarded after scoring."""
+    ``optimizer`` (``adamw``), on ``params`` (``all`` weights, or ``lora``
+    adapters), with ``loss`` ``kd`` (distilled from the dense model) or ``lm`` (the
+    next-token loss); the trained weights are discarded after scoring."""
 
     tokens: int
     lr: float = 1e-5
     optimizer: str = "adamw"
     params: str = "all"
+    loss: str = "kd"
 
 
 class TrainAware(StrictModel):
@@ -49,9 +51,14 @@ class TrainAware(StrictModel):
         "as the pool shrinks; DarwinLM: 10000, 50000, 100000, 200000)",
     )
     lr: float = Field(1e-5, gt=0, description="learning rate")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
+    optimizer: Literal["adamw"] = Field("adamw", description="optimizer (DarwinLM's AdamW)")
     params: Literal["all", "lora"] = Field(
         "all", description="train every weight (DarwinLM) or LoRA adapters over them"
+    )
+    loss: Literal["kd", "lm"] = Field(
+        "kd",
+        description="kd: distil from the dense model, as recovery fine-tuning does (a "
+        "dense copy kept once per evaluating process); lm: the next-token loss",
     )
 
     @field_validator("tokens")
@@ -63,7 +70,7 @@ class TrainAware(StrictModel):
 
     def at(self, stage: int) -> Training:
         """The training of stage ``stage``."""
-        return Training(self.tokens[stage], self.lr, self.optimizer, self.params)
+        return Training(self.tokens[stage], self.lr, self.optimizer, self.params, self.loss)
 
 
 @dataclass(frozen=True)

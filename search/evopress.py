@@ -55,7 +55,7 @@ class EvoPressParams(StrictModel):
     train: TrainAware | None = Field(
         None,
         description="training-aware selection: {tokens: [one per stage], lr, optimizer, "
-        "params: all | lora}; none: candidates are scored as compressed",
+        "params: all | lora, loss: kd | lm}; none: candidates are scored as compressed",
     )
 
     @field_validator("start_from")

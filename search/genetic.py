@@ -220,7 +220,7 @@ class GeneticAlgorithmParams(_VariationParams):
     train: TrainAware | None = Field(
         None,
         description="training-aware selection: {tokens: [one count], lr, optimizer, params: "
-        "all | lora}: every genome is fine-tuned before it is scored",
+        "all | lora, loss: kd | lm}: every genome is fine-tuned before it is scored",
     )
 
     @model_validator(mode="after")
