@@ -3,6 +3,8 @@ inputs, stored as kept indices + refit weights, applied as narrower tensors."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import stored_tensors, tiny_llama
@@ -195,3 +197,29 @@ def test_a_compact_copy_generates_like_the_zeroed_model_with_removed_sublayers(t
         got = small.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
         torch.testing.assert_close(_logits(small), logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(got, want)
+
+
+def test_the_expectation_averages_over_at_most_nine_widths_spread_evenly(monkeypatch):
+    """A fine grid (coarse-to-fine's) must not cost a block forward per level."""
+    from evocomp.supernet import widths
+
+    unit = find_sublayer_units(tiny_llama())[1]  # an MLP of 128 neurons
+    built = {k: widths.WidthVariant(torch.arange(k), torch.zeros(1)) for k in range(0, 129, 8)}
+    ran: list[int] = []
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden, **kw):
+            return (hidden * ran[-1],)
+
+    def applied(model, u, variant):
+        ran.append(variant.kept.numel())
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(widths, "applied", applied)
+    batch = widths.Batch(torch.ones(1, 2, 4), {})
+    dense = [torch.full((1, 2, 4), 128.0)]
+    out = widths._expectation(None, Block(), unit, [batch], built, dense)
+    assert ran == [16 * k for k in range(1, 9)]  # 0, 16, ..., 128 of 17; 0 adds nothing
+    weights = [k / 128 for k in ran]
+    want = (128 + sum(w * k for w, k in zip(weights, ran, strict=True))) / (1 + sum(weights))
+    assert torch.allclose(out[0], torch.full((1, 2, 4), want))
