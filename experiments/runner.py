@@ -258,23 +258,20 @@ class Experiment:
         optimizer and its token budgets, the database path and the trial store."""
         cfg = self.cfg
         optimizer = self.optimizer()  # the space, and so the model and units, first
-        available = self.splits.search.numel()
-        for option, tokens in optimizer.token_budgets().items():
-            if tokens > available:
-                raise EvocompError(
-                    f"search.{option}={tokens} exceeds the {available} search tokens "
-                    f"(data.search={cfg.data.search} x data.seq_len={cfg.data.seq_len}); "
-                    f"lower it or raise data.search"
-                )
-        calibration = self.splits.calibration.numel()
-        for option, tokens in optimizer.train_budgets().items():
-            if tokens > calibration:
-                raise EvocompError(
-                    f"search.{option}={tokens} exceeds the {calibration} calibration tokens "
-                    f"(data.calibration={cfg.data.calibration} x data.seq_len="
-                    f"{cfg.data.seq_len}) candidates train on; lower it or raise "
-                    "data.calibration"
-                )
+        # Evaluation budgets come from the search split; training-aware selection
+        # trains on the calibration split.
+        for budgets, split, what in (
+            (optimizer.token_budgets(), "search", "search tokens"),
+            (optimizer.train_budgets(), "calibration", "calibration tokens candidates train on"),
+        ):
+            available = getattr(self.splits, split).numel()
+            for option, tokens in budgets.items():
+                if tokens > available:
+                    raise EvocompError(
+                        f"search.{option}={tokens} exceeds the {available} {what} "
+                        f"(data.{split}={getattr(cfg.data, split)} x data.seq_len="
+                        f"{cfg.data.seq_len}); lower it or raise data.{split}"
+                    )
         if final_eval and self.splits.heldout.shape[0] == 0:
             raise EvocompError(
                 "data.heldout is 0 but the search ends with a held-out evaluation: "
