@@ -69,9 +69,12 @@ __all__ = [
 
 Method = Literal["full", "lora"]
 
-DEFAULT_LR: dict[str, float] = {"full": 1e-5, "lora": 1e-4}
-"""AdamW's peak learning rate when none is given: DarwinLM's 1e-5 for full
-fine-tuning; LoRA adapters start at zero and take the usual 1e-4."""
+DEFAULT_LR: dict[str, float] = {"full": 1e-4, "lora": 1e-3}
+"""AdamW's peak learning rate when none is given, sized for small models such as
+SmolLM2-135M: on the quickstart's 50% sparse model, 4 steps of 2 x 512 tokens took
+the held-out perplexity from 46.3 to 40.4 at 1e-4 (full) and to 40.6 at 1e-3 (LoRA,
+rank 16), but only to 45.1 at DarwinLM's 1e-5 (tuned for 7B models; give it with
+``lr`` for large ones)."""
 
 _ADAPTER = "default"  # peft's adapter name; one adapter at a time
 
@@ -84,7 +87,7 @@ class TrainParams(StrictModel):
     method: Method = Field("full", description="'full': AdamW on every unfrozen parameter; "
                            "'lora': peft LoRA adapters on the blocks' linear layers")
     lr: float | None = Field(None, gt=0, le=1, description="AdamW peak learning rate "
-                             "(default: 1e-5 for full, 1e-4 for lora)")
+                             "(default: 1e-4 for full, 1e-3 for lora)")
     batch_size: int = Field(4, ge=1, description="sequences per optimizer step")
     warmup: float = Field(0.05, ge=0, lt=1, description="share of the steps with a linear "
                           "warm-up; then the rate decays to zero on a cosine")
