@@ -189,14 +189,14 @@ def test_stopped_and_resumed_training_ends_like_an_uninterrupted_run(method):
 
 def test_settings_that_cannot_work_are_clear_errors():
     model, teacher = _pruned_student()
-    with pytest.raises(EvocompError, match="less than one training sequence"):
-        with training(model, DATA, _params(tokens=31), teacher=teacher):
-            pass
-    with pytest.raises(EvocompError, match="lora_rank=33 exceeds 32"):
-        with training(model, DATA, _params(method="lora", lora_rank=33), teacher=teacher):
-            pass
-    with pytest.raises(EvocompError, match="needs a teacher"):
-        with training(model, DATA, _params()):
+    refused = {
+        "less than one training sequence": (_params(tokens=31), teacher),
+        "lora_rank=33 exceeds 32": (_params(method="lora", lora_rank=33), teacher),
+        "needs a teacher": (_params(), None),
+    }
+    for message, (params, given) in refused.items():
+        with pytest.raises(EvocompError, match=message), training(model, DATA, params,
+                                                                  teacher=given):
             pass
     with pytest.raises(ValidationError, match="nothing to train"):
         TrainParams(kd_weight=0, lm_weight=0)
