@@ -68,6 +68,32 @@ def _parser() -> argparse.ArgumentParser:
         "(load with trust_remote_code=True); default: removed heads/neurons zeroed",
     )
 
+    p.add_argument(
+        "--no-finetune",
+        action="store_true",
+        help="export the searched model even when the run holds a finished fine-tune",
+    )
+
+    p = sub.add_parser(
+        "finetune",
+        help="recovery fine-tuning of the searched model by distillation from the dense one",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--tokens", type=int, help="training tokens (default 200000)")
+    p.add_argument("--method", choices=["full", "lora"],
+                   help="full: AdamW on the unfrozen weights (default); lora: peft LoRA adapters")
+    p.add_argument("--teacher", choices=["dense", "none"],
+                   help="dense: KL to the dense model's logits (default); none: LM loss only")
+    p.add_argument("--lm-weight", type=float,
+                   help="weight of the next-token loss (default 0 with a teacher, else 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4 full, 1e-3 lora)")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default 4)")
+    p.add_argument("--checkpoint-every", type=int, default=10, metavar="STEPS",
+                   help="steps between checkpoints (default 10)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the run's fine-tune (finished or not) and start afresh")
+
     p = sub.add_parser(
         "report", help="plots and a markdown summary of a run (Pareto front, progress, layers)"
     )
@@ -98,7 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"evocomp: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("evocomp: interrupted; every finished evaluation is saved", file=sys.stderr)
+        saved = (
+            "the fine-tune resumes from its last checkpoint when rerun"
+            if args.command == "finetune"
+            else "every finished evaluation is saved"
+        )
+        print(f"evocomp: interrupted; {saved}", file=sys.stderr)
         return 130
 
 
@@ -129,7 +160,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
     if args.command == "export":
         return commands.export(
-            Path(args.run_dir), Path(args.out), compact=args.compact, progress=progress
+            Path(args.run_dir), Path(args.out), compact=args.compact,
+            finetuned=not args.no_finetune, progress=progress,
+        )
+    if args.command == "finetune":
+        options = {k: getattr(args, k) for k in
+                   ("tokens", "method", "teacher", "lm_weight", "lr", "lora_rank", "batch_size")}
+        return commands.finetune(
+            Path(args.run_dir), options, restart=args.restart,
+            checkpoint_every=args.checkpoint_every, progress=progress,
         )
     if args.command == "report":
         return commands.report(Path(args.run_dir), Path(args.out) if args.out else None)

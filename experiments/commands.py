@@ -194,12 +194,53 @@ def evaluate(
     return 0
 
 
-def export(run_dir: Path, out: Path, *, compact: bool = False, progress: bool = True) -> int:
-    """Write the searched model so plain ``from_pretrained(out)`` loads it; with
-    ``compact``, narrowed sublayers at their narrow size and a modeling file beside
-    them (loaded with ``trust_remote_code=True``)."""
+def finetune(
+    run_dir: Path,
+    options: dict[str, Any],
+    *,
+    restart: bool = False,
+    checkpoint_every: int = 10,
+    progress: bool = True,
+) -> int:
+    """Recovery fine-tuning of the run's best candidate (see :mod:`evocomp.finetune`):
+    ``options`` are the command line's (``tokens``, ``method``, ``teacher``, ...; None
+    where not given). Resumes a killed fine-tune; reuses a finished one."""
+    from evocomp.finetune import recover, table
+
     cfg, run = load_run_config(run_dir)
     best = load_best(run)
+    with _logging_to(run.log):
+        report, reused = recover(
+            cfg, run, best, options, restart=restart, checkpoint_every=checkpoint_every,
+            progress=progress,
+        )
+    print(table(report))
+    done = "reused the finished fine-tune in" if reused else "fine-tuned weights and table in"
+    print(f"{done} {run.path / 'finetune'} (`evocomp export {run.path} --out DIR` exports it)")
+    return 0
+
+
+def export(
+    run_dir: Path,
+    out: Path,
+    *,
+    compact: bool = False,
+    finetuned: bool = True,
+    progress: bool = True,
+) -> int:
+    """Write the searched model so plain ``from_pretrained(out)`` loads it; with
+    ``compact``, narrowed sublayers at their narrow size and a modeling file beside
+    them (loaded with ``trust_remote_code=True``). A finished fine-tune of the best
+    genome (``evocomp finetune``) is exported with its trained weights unless
+    ``finetuned`` is False."""
+    from evocomp.finetune import export_weights
+    from evocomp.finetune import finetuned as finished_finetune
+    from evocomp.supernet.training import loaded_weights
+
+    cfg, run = load_run_config(run_dir)
+    best = load_best(run)
+    tuned = finished_finetune(run, best) if finetuned else None
+    weights = {} if tuned is None else tuned.weights
     if out.exists() and not out.is_dir():
         raise EvocompError(f"--out {out} is a file; choose a new --out directory")
     if out.exists() and any(out.iterdir()):
@@ -217,7 +258,7 @@ def export(run_dir: Path, out: Path, *, compact: bool = False, progress: bool = 
         from evocomp.supernet.shrink import compact_copy
 
         empty: set[int] = set()
-        with exp.applied(best) as model:
+        with exp.applied(best) as model, loaded_weights(model, weights):
             small = compact_copy(model, {u.name for u in removed})
         # Writes the modeling file beside the weights and the config's auto_map.
         CompactLlamaConfig.register_for_auto_class()
@@ -228,6 +269,7 @@ def export(run_dir: Path, out: Path, *, compact: bool = False, progress: bool = 
         empty = _fully_removed_blocks(exp, removed)
         with (
             exp.applied(best, export=True) as model,
+            loaded_weights(model, export_weights(exp, best, model, weights)),
             without_blocks(model, empty),
             _with_cache(model),
         ):
@@ -243,6 +285,7 @@ def export(run_dir: Path, out: Path, *, compact: bool = False, progress: bool = 
                 "removed_blocks": sorted(empty),
                 "compact": compact,
                 "layers": exp.space.describe(best),
+                "finetune": None if tuned is None else _finetune_summary(tuned.record),
             },
             indent=2,
         )
@@ -251,8 +294,24 @@ def export(run_dir: Path, out: Path, *, compact: bool = False, progress: bool = 
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    print(f"exported to {out}")
+    if tuned is None:
+        print(f"exported to {out}")
+    else:
+        o = tuned.record["options"]
+        print(f"exported the fine-tuned model ({o['method']}, {tuned.record['tokens']} tokens; "
+              f"held-out ppl {tuned.record['ppl']['after']:.3f}) to {out}")
     return 0
+
+
+def _finetune_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What evocomp.json says of the fine-tune whose weights it holds."""
+    options = record["options"]
+    summary = {k: record[k] for k in ("tokens", "steps", "ppl", "kl")}
+    summary["options"] = options
+    if options["method"] == "lora" and record.get("frozen_quantized"):
+        summary["note"] = ("LoRA adapters merged into quantized weights: those weights are "
+                           "no longer on their quantization grid")
+    return summary
 
 
 @contextmanager
@@ -327,4 +386,12 @@ def sweep(spec: str, *, resume: bool = False, progress: bool = True) -> int:
     return 0
 
 
-__all__ = ["database_build", "database_verify", "evaluate", "export", "list_configs", "search"]
+__all__ = [
+    "database_build",
+    "database_verify",
+    "evaluate",
+    "export",
+    "finetune",
+    "list_configs",
+    "search",
+]
