@@ -107,6 +107,13 @@ def _run_with_best(tmp: Path) -> None:
     (tmp / "a-file").write_text("x")
 
 
+def _run_without_best(tmp: Path) -> None:
+    """A run directory whose search recorded no best genome yet."""
+    _run_with_best(tmp)
+    (tmp / "done").rename(tmp / "no-best")
+    (tmp / "no-best" / "best.json").unlink()
+
+
 HAND: list[Case] = [
     # units
     Case("width.finer-than-a-head",
@@ -167,6 +174,19 @@ HAND: list[Case] = [
     Case("export.not-a-run", ("export", "{tmp}", "--out", "{tmp}/out"), "config.yaml"),
     Case("eval.not-a-run", ("eval", "{tmp}/nothing"), "config.yaml"),
     Case("resume.not-a-run", ("search", "--resume", "{tmp}/nothing"), "config.yaml"),
+    # finetune (checked before the model loads; tests/experiments/test_finetune.py has
+    # the cases that need it: tokens beyond the corpus, a LoRA rank beyond a layer)
+    Case("finetune.not-a-run", ("finetune", "{tmp}/nothing"), "config.yaml"),
+    Case("finetune.no-best", ("finetune", "{tmp}/no-best"), "best.json", _run_without_best),
+    Case("finetune.tokens", ("finetune", "{tmp}/done", "--tokens", "10"), "--tokens",
+         _run_with_best),
+    Case("finetune.lr", ("finetune", "{tmp}/done", "--lr", "-1"), "--lr", _run_with_best),
+    Case("finetune.lora-rank", ("finetune", "{tmp}/done", "--lora-rank", "0"), "--lora-rank",
+         _run_with_best),
+    Case("finetune.batch-size", ("finetune", "{tmp}/done", "--batch-size", "0"),
+         "--batch-size", _run_with_best),
+    Case("finetune.no-loss", ("finetune", "{tmp}/done", "--teacher", "none", "--lm-weight",
+                              "0"), "--lm-weight", _run_with_best),
     # names
     Case("name.empty", _search('name=""'), "name"),
     Case("name.slash", _search("name=a/b"), "name"),
