@@ -114,11 +114,11 @@ def test_resume_after_a_kill_reevaluates_nothing(
     calls = {"n": 0}
     original = runner.Experiment.evaluate
 
-    def dying(self, genome, tokens):
+    def dying(self, genome, tokens, train=None):
         calls["n"] += 1
         if calls["n"] == 9:
             raise KeyboardInterrupt
-        return original(self, genome, tokens)
+        return original(self, genome, tokens, train)
 
     monkeypatch.setattr(runner.Experiment, "evaluate", dying)
     assert main(["-q", "search", cfg]) == 130
@@ -150,7 +150,7 @@ def test_resume_after_a_kill_reevaluates_nothing(
         (["space.levels=9"], "at most 5 levels fit"),
         (["serch.generations=3"], "did you mean 'search'"),
         (["search.generation=3"], "did you mean 'generations'"),
-        (["search.name=cmaes"], "unknown optimizer 'cmaes'; allowed: 'drop-last', 'evopress'"),
+        (["search.name=cmaes"], "unknown optimizer 'cmaes'; allowed: 'coarse-to-fine', 'drop-last'"),
         (["executor.name=dask"], "unknown executor 'dask'; allowed: 'local', 'ray'"),
         (["executor.num_workers=2"], "bad options for executor 'local': num_workers"),
         (["data.corpus=nope"], "allowed:"),
