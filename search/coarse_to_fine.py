@@ -91,7 +91,8 @@ class CoarseToFine(GeneratorOptimizer[CoarseToFineParams]):
             raise EvocompError(f"search.name=coarse-to-fine cannot refine space {space.name!r}")
         self.fine: LevelSpace[Any] = space
         self._seed = seed
-        self._iteration = 0
+        self._iteration = 0  # iterations finished
+        self._current = 0  # the iteration self._inner runs
         self._inner = self._make_inner(space.uniform(), 0)
         if not self._inner.budgeted:
             raise EvocompError(
@@ -122,13 +123,13 @@ class CoarseToFine(GeneratorOptimizer[CoarseToFineParams]):
     def progress(self) -> tuple[int, int]:
         done, planned = self._inner.progress
         planned = max(planned, 1)
-        return self._iteration * planned + min(done, planned), self.params.iterations * planned
+        return self._current * planned + min(done, planned), self.params.iterations * planned
 
     def run(self) -> Generator[list[Request], list[float], None]:
         centre = self.fine.uniform()
         for iteration in range(self.params.iterations):
             inner = self._inner if iteration == 0 else self._make_inner(centre, iteration)
-            self._inner, window = inner, self.window
+            self._inner, window, self._current = inner, self.window, iteration
             inner.prepare(None)
             while requests := inner.ask():
                 scores = yield [Request(window.lift(r.genome), r.tokens) for r in requests]

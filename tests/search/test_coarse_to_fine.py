@@ -75,7 +75,9 @@ def test_each_iteration_searches_a_window_half_as_wide_around_the_genome_found()
             )))
         asked += requests
         opt.tell([loss(fine, r.genome) for r in requests])
-    assert opt.iteration == 3 and len(centres) == 3
+        done, total = opt.progress
+        assert done <= total and total == 3 * 10
+    assert opt.iteration == 3 and len(centres) == 3 and opt.progress == (30, 30)
     for it in range(3):
         widest = max(s for i, s in spans if i == it)
         # radius 2 × step (0.1, 0.05, 0.025), plus half a fine level of rounding
