@@ -164,11 +164,6 @@ def resolve(
 # -- what the genome fixes -------------------------------------------------------------
 
 
-def _quantized(exp: Experiment, genome: Genome) -> set[str]:
-    """Weights the genome puts on a quantization grid (fewer than 16 bits)."""
-    return {f"{r['unit']}.weight" for r in exp.space.describe(genome) if r.get("bits", 16) < 16}
-
-
 def _removed(exp: Experiment, genome: Genome) -> list[str]:
     return [u.name for u in exp.swapper.removed(genome)]
 
@@ -343,7 +338,7 @@ def _train(
 
     with (
         exp.applied(genome) as model,
-        training(model, data, params, teacher=dense, frozen=_quantized(exp, genome),
+        training(model, data, params, teacher=dense, frozen=exp.quantized(genome),
                  removed=removed, progress=exp.progress) as trainer,
     ):
         if state is not None:
@@ -355,7 +350,7 @@ def _train(
         "steps": result.steps,
         "seconds": round(done_before + time.perf_counter() - started, 1),
         "loss": {"first": result.losses[0], "last": result.losses[-1]},
-        "frozen_quantized": len(_quantized(exp, genome)),
+        "frozen_quantized": len(exp.quantized(genome)),
     }
     log.info("fine-tuned on %d tokens in %d steps, %.0f s; loss %.4f -> %.4f",
              result.tokens, result.steps, trained["seconds"], result.losses[0], result.losses[-1])
