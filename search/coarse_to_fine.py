@@ -12,6 +12,7 @@ one trial store and a resumed search replays them all.
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
@@ -119,6 +120,9 @@ class CoarseToFine(GeneratorOptimizer[CoarseToFineParams]):
     def token_budgets(self) -> dict[str, int]:
         return {f"inner.{k}": v for k, v in self._inner.token_budgets().items()}
 
+    def train_budgets(self) -> dict[str, int]:
+        return {f"inner.{k}": v for k, v in self._inner.train_budgets().items()}
+
     @property
     def progress(self) -> tuple[int, int]:
         done, planned = self._inner.progress
@@ -132,7 +136,7 @@ class CoarseToFine(GeneratorOptimizer[CoarseToFineParams]):
             self._inner, window, self._current = inner, self.window, iteration
             inner.prepare(None)
             while requests := inner.ask():
-                scores = yield [Request(window.lift(r.genome), r.tokens) for r in requests]
+                scores = yield [replace(r, genome=window.lift(r.genome)) for r in requests]
                 inner.tell(scores)
             if inner.best_genome is not None:
                 centre = window.lift(inner.best_genome)

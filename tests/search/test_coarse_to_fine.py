@@ -155,3 +155,16 @@ def test_mutations_of_a_window_keep_the_budget():
     for _ in range(500):
         g = window.mutate(g, rng, switches=rng.randint(1, 3))
         assert window.is_feasible(g) and fine.is_feasible(window.lift(g))
+
+
+def test_an_inner_optimizers_training_and_its_budgets_reach_the_runner():
+    from evocomp.search.base import Training
+
+    inner = {**INNER, "stages": [{"tokens": 8, "keep": 2}, {"tokens": 16, "keep": 1}],
+             "train": {"tokens": [32, 64]}}
+    params = CoarseToFineParams(iterations=2, inner=inner)
+    fine = _fine(params)
+    opt = CoarseToFine(fine, params, seed=0)
+    asked = drive(opt, fine)
+    assert {(r.tokens, r.train) for r in asked} == {(8, Training(32)), (16, Training(64))}
+    assert opt.train_budgets() == {"inner.train.tokens[0]": 32, "inner.train.tokens[1]": 64}
