@@ -39,7 +39,7 @@ from evocomp.config import Config
 from evocomp.errors import EvocompError
 from evocomp.evaluators.data import NotEnoughText, training_tokens
 from evocomp.evaluators.metrics import KLEvaluator
-from evocomp.runner import Experiment, RunDir
+from evocomp.runner import Experiment, RunDir, write_json
 from evocomp.spaces.base import Genome
 from evocomp.supernet.shrink import widened
 from evocomp.supernet.training import (
@@ -225,10 +225,6 @@ def _atomic(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
-
-
 def recover(
     cfg: Config,
     run: RunDir,
@@ -287,7 +283,7 @@ def recover(
     ft.path.mkdir(parents=True, exist_ok=True)
     identity = _identity(params, teacher)
     if recorded is None:
-        _write_json(ft.options, {"options": identity, "genome": list(genome)})
+        write_json(ft.options, {"options": identity, "genome": list(genome)})
     trained = _train(exp, genome, data, params, teacher, removed, ft, checkpoint_every)
     weights = load_file(str(ft.weights))
     report = {
@@ -296,7 +292,7 @@ def recover(
         **trained,
         **_compare(exp, genome, weights),
     }
-    _write_json(ft.result, report)
+    write_json(ft.result, report)
     ft.checkpoint.unlink(missing_ok=True)  # as large as the model and its optimizer
     return report, False
 

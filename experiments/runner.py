@@ -446,7 +446,9 @@ def prepare_run_dir(cfg: Config, *, resume: bool) -> RunDir:
     return run
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON at ``path``, written atomically (a kill leaves the
+    old file or the new one)."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
@@ -678,7 +680,7 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
     optimizer = exp.optimizer()
     exp.prepare(optimizer)
     # What a genome's genes are, so that analysis can rebuild the space without the model.
-    _write_json(run.units, [dataclasses.asdict(u) for u in exp.units])
+    write_json(run.units, [dataclasses.asdict(u) for u in exp.units])
     # Held while searching, so that a later --resume knows whether this process lives.
     with RunLock(run.path) as lock:
         store = open_store(exp, run, lock)
@@ -709,7 +711,7 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
         reused=evaluations.reused,
         seconds=time.perf_counter() - started,
     )
-    trained = int(sum(r.metrics.get("train_tokens", 0) for r in store.records()))
+    trained = _spent(store)["training"]
     log.info(
         "search done: best %s %.5f (%s %.5f), %d evaluations here (%d reused) in %.0f s%s",
         metric,
@@ -739,13 +741,22 @@ def _uniform_fitness(store: TrialStore, uniform: Genome) -> float:
     return max(recs, key=lambda r: r.tokens).fitness if recs else math.nan
 
 
+def _spent(store: TrialStore) -> dict[str, int]:
+    """What the search has spent so far: tokens scored, and tokens candidates were
+    fine-tuned on (training-aware selection)."""
+    records = store.records()
+    return {
+        "evaluation": sum(r.tokens for r in records),
+        "training": int(sum(r.metrics.get("train_tokens", 0) for r in records)),
+    }
+
+
 def _write_best(run: RunDir, exp: Experiment, optimizer: Optimizer, store: TrialStore) -> None:
     genome = optimizer.best_genome
     if genome is None:
         return
     space = exp.space
-    records = store.records()
-    _write_json(
+    write_json(
         run.best,
         {
             "genome": list(genome),
@@ -755,12 +766,7 @@ def _write_best(run: RunDir, exp: Experiment, optimizer: Optimizer, store: Trial
             "cost": space.cost(genome),
             "budget": space.budget,
             "progress": list(optimizer.progress),
-            # What the search has spent so far: tokens scored, and tokens candidates
-            # were fine-tuned on (training-aware selection).
-            "tokens": {
-                "evaluation": sum(r.tokens for r in records),
-                "training": int(sum(r.metrics.get("train_tokens", 0) for r in records)),
-            },
+            "tokens": _spent(store),
             "layers": space.describe(genome),
         },
     )
@@ -824,7 +830,7 @@ def final_eval(exp: Experiment, run: RunDir, best: Genome) -> dict[str, Any]:
         "corpora": corpora,
         "rows": table.drop(columns="genome").to_dict(orient="records"),
     }
-    _write_json(run.eval, result)
+    write_json(run.eval, result)
     return result
 
 

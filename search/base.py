@@ -68,6 +68,10 @@ class TrainAware(StrictModel):
             raise ValueError(f"training tokens must be positive and grow, got {tokens}")
         return tokens
 
+    def budgets(self) -> dict[str, int]:
+        """The training tokens by option name, for :meth:`Optimizer.train_budgets`."""
+        return {f"train.tokens[{k}]": t for k, t in enumerate(self.tokens)}
+
     def at(self, stage: int) -> Training:
         """The training of stage ``stage``."""
         return Training(self.tokens[stage], self.lr, self.optimizer, self.params, self.loss)

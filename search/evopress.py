@@ -112,9 +112,7 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
         return {f"stages[{k}].tokens": stage.tokens for k, stage in enumerate(self.params.stages)}
 
     def train_budgets(self) -> dict[str, int]:
-        train = self.params.train
-        tokens = [] if train is None else train.tokens
-        return {f"train.tokens[{k}]": t for k, t in enumerate(tokens)}
+        return {} if self.params.train is None else self.params.train.budgets()
 
     def _train(self, stage: int) -> Training | None:
         return None if self.params.train is None else self.params.train.at(stage)

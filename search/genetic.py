@@ -248,7 +248,7 @@ class GeneticAlgorithm(_Evolution[GeneticAlgorithmParams]):
         return None if self.params.train is None else self.params.train.at(0)
 
     def train_budgets(self) -> dict[str, int]:
-        return {} if self.params.train is None else {"train.tokens[0]": self.params.train.tokens[0]}
+        return {} if self.params.train is None else self.params.train.budgets()
 
     def _select(self, population: list[_Individual], k: int) -> list[_Individual]:
         return tools.selTournament(population, k, self.params.tournament, fit_attr="score")
