@@ -47,6 +47,7 @@ from evocomp.search.store import (
     storage_url,
 )
 from evocomp.spaces.base import SPACES, Genome, SearchSpace
+from evocomp.spaces.metric import MetricSpace
 from evocomp.spaces.units import Unit
 from evocomp.supernet.compressors import COMPRESSORS
 from evocomp.supernet.database import (
@@ -55,7 +56,9 @@ from evocomp.supernet.database import (
     build_database,
     open_database,
 )
+from evocomp.supernet.gradients import cached_gradient_norms
 from evocomp.supernet.latency import sublayer_timings
+from evocomp.supernet.metric import InvalidMetric, OneShotPruner
 from evocomp.supernet.models import LoadedModel, load_model
 from evocomp.supernet.sublayers import span_importance
 from evocomp.supernet.swap import Swapper
@@ -155,15 +158,20 @@ class Experiment:
         root = self.database_root(spec)
         log.info("variant database: %s", root)
         started = time.perf_counter()
+        units = [u for u in self.units if u.name in spec.variants]
+        gradients = None
+        if COMPRESSORS.get(self.cfg.compressor.name).needs_gradients(self.cfg.compressor.params):
+            gradients = self.gradients(units)
         built = build_database(
             self.model,
-            [u for u in self.units if u.name in spec.variants],
+            units,
             spec,
             root,
             self.splits.calibration,
             params=self.cfg.compressor.params,
             batch_size=self.cfg.database.batch_size,
             progress=self.progress,
+            gradients=gradients,
         )
         db = open_database(root, spec, cache_gb=self.cfg.database.cache_gb)
         if built:
@@ -172,9 +180,32 @@ class Experiment:
             log.info("reusing variant database %s", root)
         return db
 
+    def gradients(self, units: Sequence[Unit]) -> dict[str, torch.Tensor]:
+        """Per-weight gradient norms of ``units`` over the calibration sequences (the
+        metric terminal ``G``), computed once per model and calibration split and
+        cached on disk."""
+        key = hashlib.sha256(
+            f"{self.loaded.fingerprint}:{self.splits.fingerprint('calibration')}".encode()
+        ).hexdigest()[:20]
+        return cached_gradient_norms(
+            self.model, units, self.splits.calibration, cache_dir() / "gradients", key,
+            progress=self.progress,
+        )
+
     @cached_property
-    def swapper(self) -> Swapper:
-        return Swapper(self.model, self.space, self.database)
+    def swapper(self) -> Swapper | OneShotPruner:
+        """What applies a genome: the Swapper assembles level genomes from the variant
+        database; metric genomes prune the model one-shot."""
+        space = self.space
+        if space.genome_kind == "expression":
+            assert isinstance(space, MetricSpace)
+            return OneShotPruner(
+                self.model, space, self.splits.calibration,
+                gradients=lambda: self.gradients(space.units),
+                batch_size=self.cfg.database.batch_size,
+                cache_bytes=int(self.cfg.database.cache_gb * 2**30),
+            )
+        return Swapper(self.model, space, self.database)
 
     @cached_property
     def evaluator(self) -> Evaluator[Any]:
@@ -197,11 +228,16 @@ class Experiment:
         started = time.perf_counter()
         # Copied (once) before the candidate is applied: the teacher is the dense model.
         teacher = self.teacher if train is not None and train.loss == "kd" else None
-        with self.swapper.apply(genome) as model:
-            if train is None:
-                metrics = self.evaluator.evaluate(model, tokens)
-            else:
-                metrics = self._trained(model, genome, tokens, train, teacher)
+        try:
+            with self.swapper.apply(genome) as model:
+                if train is None:
+                    metrics = self.evaluator.evaluate(model, tokens)
+                else:
+                    metrics = self._trained(model, genome, tokens, train, teacher)
+        except InvalidMetric as err:
+            # A failure of this candidate, not of the search: recorded, worst fitness.
+            log.info("%s", err)
+            metrics = {type(self.evaluator).metric: math.inf, "invalid": 1.0}
         return metrics, time.perf_counter() - started
 
     @cached_property
@@ -243,7 +279,16 @@ class Experiment:
     def optimizer(self) -> Optimizer[Any]:
         """A fresh optimizer for this config (seeded: a resumed search replays it)."""
         cfg = self.cfg
-        optimizer = OPTIMIZERS.get(cfg.search.name)(self.space, cfg.search.params, seed=cfg.seed)
+        cls = OPTIMIZERS.get(cfg.search.name)
+        if cls.genome_kind != self.space.genome_kind:
+            fits = [n for n in OPTIMIZERS.names()
+                    if OPTIMIZERS.get(n).genome_kind == self.space.genome_kind]
+            raise EvocompError(
+                f"search.name={cfg.search.name!r} searches {cls.genome_kind} genomes, but "
+                f"space {cfg.space.name!r} has {self.space.genome_kind} genomes; choose "
+                f"search.name one of: {choices(fits)}"
+            )
+        optimizer = cls(self.space, cfg.search.params, seed=cfg.seed)
         if not optimizer.budgeted and not self.space.cost_is_size:
             raise EvocompError(
                 f"search {cfg.search.name!r} trades cost against quality, but space "
@@ -767,6 +812,7 @@ def _write_best(run: RunDir, exp: Experiment, optimizer: Optimizer, store: Trial
             "budget": space.budget,
             "progress": list(optimizer.progress),
             "tokens": _spent(store),
+            **space.summary(genome),
             "layers": space.describe(genome),
         },
     )

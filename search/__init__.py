@@ -6,6 +6,7 @@ from evocomp.search.bayesian import OptunaSearch
 from evocomp.search.coarse_to_fine import CoarseToFine
 from evocomp.search.evopress import EvoPress, Stage
 from evocomp.search.genetic import NSGA2, GeneticAlgorithm
+from evocomp.search.metric_gp import MetricGP
 from evocomp.search.random_search import RandomSearch
 from evocomp.search.store import Record, TrialStore
 
@@ -18,6 +19,7 @@ __all__ = [
     "EvoPress",
     "GeneratorOptimizer",
     "GeneticAlgorithm",
+    "MetricGP",
     "Optimizer",
     "OptunaSearch",
     "RandomSearch",

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 from pydantic import Field, field_validator
 
 from evocomp.registry import Registry, StrictModel
-from evocomp.spaces.base import Genome, SearchSpace
+from evocomp.spaces.base import Genome, GenomeKind, SearchSpace
 from evocomp.spaces.units import Unit
 
 P = TypeVar("P", bound=StrictModel)
@@ -122,6 +122,9 @@ class Optimizer(ABC, Generic[P]):
     name: ClassVar[str]
     Params: ClassVar[type[StrictModel]] = StrictModel
     """The options of this optimizer (``search:`` in a config)."""
+    genome_kind: ClassVar[GenomeKind] = "levels"
+    """The genomes it searches; the runner pairs it only with spaces of the same
+    :attr:`~evocomp.spaces.base.SearchSpace.genome_kind`."""
     budgeted: bool = True
     """Whether every request keeps the space's budget (``is_feasible``). Multi-objective
     optimizers set False: they trade cost against quality, so their requests are only

@@ -33,6 +33,19 @@ class Stage(StrictModel):
     keep: int = Field(gt=0)
 
 
+def check_sieve(stages: Sequence[Stage]) -> None:
+    """Refuse (ValueError) stages that are no sieve: none, token budgets that do not
+    grow, or keep counts that do not shrink to 1."""
+    if not stages:
+        raise ValueError("stages must list at least one {tokens, keep} step")
+    keeps = [s.keep for s in stages]
+    if keeps[-1] != 1 or any(a < b for a, b in zip(keeps, keeps[1:], strict=False)):
+        raise ValueError(f"stage keep counts must shrink to 1, got {keeps}")
+    tokens = [s.tokens for s in stages]
+    if tokens != sorted(tokens):
+        raise ValueError(f"stage token budgets must grow, got {tokens}")
+
+
 class EvoPressParams(StrictModel):
     """Options of :class:`EvoPress`."""
 
@@ -71,14 +84,8 @@ class EvoPressParams(StrictModel):
 
     @model_validator(mode="after")
     def _stages_sieve(self) -> EvoPressParams:
-        if not self.stages:
-            raise ValueError("stages must list at least one {tokens, keep} step")
-        keeps = [s.keep for s in self.stages]
-        if keeps[-1] != 1 or any(a < b for a, b in zip(keeps, keeps[1:], strict=False)):
-            raise ValueError(f"stage keep counts must shrink to 1, got {keeps}")
+        check_sieve(self.stages)
         tokens = [s.tokens for s in self.stages]
-        if tokens != sorted(tokens):
-            raise ValueError(f"stage token budgets must grow, got {tokens}")
         if self.train is not None:
             if len(self.train.tokens) != len(self.stages):
                 raise ValueError(

@@ -4,6 +4,7 @@ from evocomp.spaces.base import SPACES, Genome, LevelSpace, SearchSpace
 from evocomp.spaces.bits import BitsSpace
 from evocomp.spaces.depth import DepthSpace
 from evocomp.spaces.joint import JointSpace
+from evocomp.spaces.metric import MetricSpace
 from evocomp.spaces.sparsity import SparsitySpace
 from evocomp.spaces.width import WidthSpace
 from evocomp.spaces.window import Window
@@ -15,6 +16,7 @@ __all__ = [
     "Genome",
     "JointSpace",
     "LevelSpace",
+    "MetricSpace",
     "SearchSpace",
     "SparsitySpace",
     "WidthSpace",

@@ -30,6 +30,8 @@ from evocomp.spaces.units import TimingRequest, Unit, UnitFamily, UnitQuery, Var
 
 Genome = tuple[int, ...]
 
+GenomeKind = Literal["levels", "expression"]
+
 P = TypeVar("P", bound=StrictModel)
 
 Step = dict[int, int]
@@ -90,6 +92,11 @@ class SearchSpace(ABC, Generic[P]):
     trade it against quality (False for depth, whose cost counts removed sublayers)."""
     unit_family: ClassVar[UnitFamily] = "linear"
     """The units the space searches, unless :meth:`unit_queries` says otherwise."""
+    genome_kind: ClassVar[GenomeKind] = "levels"
+    """What a genome's ints are: one level per gene (every space but one), or the
+    prefix code of a metric expression (``metric``), which is applied by pruning
+    one-shot rather than from a variant database. Optimizers say which kind they
+    search (:attr:`~evocomp.search.base.Optimizer.genome_kind`)."""
 
     def __init__(self, units: Sequence[Unit], params: P) -> None:
         self.units: tuple[Unit, ...] = tuple(units)
@@ -181,6 +188,11 @@ class SearchSpace(ABC, Generic[P]):
     @abstractmethod
     def describe(self, genome: Genome) -> list[dict[str, Any]]:
         """One readable row per unit: name, block, and what the genome does to it."""
+
+    def summary(self, genome: Genome) -> dict[str, Any]:
+        """What ``best.json`` shows about ``genome`` as a whole, besides its cost and
+        its rows (:meth:`describe`): e.g. the metric expression. Default: nothing."""
+        return {}
 
     # -- shared behaviour ----------------------------------------------------------
     def is_valid(self, genome: Genome) -> bool:

@@ -2,6 +2,7 @@
 
 from evocomp.supernet.composite import PruneQuantize
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor, Pruner
+from evocomp.supernet.metric import Metric, OneShotPruner
 from evocomp.supernet.quantizers import GPTQ, RTN, Quantizer
 from evocomp.supernet.structured import StructuredOBS
 from evocomp.supernet.sublayers import skip, span_importance, sublayer_importance, zeroed
@@ -12,6 +13,8 @@ __all__ = [
     "GPTQ",
     "RTN",
     "LayerCompressor",
+    "Metric",
+    "OneShotPruner",
     "PruneQuantize",
     "Pruner",
     "Quantizer",

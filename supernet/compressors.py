@@ -84,6 +84,17 @@ class LayerCompressor(ABC):
         return None
 
     @classmethod
+    def needs_gradients(cls, params: Any) -> bool:
+        """Whether the compressor with ``params`` reads per-weight gradient norms, which
+        its builder then hands over with :meth:`add_gradient` before compressing."""
+        return False
+
+    def add_gradient(self, gradient: torch.Tensor) -> None:
+        """Per-weight gradient norms ``[out, in]`` (see
+        :mod:`evocomp.supernet.gradients`); only for compressors that need them."""
+        raise NotImplementedError(f"{type(self).__name__} reads no gradients")
+
+    @classmethod
     def needs_start(cls, params: Any) -> bool:
         """Whether a database build with ``params`` propagates its calibration inputs
         through the search's starting variants (which the build is then given)."""

@@ -461,8 +461,12 @@ def build_database(
     batch_size: int = 4,
     progress: bool = True,
     on_block: Callable[[int], None] | None = None,
+    gradients: dict[str, torch.Tensor] | None = None,
 ) -> bool:
     """Compute and store every variant in ``spec``, block by block.
+
+    ``gradients`` (per-weight gradient norms by unit name) go to compressors that
+    read them (:meth:`~.LayerCompressor.needs_gradients`).
 
     Resumes a partial build of the same spec; refuses a directory holding a
     database of another spec. Finished blocks whose files are missing, unreadable
@@ -482,7 +486,7 @@ def build_database(
     with locked(root / ".lock"):
         return _build_database(
             model, units, spec, root, calibration, params=params, batch_size=batch_size,
-            progress=progress, on_block=on_block,
+            progress=progress, on_block=on_block, gradients=gradients,
         )
 
 
@@ -497,6 +501,7 @@ def _build_database(
     batch_size: int,
     progress: bool,
     on_block: Callable[[int], None] | None,
+    gradients: dict[str, torch.Tensor] | None,
 ) -> bool:
     compressor_cls = COMPRESSORS.get(spec.compressor)
     manifest = _start_manifest(root, spec, units, compressor_cls.parts)
@@ -541,7 +546,7 @@ def _build_database(
             else:
                 for b in bar:
                     todo = [] if b in done else by_block.get(b, [])
-                    compressors = _attach(model, todo, compressor_cls, params)
+                    compressors = _attach(model, todo, compressor_cls, params, gradients)
                     inputs = _forward_block(blocks[b], inputs, compressors)
                     if todo:
                         tensors = _compress_block(model, todo, compressors, variants)
@@ -685,14 +690,23 @@ def _write_block(
 
 
 def _attach(
-    model: nn.Module, units: Iterable[Unit], cls: type[LayerCompressor], params: Any
+    model: nn.Module,
+    units: Iterable[Unit],
+    cls: type[LayerCompressor],
+    params: Any,
+    gradients: dict[str, torch.Tensor] | None = None,
 ) -> _Attached:
-    """A compressor per unit, fed the unit's inputs by a forward hook."""
+    """A compressor per unit, fed the unit's inputs by a forward hook (and its
+    gradient norms first, when it reads them)."""
     attached = {}
     for u in units:
         module = model.get_submodule(u.name)
         weight = module.weight.detach()
         comp = cls(weight.T if u.transposed else weight, params)
+        if cls.needs_gradients(params):
+            if gradients is None:
+                raise EvocompError(f"{cls.__name__} reads gradients, but none were given")
+            comp.add_gradient(gradients[u.name])
 
         def feed(_m: nn.Module, args: tuple, _out: Any, comp: LayerCompressor = comp) -> None:
             comp.add_batch(args[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,8 @@ import yaml
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from evocomp.spaces.metric import ARITY, SYMBOLS, Expr
 
 # Tiny models gain nothing from intra-op threads, and two OpenMP threads on a busy
 # 2-core machine turn microsecond ops into tens of milliseconds.
@@ -75,6 +78,15 @@ def correlated_inputs(
     x = torch.randn(tokens, cols, generator=gen) @ mix
     x[:, torch.arange(outliers) * (cols // outliers) + 1] *= 10  # scattered, as in real LLMs
     return x
+
+
+def random_expr(rng: random.Random, depth: int) -> Expr:
+    """A random metric expression at most ``depth`` deep."""
+    leaves = [s for s in SYMBOLS if ARITY[s] == 0]
+    if depth == 0 or rng.random() < 0.25:
+        return Expr(rng.choice(leaves))
+    op = rng.choice([s for s in SYMBOLS if ARITY[s]])
+    return Expr(op, tuple(random_expr(rng, depth - 1) for _ in range(ARITY[op])))
 
 
 def uneven_llama(seed: int = 0) -> LlamaForCausalLM:
