@@ -281,12 +281,14 @@ class Experiment:
         cfg = self.cfg
         cls = OPTIMIZERS.get(cfg.search.name)
         if cls.genome_kind != self.space.genome_kind:
-            fits = [n for n in OPTIMIZERS.names()
-                    if OPTIMIZERS.get(n).genome_kind == self.space.genome_kind]
+            searches = [n for n in OPTIMIZERS.names()
+                        if OPTIMIZERS.get(n).genome_kind == self.space.genome_kind]
+            spaces = [n for n in SPACES.names() if SPACES.get(n).genome_kind == cls.genome_kind]
             raise EvocompError(
-                f"search.name={cfg.search.name!r} searches {cls.genome_kind} genomes, but "
-                f"space {cfg.space.name!r} has {self.space.genome_kind} genomes; choose "
-                f"search.name one of: {choices(fits)}"
+                f"search.name={cfg.search.name!r} searches {cls.genome_kind} genomes, "
+                f"space.name={cfg.space.name!r} has {self.space.genome_kind} genomes: choose "
+                f"search.name one of: {choices(searches)}, or space.name one of: "
+                f"{choices(spaces)}"
             )
         optimizer = cls(self.space, cfg.search.params, seed=cfg.seed)
         if not optimizer.budgeted and not self.space.cost_is_size:

@@ -336,6 +336,17 @@ class MetricParams(StrictModel):
         "also the search's reported baseline",
     )
 
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _sexagesimal(cls, pattern: Any) -> Any:
+        if isinstance(pattern, int):
+            # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124.
+            raise ValueError(
+                f"pattern {pattern} is a number; write an N:M pattern in quotes, e.g. "
+                "pattern: '2:4' (unquoted, YAML reads 2:4 as 124)"
+            )
+        return pattern
+
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, pattern: str) -> str:
