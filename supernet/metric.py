@@ -297,6 +297,7 @@ class OneShotPruner:
 
         def make(u: Unit, weight: torch.Tensor) -> Metric:
             comp = Metric(weight, params)
+            comp.single_level = True
             if gradients is not None:
                 comp.add_gradient(gradients[u.name])
             if u.name in statistics:

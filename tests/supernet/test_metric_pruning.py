@@ -40,6 +40,20 @@ def test_wanda_as_an_expression_is_wanda_exactly():
     assert COMPRESSORS.get("metric") is Metric
 
 
+@pytest.mark.parametrize("nm_group", [None, 4])
+def test_one_level_by_partial_sort_prunes_what_ranking_prunes(nm_group):
+    w, x = random_weight(8, ROWS, COLS), correlated_inputs(256, COLS, 4, 1)
+    ranked = metric("wanda", w, x, nm_group=nm_group)
+    once = metric("wanda", w, x, nm_group=nm_group)
+    once.single_level = True
+    for level in (0, ROWS * COLS // 4, ROWS * COLS // 2):
+        assert torch.equal(once.compress(level), ranked.compress(level))
+    assert once._ranks is None  # never ranked every weight
+    if nm_group is None:
+        uneven = ROWS * 3 + 1  # rows differ in count: the ranked path, still exact
+        assert (once.compress(uneven) == 0).sum() == uneven
+
+
 def test_magnitude_as_an_expression_prunes_the_smallest_of_each_row():
     w = random_weight(1, ROWS, COLS)
     out = metric("magnitude", w).compress(ROWS * 8)  # needs no calibration
