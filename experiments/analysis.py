@@ -222,7 +222,7 @@ class Run:
         else:
             genome = tuple(int(x) for x in which)
         space = self.space
-        if len(genome) != len(space):
+        if space.genome_kind == "levels" and len(genome) != len(space):
             raise EvocompError(f"genome has {len(genome)} genes; this space has {len(space)}")
         return pd.DataFrame(space.describe(genome))
 
@@ -614,7 +614,8 @@ def write_report(run: Run | PathLike, out: PathLike | None = None) -> Path:
         f"- directory: `{run.path}`",
         f"- model: `{cfg.model.name}`",
         f"- space: {_options(cfg.space.dump())}",
-        f"- compressor: {_options(cfg.compressor.dump())}",
+        *([f"- compressor: {_options(cfg.compressor.dump())}"]
+          if run.space.compressor_kind is not None else []),
         f"- optimizer: {_options(cfg.search.dump())}, seed {cfg.seed}",
         f"- evaluator: {_options(cfg.evaluator.dump())}",
         f"- evaluations: {len(t)} ({int((t.tokens == run.tokens).sum())} at the largest "
@@ -633,6 +634,7 @@ def write_report(run: Run | PathLike, out: PathLike | None = None) -> Path:
                           & (t.tokens == run.tokens)]
         if not number.empty:
             lines[-1] += f", trial {int(number.iloc[0])}"
+        lines += [f"- {k}: `{v}`" for k, v in run.space.summary(tuple(best["genome"])).items()]
     base = t[(t.role == "baseline") & (t.tokens == run.tokens)]
     if not base.empty:
         lines.append(f"- baseline (uniform) {run.metric}: {base.fitness.iloc[0]:.6g}")

@@ -147,8 +147,12 @@ class _Member:
 
 @OPTIMIZERS.register("metric-gp")
 class MetricGP(GeneratorOptimizer[MetricGPParams]):
-    """Pruner-Zero's genetic programming over metric expressions (see the module
-    docstring); searches a ``metric`` space."""
+    """Pruner-Zero's genetic programming over metric expressions, for the ``metric``
+    space: DEAP ``gp`` trees, tournament parents, one-point crossover and uniform
+    subtree mutation under the space's depth limit, steady-state replacement of
+    the worst; members scored on ``stages[0].tokens``, the final population sieved
+    through the stages. Children are simplified and asked for by their ranking
+    form, so metrics that prune alike are scored once."""
 
     name = "metric-gp"
     Params = MetricGPParams

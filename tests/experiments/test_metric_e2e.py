@@ -64,6 +64,10 @@ def test_the_search_finds_a_metric_at_least_as_good_as_wanda_and_exports_it(
     assert best["fitness"] <= wanda, (best["expression"], best["fitness"], wanda)
     table = json.loads((run / "eval.json").read_text())
     assert {"dense", "wanda", "searched"} <= set(table["ppl"])
+    assert main(["-q", "report", str(run)]) == 0
+    report = (run / "report" / "report.md").read_text()
+    assert f"- expression: `{best['expression']}`" in report
+    assert "- compressor:" not in report  # a metric run builds no variants
 
     trials = len(pd.read_parquet(run / "trials.parquet"))
     assert main(["-q", "search", "--resume", str(run), "--no-eval"]) == 0
