@@ -759,12 +759,13 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
         seconds=time.perf_counter() - started,
     )
     trained = _spent(store)["training"]
+    base = _uniform_fitness(store, space.uniform(), result.best)
     log.info(
-        "search done: best %s %.5f (%s %.5f), %d evaluations here (%d reused) in %.0f s%s",
+        "search done: best %s %.5f (%s %s), %d evaluations here (%d reused) in %.0f s%s",
         metric,
         result.fitness,
         space.baseline_name,
-        _uniform_fitness(store, space.uniform()),
+        f"{base:.5f}" if math.isfinite(base) else "not scored on as many tokens",
         result.evaluations,
         result.reused,
         result.seconds,
@@ -783,9 +784,13 @@ def _write_trials(run: RunDir, store: TrialStore) -> None:
         pareto_front(final).to_parquet(run.pareto)
 
 
-def _uniform_fitness(store: TrialStore, uniform: Genome) -> float:
-    recs = [r for r in store.records() if r.genome == uniform]
-    return max(recs, key=lambda r: r.tokens).fitness if recs else math.nan
+def _uniform_fitness(store: TrialStore, uniform: Genome, best: Genome) -> float:
+    """The baseline's fitness on the most tokens the best genome was scored on (NaN
+    when it was not scored there: the two would not compare)."""
+    records = store.records()
+    tokens = max((r.tokens for r in records if r.genome == best), default=None)
+    recs = [r for r in records if r.genome == uniform and r.tokens == tokens]
+    return recs[0].fitness if recs else math.nan
 
 
 def _spent(store: TrialStore) -> dict[str, int]:
