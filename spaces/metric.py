@@ -256,7 +256,8 @@ def ranking_form(e: Expr) -> Expr:
     """The simplest expression that ranks every comparison group's weights as ``e``
     does: :func:`simplify`, then outer maps that keep the order dropped (the
     tensor-wide normalisations, ``exp``, ``tanh``, ``abs``/``sqr``/``sqrt``/``log``
-    of a nonnegative argument, ``div`` by a norm). Two metrics with one ranking form
+    of a nonnegative argument, ``div`` by a norm) and positive constant factors of a
+    top-level product (``div(x, y)``, ``add(x, x)``). Two metrics with one ranking form
     prune alike, up to float rounding (``exp`` and ``tanh`` can tie scores that
     differ by less than a rounding step, or beyond the clamp / saturation)."""
     e = simplify(e)
@@ -264,9 +265,26 @@ def ranking_form(e: Expr) -> Expr:
         monotone = e.op in ("exp", "tanh") or (
             e.op in ("abs", "sqr", "sqrt", "log") and nonnegative(e.args[0])
         )
-        if not (monotone or e.op in _NORMALISERS or e.op == "div"):
+        if monotone or e.op in _NORMALISERS or e.op == "div":
+            e = e.args[0]
+            continue
+        unscaled = _unscaled(e)
+        if unscaled == e:
             return e
-        e = e.args[0]
+        e = unscaled
+
+
+def _unscaled(e: Expr) -> Expr:
+    """``e`` without positive constant factors: ``div(x, y)`` is ``x`` over a norm and
+    ``add(x, x)`` is ``2x``, so as a factor of the whole score (or of a top-level
+    product) each scales every weight alike and ranks as ``x``."""
+    if e.op == "div":
+        return _unscaled(e.args[0])
+    if e.op == "add" and e.args[0] == e.args[1]:
+        return _unscaled(e.args[0])
+    if e.op == "mul":
+        return simplify(Expr("mul", tuple(_unscaled(a) for a in e.args)))
+    return e
 
 
 def encode(e: Expr) -> Genome:

@@ -112,6 +112,9 @@ def test_simplifying_twice_changes_nothing_and_never_deepens():
         ("log(sqr(W))", "W"),
         ("exp(W)", "W"),
         ("pruner-zero", "mul(mms(G), sqr(W))"),
+        ("mul(W, div(X, W))", "mul(W, X)"),  # a factor over a norm scales the product
+        ("mul(W, div(add(X, X), tanh(W)))", "mul(W, X)"),
+        ("mul(W, add(X, div(W, X)))", "mul(W, add(X, div(W, X)))"),  # a summand is no factor
         ("neg(W)", "neg(W)"),  # reverses the order: not dropped
         ("sqr(sub(W, G))", "sqr(sub(W, G))"),  # sqr of a signed value is no monotone map
     ],
