@@ -2,11 +2,14 @@
 metric that beats Wanda, at 50% unstructured and at 2:4?
 
     python benchmarks/metric_search.py [--population 24] [--generations 8]
-        [--offspring 8] [--propagate dense] [--alloc-generations 10] [--set k=v ...]
+        [--offspring 8] [--propagate dense] [--pattern unstructured]
+        [--alloc-generations 10] [--set k=v ...]
 
-1. ``evocomp search metric`` (50% unstructured, KL to dense on the search tokens)
+1. ``evocomp search metric`` (50% ``--pattern``, KL to dense on the search tokens)
    with the given GP budget; X's inputs are propagated as ``--propagate`` says
    during the search (``dense``: measured once, so a metric costs no forward).
+   A search at another pattern than unstructured writes
+   ``results/metric_search_<N>of<M>.json`` and skips step 3.
 2. Every metric is then applied one-shot the way its authors do it (inputs
    propagated through the blocks already pruned, per-row comparison; N:M per
    group) at both patterns, and scored on the held-out split: magnitude, Wanda,
@@ -97,6 +100,8 @@ def main() -> None:
     ap.add_argument("--propagate", choices=["pruned", "dense"], default="dense",
                     help="X's inputs during the search (the final comparison always prunes "
                     "one-shot with pruned propagation)")
+    ap.add_argument("--pattern", default="unstructured",
+                    help="the pattern searched at ('unstructured' or N:M, e.g. 2:4)")
     ap.add_argument("--alloc-generations", type=int, default=10,
                     help="EvoPress generations of the allocation search with the found "
                     "metric (0: skip it)")
@@ -109,7 +114,7 @@ def main() -> None:
                 f"search.population={args.population}",
                 f"search.generations={args.generations}", f"search.offspring={args.offspring}",
                 f"space.propagate={args.propagate}", f"search.seeds={args.seeds}",
-                "final_eval.enabled=false",
+                f"space.pattern='{args.pattern}'", "final_eval.enabled=false",
                 *args.overrides]
         argv = ["-q", "search", "metric"]
         for s in sets:
@@ -122,6 +127,7 @@ def main() -> None:
         found = best["expression"]
         print(f"found {found} (search KL {best['fitness']:.4f}) in {searched:.0f} s", flush=True)
         figures["found"] = found
+        figures["searched_at"] = args.pattern
         figures["budget"] = {
             "population": args.population, "generations": args.generations,
             "offspring": args.offspring, "propagate": args.propagate, "seeds": args.seeds,
@@ -144,7 +150,7 @@ def main() -> None:
             figures["kl"][pattern] = {k: v["kl"] for k, v in scores.items()}
             del exp
 
-        if args.alloc_generations:
+        if args.alloc_generations and args.pattern == "unstructured":
             alloc = Path(tmp) / "alloc"
             argv = ["-q", "search", "quickstart", "--set", f"run_dir={alloc}",
                     "--set", f"model.device={DEVICE}",
@@ -163,7 +169,8 @@ def main() -> None:
                 "ppl": {k: round(v, 3) for k, v in result["ppl"].items()},
                 "seconds": round(time.perf_counter() - started, 1),
             }
-    write_result("metric_search", figures)
+    suffix = "" if args.pattern == "unstructured" else "_" + args.pattern.replace(":", "of")
+    write_result("metric_search" + suffix, figures)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,15 @@ class PruneQuantize(LayerCompressor):
         self._pruned.clear()
 
     @classmethod
+    def needs_gradients(cls, params: PruneQuantizeParams) -> bool:
+        """Whether its pruner reads gradient norms (a ``metric`` reading ``G``)."""
+        return COMPRESSORS.get(params.prune["name"]).needs_gradients(params.prune_params)
+
+    def add_gradient(self, gradient: torch.Tensor) -> None:
+        self.pruner.add_gradient(gradient)
+        self._pruned.clear()
+
+    @classmethod
     def check_variants(
         cls, params: PruneQuantizeParams, needs: Sequence[tuple[int, Sequence[VariantKey]]]
     ) -> None:

@@ -144,6 +144,8 @@ class Metric(_RankedPruner):
     def __init__(self, weight: torch.Tensor, params: MetricCompressorParams | None = None) -> None:
         super().__init__(weight, params)
         self.expr = parse(self.params.expression)
+        # Only X is measured on calibration inputs; W and G metrics need none.
+        self.needs_calibration = "X" in self.expr.terminals  # type: ignore[misc]
         self._mean_sq = torch.zeros(self.columns, device=self.device)
         self._gradient: torch.Tensor | None = None
 
@@ -177,8 +179,7 @@ class Metric(_RankedPruner):
         self._ranks = None
 
     def _require_calibration(self) -> None:
-        if "X" in self.expr.terminals:
-            super()._require_calibration()
+        super()._require_calibration()
         if "G" in self.expr.terminals and self._gradient is None:
             raise EvocompError(f"metric {self.expr} reads G: call add_gradient() first")
 

@@ -325,7 +325,8 @@ def test_params_default_to_sparsegpt_and_gptq_with_every_option_written_out() ->
 @pytest.mark.parametrize(
     ("spec", "loc", "match"),
     [
-        ({"prune": {"name": "gptq"}}, ("prune", "name"), "'magnitude', 'sparsegpt', 'wanda'"),
+        ({"prune": {"name": "gptq"}}, ("prune", "name"),
+         "'magnitude', 'metric', 'sparsegpt', 'wanda'"),
         ({"quantize": {"name": "wanda"}}, ("quantize", "name"), "'gptq', 'rtn'"),
         ({"quantize": {"name": "prune-quantize"}}, ("quantize", "name"), "'gptq', 'rtn'"),
         ({"prune": {"name": "wanda", "dampening": 0.1}}, ("prune", "dampening"), "'nm_group'"),
@@ -345,7 +346,24 @@ def test_params_errors_name_the_field_and_the_allowed_values(
 
 def test_config_errors_name_the_nested_field() -> None:
     with pytest.raises(EvocompError, match=r"prune\.name: unknown pruner 'gptq'; allowed: "
-                       r"'magnitude', 'sparsegpt', 'wanda'"):
+                       r"'magnitude', 'metric', 'sparsegpt', 'wanda'"):
         load_config(None, ["compressor.name=prune-quantize", "compressor.prune.name=gptq"])
     with pytest.raises(EvocompError, match=r"quantize\.bits: unknown option .* 'group_size'"):
         load_config(None, ["compressor.name=prune-quantize", "compressor.quantize.bits=3"])
+
+
+def test_a_metric_pruner_reading_gradients_gets_them_through_the_composite() -> None:
+    params = PruneQuantize.Params(prune={"name": "metric", "expression": "mul(W, G)"},
+                                  quantize={"name": "rtn", "group_size": 16})
+    assert PruneQuantize.needs_gradients(params)
+    assert not PruneQuantize.needs_gradients(PruneQuantize.Params())
+    w = random_weight(0, 16, 32)
+    g = random_weight(1, 16, 32).abs()
+    comp = PruneQuantize(w, params)
+    comp.add_gradient(g)
+    out = comp.compress((16 * 8, 8))
+    kept = out != 0
+    assert (~kept).sum(1).min() >= 8  # each row lost its 8 lowest |W|·G at least
+    scores = w.abs() * g
+    for row, keep in zip(scores, kept, strict=True):
+        assert row[~keep].sort().values[7] <= row[keep].min()
