@@ -356,20 +356,15 @@ class MetricParams(StrictModel):
 
     @field_validator("pattern", mode="before")
     @classmethod
-    def _sexagesimal(cls, pattern: Any) -> Any:
+    def _pattern(cls, pattern: Any) -> Any:
         if isinstance(pattern, int):
             # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124.
             raise ValueError(
                 f"pattern {pattern} is a number; write an N:M pattern in quotes, e.g. "
                 "pattern: '2:4' (unquoted, YAML reads 2:4 as 124)"
             )
-        return pattern
-
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, pattern: str) -> str:
-        if pattern == "unstructured":
-            return pattern
+        if pattern == "unstructured" or not isinstance(pattern, str):
+            return pattern  # a non-string is refused by the type check
         m = _PATTERN.match(pattern)
         if m is None or not 0 < int(m.group(1)) < int(m.group(2)):
             raise ValueError(
