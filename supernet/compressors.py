@@ -24,6 +24,7 @@ from evocomp.spaces.units import UnitFamily, VariantKey
 __all__ = [
     "COMPRESSORS",
     "CholeskyFactor",
+    "InputNormPruner",
     "LayerCompressor",
     "LayerCompressorParams",
     "Magnitude",
@@ -302,14 +303,9 @@ class Magnitude(_RankedPruner):
         return self.weight.abs()
 
 
-@COMPRESSORS.register("wanda")
-class Wanda(_RankedPruner):
-    """Wanda (Sun et al. 2023): score ``|W_ij| * ||X_j||_2``, compared per output row.
-
-    Row ``r`` gets ``level // rows`` zeros, plus one for the first ``level % rows``
-    rows, so the layer total is exact. With ``nm_group`` the comparison is per
-    N:M group. Input norms come from a running mean of squared activations.
-    """
+class InputNormPruner(_RankedPruner):
+    """A ranked pruner that reads each input channel's activation level: a running
+    mean of squared calibration inputs (Wanda's statistic; the ``X`` of metrics)."""
 
     needs_calibration = True
     per_row = True
@@ -323,9 +319,24 @@ class Wanda(_RankedPruner):
         self._mean_sq.mul_(self.nsamples / total).add_(x.square().sum(0), alpha=1 / total)
         self._ranks = None
 
+    @property
+    def input_rms(self) -> torch.Tensor:
+        """Each input channel's RMS over the calibration tokens (``[in]``, float32)."""
+        return self._mean_sq.sqrt()
+
+
+@COMPRESSORS.register("wanda")
+class Wanda(InputNormPruner):
+    """Wanda (Sun et al. 2023): score ``|W_ij| * ||X_j||_2``, compared per output row.
+
+    Row ``r`` gets ``level // rows`` zeros, plus one for the first ``level % rows``
+    rows, so the layer total is exact. With ``nm_group`` the comparison is per
+    N:M group. Input norms come from a running mean of squared activations.
+    """
+
     def _scores(self) -> torch.Tensor:
-        # sqrt(mean) differs from the L2 norm by a constant, which cannot change a ranking.
-        return self.weight.abs() * self._mean_sq.sqrt()
+        # The RMS differs from the L2 norm by a constant, which cannot change a ranking.
+        return self.weight.abs() * self.input_rms
 
 
 class CholeskyFactor(NamedTuple):

@@ -544,9 +544,10 @@ def _build_database(
                     if on_block is not None:
                         on_block(b)
             else:
+                make = compressor_factory(compressor_cls, params, gradients)
                 for b in bar:
                     todo = [] if b in done else by_block.get(b, [])
-                    compressors = _attach(model, todo, compressor_cls, params, gradients)
+                    compressors = _attach(model, todo, make)
                     inputs = _forward_block(blocks[b], inputs, compressors)
                     if todo:
                         tensors = _compress_block(model, todo, compressors, variants)
@@ -689,27 +690,43 @@ def _write_block(
     _atomic_write_json(root / "manifest.json", manifest)
 
 
-def _attach(
-    model: nn.Module,
-    units: Iterable[Unit],
-    cls: type[LayerCompressor],
-    params: Any,
-    gradients: dict[str, torch.Tensor] | None = None,
-) -> _Attached:
-    """A compressor per unit, fed the unit's inputs by a forward hook (and its
-    gradient norms first, when it reads them)."""
+MakeCompressor: TypeAlias = Callable[[Unit, torch.Tensor], LayerCompressor]
+"""Builds a unit's compressor from its weight (``[out, in]`` layout)."""
+
+
+def compressor_factory(
+    cls: type[LayerCompressor], params: Any, gradients: dict[str, torch.Tensor] | None = None
+) -> MakeCompressor:
+    """``cls(weight, params)`` per unit, handed the unit's gradient norms first when
+    it reads them (:meth:`~.LayerCompressor.needs_gradients`)."""
+    reads = cls.needs_gradients(params)
+    if reads and gradients is None:
+        raise EvocompError(f"{cls.__name__} reads gradients, but none were given")
+
+    def make(u: Unit, weight: torch.Tensor) -> LayerCompressor:
+        comp = cls(weight, params)
+        if reads:
+            assert gradients is not None
+            comp.add_gradient(gradients[u.name])
+        return comp
+
+    return make
+
+
+def unit_weight(model: nn.Module, u: Unit) -> torch.Tensor:
+    """``u``'s weight in ``[out, in]`` layout (GPT-2's Conv1D transposed), detached."""
+    weight = model.get_submodule(u.name).weight.detach()
+    return weight.T if u.transposed else weight
+
+
+def _attach(model: nn.Module, units: Iterable[Unit], make: MakeCompressor) -> _Attached:
+    """A compressor per unit (``make``), fed the unit's inputs by a forward hook."""
     attached = {}
     for u in units:
-        module = model.get_submodule(u.name)
-        weight = module.weight.detach()
-        comp = cls(weight.T if u.transposed else weight, params)
-        if cls.needs_gradients(params):
-            if gradients is None:
-                raise EvocompError(f"{cls.__name__} reads gradients, but none were given")
-            comp.add_gradient(gradients[u.name])
+        comp = make(u, unit_weight(model, u))
 
         def feed(_m: nn.Module, args: tuple, _out: Any, comp: LayerCompressor = comp) -> None:
             comp.add_batch(args[0])
 
-        attached[u.name] = (comp, module.register_forward_hook(feed))
+        attached[u.name] = (comp, model.get_submodule(u.name).register_forward_hook(feed))
     return attached

@@ -21,11 +21,17 @@ from evocomp.spaces.metric import Expr, MetricSpace, parse, ranking_form
 from evocomp.spaces.units import Unit
 from evocomp.supernet.compressors import (
     COMPRESSORS,
-    LayerCompressor,
+    InputNormPruner,
     PrunerParams,
-    _RankedPruner,
 )
-from evocomp.supernet.database import capture_block_inputs
+from evocomp.supernet.database import (
+    MakeCompressor,
+    _attach,
+    _forward_block,
+    capture_block_inputs,
+    compressor_factory,
+    unit_weight,
+)
 from evocomp.supernet.sublayers import first_output
 from evocomp.supernet.units import find_blocks
 
@@ -126,16 +132,13 @@ class MetricCompressorParams(PrunerParams):
 
 
 @COMPRESSORS.register("metric")
-class Metric(_RankedPruner):
+class Metric(InputNormPruner):
     """Prune the lowest scores of a metric expression (Pruner-Zero), compared per
     output row as Wanda does (per N:M group with ``nm_group``). ``X`` is the RMS of
     each input channel over the calibration tokens (so Wanda is ``mul(W, X)``
     exactly); ``G`` comes from :meth:`add_gradient` (see
     :mod:`evocomp.supernet.gradients`). Scores that are NaN, infinite or all equal
     raise :class:`InvalidMetric`."""
-
-    needs_calibration = True
-    per_row = True
 
     Params = MetricCompressorParams
 
@@ -146,7 +149,6 @@ class Metric(_RankedPruner):
         self.expr = parse(self.params.expression)
         # Only X is measured on calibration inputs; W and G metrics need none.
         self.needs_calibration = "X" in self.expr.terminals  # type: ignore[misc]
-        self._mean_sq = torch.zeros(self.columns, device=self.device)
         self._gradient: torch.Tensor | None = None
 
     @classmethod
@@ -159,11 +161,6 @@ class Metric(_RankedPruner):
                 f"gradient has shape {tuple(gradient.shape)}, the weight {tuple(self.weight.shape)}"
             )
         self._gradient = gradient.to(device=self.device, dtype=torch.float32)
-        self._ranks = None
-
-    def _accumulate(self, x: torch.Tensor) -> None:
-        total = self.nsamples + x.shape[0]
-        self._mean_sq.mul_(self.nsamples / total).add_(x.square().sum(0), alpha=1 / total)
         self._ranks = None
 
     @property
@@ -184,7 +181,7 @@ class Metric(_RankedPruner):
             raise EvocompError(f"metric {self.expr} reads G: call add_gradient() first")
 
     def _scores(self) -> torch.Tensor:
-        scores = metric_scores(self.expr, self.weight, self._gradient, self._mean_sq.sqrt())
+        scores = metric_scores(self.expr, self.weight, self._gradient, self.input_rms)
         if not torch.isfinite(scores).all():
             raise InvalidMetric(f"metric {self.expr} gives non-finite scores")
         if scores.numel() > 1 and bool((scores == scores.reshape(-1)[0]).all()):
@@ -296,11 +293,12 @@ class OneShotPruner:
         dense = self.space.params.propagate == "dense"
         statistics = self._statistics() if reads_x and dense else {}
 
+        build = compressor_factory(Metric, params, gradients)
+
         def make(u: Unit, weight: torch.Tensor) -> Metric:
-            comp = Metric(weight, params)
+            comp = build(u, weight)
+            assert isinstance(comp, Metric)
             comp.single_level = True
-            if gradients is not None:
-                comp.add_gradient(gradients[u.name])
             if u.name in statistics:
                 comp.load_statistics(*statistics[u.name])
             return comp
@@ -332,7 +330,7 @@ def one_shot(
     model: nn.Module,
     units: Sequence[Unit],
     calibration: torch.Tensor,
-    make: Callable[[Unit, torch.Tensor], LayerCompressor],
+    make: MakeCompressor,
     levels: dict[str, Any],
     *,
     feed: bool = True,
@@ -360,20 +358,12 @@ def one_shot(
             last = max(by_block, default=-1)
             for b in range(last + 1):
                 todo = by_block.get(b, [])
-                weights = {u.name: modules[u.name].weight.detach() for u in todo}
-                comps = {u.name: make(u, weights[u.name].T if u.transposed else weights[u.name])
-                         for u in todo}
                 if feed:
-                    handles = [
-                        modules[n].register_forward_hook(
-                            lambda _m, a, _o, c=c: c.add_batch(a[0]))
-                        for n, c in comps.items()
-                    ]
-                    try:
-                        outputs = [(first_output(blocks[b](h, **kw)), kw) for h, kw in inputs]
-                    finally:
-                        for handle in handles:
-                            handle.remove()
+                    attached = _attach(model, todo, make)
+                    outputs = _forward_block(blocks[b], inputs, attached)
+                    comps = {n: c for n, (c, _) in attached.items()}
+                else:
+                    comps = {u.name: make(u, unit_weight(model, u)) for u in todo}
                 for u in todo:
                     if u.name not in levels:
                         continue
