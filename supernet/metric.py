@@ -257,13 +257,12 @@ class OneShotPruner:
         """Which weights ``genome``'s metric keeps, per unit (bool ``[out, in]``)."""
         packed = self._masks.get(genome)
         if packed is None:
-            packed = {
-                name: np.packbits(mask.cpu().numpy().ravel())
-                for name, mask in self._prune(self.space.expression(genome)).items()
-            }
-            self._remember(genome, packed)
-        else:
-            self._masks.move_to_end(genome)
+            masks = self._prune(self.space.expression(genome))
+            self._remember(
+                genome, {n: np.packbits(m.cpu().numpy().ravel()) for n, m in masks.items()}
+            )
+            return masks
+        self._masks.move_to_end(genome)
         return {
             u.name: torch.from_numpy(
                 np.unpackbits(packed[u.name], count=u.numel).astype(bool)
