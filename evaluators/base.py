@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -39,6 +40,10 @@ class Evaluator(ABC, Generic[P]):
 
     name: ClassVar[str]
     metric: ClassVar[str]
+    takes_forward: ClassVar[bool] = False
+    """Whether :meth:`evaluate` computes its logits through the ``forward`` it is given
+    (so the runner can hand it a faster equivalent, e.g. prefix reuse), rather than by
+    its own calls of the model."""
 
     Params: ClassVar[type[EvaluatorParams]] = EvaluatorParams
 
@@ -69,8 +74,18 @@ class Evaluator(ABC, Generic[P]):
         return max(1, min(n, math.ceil(budget_tokens / seq_len)))
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, budget_tokens: int | None = None) -> dict[str, float]:
-        """Metrics of ``model`` on the first sequences covering ``budget_tokens``."""
+    def evaluate(
+        self, model: nn.Module, budget_tokens: int | None = None, *, forward: Forward | None = None
+    ) -> dict[str, float]:
+        """Metrics of ``model`` on the first sequences covering ``budget_tokens``.
+        Evaluators that :attr:`takes_forward` get their logits from ``forward(batch,
+        first_row)`` when given (default: :func:`forward_logits` of ``model``); the
+        others ignore it."""
+
+
+Forward = Callable[[torch.Tensor, int], torch.Tensor]
+"""``forward(batch, first_row)``: float32 logits ``[batch, seq, vocab]`` of the token
+rows ``batch``, rows ``first_row, first_row + 1, ...`` of the evaluator's tokens."""
 
 
 def forward_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from evocomp.errors import EvocompError, choices
-from evocomp.evaluators.base import EVALUATORS, Evaluator, EvaluatorParams
+from evocomp.evaluators.base import EVALUATORS, Evaluator, EvaluatorParams, Forward
 from evocomp.evaluators.lm_tasks import (
     HEADLINE_METRIC,
     MMLU_SUBJECTS,
@@ -150,7 +150,9 @@ class LMEvalEvaluator(Evaluator[LMEvalEvaluatorParams]):
         share = max(budget_tokens, 1) / self.max_tokens
         return share if full is None else max(1, math.ceil(full * share))
 
-    def evaluate(self, model: nn.Module, budget_tokens: int | None = None) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, budget_tokens: int | None = None, *, forward: Forward | None = None
+    ) -> dict[str, float]:
         """lm-eval metrics of ``model`` as it is now, plus ``accuracy`` and ``error``."""
         # HFLM holds the model object; the genome is applied to that same object in
         # place, so one wrapper serves every candidate.

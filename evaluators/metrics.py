@@ -8,7 +8,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from evocomp.evaluators.base import EVALUATORS, Evaluator, EvaluatorParams, forward_logits
+from evocomp.evaluators.base import (
+    EVALUATORS,
+    Evaluator,
+    EvaluatorParams,
+    Forward,
+    forward_logits,
+)
 from evocomp.evaluators.reference import (
     DenseReference,
     ReferenceCache,
@@ -55,6 +61,12 @@ def _kl_and_nll(
     return kl.item(), nll.item()
 
 
+def _logits(
+    model: nn.Module, batch: torch.Tensor, first_row: int, forward: Forward | None
+) -> torch.Tensor:
+    return forward_logits(model, batch) if forward is None else forward(batch, first_row)
+
+
 def perplexity(mean_nll: float) -> float:
     """``exp(mean_nll)``; ``inf`` where that overflows a float (a diverged model
     whose loss passes ~709 nats), so the candidate ranks last instead of the search
@@ -81,6 +93,7 @@ class KLEvaluator(Evaluator[KLEvaluatorParams]):
 
     name = "kl"
     metric = "kl"
+    takes_forward = True
 
     Params = KLEvaluatorParams
 
@@ -108,13 +121,15 @@ class KLEvaluator(Evaluator[KLEvaluatorParams]):
         device = next(model.parameters()).device
         return cls(tokens, reference.to(device), batch_size=params.batch_size)
 
-    def evaluate(self, model: nn.Module, budget_tokens: int | None = None) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, budget_tokens: int | None = None, *, forward: Forward | None = None
+    ) -> dict[str, float]:
         n = self.sequences_for(budget_tokens)
         kl_sum, nll_sum, count = 0.0, 0.0, 0
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 batch = self.tokens[start : min(n, start + self.batch_size)]
-                logits = forward_logits(model, batch)
+                logits = _logits(model, batch, start, forward)
                 batch = batch.to(logits.device)
                 for row in range(batch.shape[0]):
                     kl, nll = _kl_and_nll(self.reference, start + row, logits[row], batch[row, 1:])
@@ -135,13 +150,17 @@ class PerplexityEvaluator(Evaluator[EvaluatorParams]):
 
     name = "ppl"
     metric = "ppl"
+    takes_forward = True
 
-    def evaluate(self, model: nn.Module, budget_tokens: int | None = None) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, budget_tokens: int | None = None, *, forward: Forward | None = None
+    ) -> dict[str, float]:
         n = self.sequences_for(budget_tokens)
         nll_sum, count = 0.0, 0
         with torch.inference_mode():
-            for batch in self.tokens[:n].split(self.batch_size):
-                logits = forward_logits(model, batch)[:, :-1]
+            for start in range(0, n, self.batch_size):
+                batch = self.tokens[start : min(n, start + self.batch_size)]
+                logits = _logits(model, batch, start, forward)[:, :-1]
                 target = batch[:, 1:].to(logits.device)
                 nll_sum += torch.nn.functional.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"

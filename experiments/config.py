@@ -133,6 +133,12 @@ class DatabaseConfig(StrictModel):
     path: str | None = Field(None, description="default: <cache>/databases/<compressor>-<key>")
     batch_size: int = Field(4, ge=1, description="calibration sequences per forward")
     cache_gb: float = Field(8.0, gt=0, description="variants kept in memory (LRU)")
+    prefix_gb: float = Field(
+        1.0,
+        ge=0,
+        description="hidden states of recent candidates kept in memory (LRU), so a candidate "
+        "starts its forward at the first block it compresses differently; 0: off",
+    )
 
 
 class StoreConfig(StrictModel):

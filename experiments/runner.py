@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from evocomp.config import ComponentSpec, Config
 from evocomp.errors import EvocompError, choices
-from evocomp.evaluators.base import EVALUATORS, Evaluator
+from evocomp.evaluators.base import EVALUATORS, Evaluator, forward_logits
 from evocomp.evaluators.data import TokenSplits, load_splits
 from evocomp.evaluators.metrics import PerplexityEvaluator
 from evocomp.evaluators.reference import ReferenceCache
@@ -60,6 +60,7 @@ from evocomp.supernet.gradients import cached_gradient_norms
 from evocomp.supernet.latency import sublayer_timings
 from evocomp.supernet.metric import InvalidMetric, OneShotPruner
 from evocomp.supernet.models import LoadedModel, load_model
+from evocomp.supernet.prefix import PrefixCache, block_signature
 from evocomp.supernet.sublayers import span_importance
 from evocomp.supernet.swap import Swapper
 from evocomp.supernet.training import TrainParams, training
@@ -219,6 +220,15 @@ class Experiment:
             self.model, self.splits.search, spec.params, cache=cache, progress=self.progress
         )
 
+    @cached_property
+    def prefix(self) -> PrefixCache | None:
+        """Prefix reuse for candidates the Swapper assembles and evaluators that take a
+        forward; None when ``database.prefix_gb`` is 0 or nothing qualifies."""
+        gb = self.cfg.database.prefix_gb
+        if not gb or self.space.genome_kind != "levels" or not self.evaluator.takes_forward:
+            return None
+        return PrefixCache(self.model, forward_logits, max_bytes=int(gb * 2**30))
+
     def evaluate(
         self, genome: Genome, tokens: int | None, train: Training | None = None
     ) -> tuple[dict[str, float], float]:
@@ -230,7 +240,12 @@ class Experiment:
         teacher = self.teacher if train is not None and train.loss == "kd" else None
         try:
             with self.swapper.apply(genome) as model:
-                if train is None:
+                if train is None and (prefix := self.prefix) is not None:
+                    signature = block_signature(prefix.n_blocks, self.space.placements(genome))
+                    metrics = self.evaluator.evaluate(
+                        model, tokens, forward=prefix.forward(signature)
+                    )
+                elif train is None:
                     metrics = self.evaluator.evaluate(model, tokens)
                 else:
                     metrics = self._trained(model, genome, tokens, train, teacher)
