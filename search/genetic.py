@@ -72,6 +72,7 @@ from evocomp.search.base import (
     cost_spread,
     pareto_front,
 )
+from evocomp.search.surrogate import Screening, SurrogateParams
 from evocomp.spaces.base import Genome, SearchSpace
 
 _REDRAWS = 20
@@ -217,6 +218,12 @@ class GeneticAlgorithmParams(_VariationParams):
     """Options of :class:`GeneticAlgorithm`."""
 
     tournament: int = Field(3, ge=1, description="parents are the best of this many")
+    surrogate: SurrogateParams | None = Field(
+        None,
+        description="pre-screening: {pool, explore, ridge, warmup}: make `pool` children, "
+        "score the `offspring` an additive model of the scores so far ranks best; "
+        "none: every child is scored",
+    )
     train: TrainAware | None = Field(
         None,
         description="training-aware selection: {tokens: [one count], lr, optimizer, params: "
@@ -267,9 +274,18 @@ class GeneticAlgorithm(_Evolution[GeneticAlgorithmParams]):
         first = list(dict.fromkeys(first))
         yield from self._evaluate(first)
         population = [_Individual(g, -self._fitness[g]) for g in first]
+        screen = None if p.surrogate is None else Screening(self.space, p.surrogate)
+        if screen is not None:
+            screen.observe(first, [self._fitness[g] for g in first])
         for gen in range(p.generations):
-            children = self._new(partial(self._child, population), p.offspring)
+            if screen is None:
+                children = self._new(partial(self._child, population), p.offspring)
+            else:
+                made = self._new(partial(self._child, population), screen.size(p.offspring))
+                children = screen.pick(made, p.offspring, self.rng)
             yield from self._evaluate(children)
+            if screen is not None:
+                screen.observe(children, [self._fitness[g] for g in children])
             pool = population + [_Individual(g, -self._fitness[g]) for g in children]
             population = tools.selBest(pool, p.population, fit_attr="score")
             self._generation = gen + 1
