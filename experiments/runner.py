@@ -60,6 +60,7 @@ from evocomp.supernet.gradients import cached_gradient_norms
 from evocomp.supernet.latency import sublayer_timings
 from evocomp.supernet.metric import InvalidMetric, OneShotPruner
 from evocomp.supernet.models import LoadedModel, load_model
+from evocomp.supernet.outliers import outlier_ratios
 from evocomp.supernet.prefix import PrefixCache, block_signature
 from evocomp.supernet.sublayers import span_importance
 from evocomp.supernet.swap import Swapper
@@ -402,7 +403,16 @@ def prepare_optimizer(
     optimizers never hold a model."""
     wanted = optimizer.measurement()
     measured = None
-    if wanted is not None:
+    if wanted is not None and wanted.kind == "outlier_ratio":
+        measured = outlier_ratios(
+            model,
+            calibration,
+            wanted.spans,
+            factor=wanted.outlier_factor,
+            mean=wanted.outlier_mean,
+            batch_size=wanted.batch_size,
+        )
+    elif wanted is not None:
         measured = span_importance(
             model, calibration, wanted.spans, batch_size=wanted.batch_size
         )
@@ -688,11 +698,13 @@ class _Evaluations:
             self.train[req.tokens] = req.train
             if (req.genome, req.tokens) in jobs or store.lookup(req.genome, req.tokens):
                 continue
-            ok = space.is_feasible(req.genome) if self.budgeted else space.is_valid(req.genome)
+            budgeted = self.budgeted and not req.probe  # probes may leave the budget
+            ok = space.is_feasible(req.genome) if budgeted else space.is_valid(req.genome)
             if not ok:
-                what = "an infeasible" if self.budgeted else "an invalid"
+                what = "an infeasible" if budgeted else "an invalid"
                 raise RuntimeError(f"{name} asked for {what} genome")
-            role = "baseline" if req.genome == self.uniform else "candidate"
+            role = "probe" if req.probe else "candidate"
+            role = "baseline" if req.genome == self.uniform else role
             cost = space.cost(req.genome)
             jobs[(req.genome, req.tokens)] = Job(req.genome, req.tokens, cost, role)
         self.reused += len(requests) - len(jobs)

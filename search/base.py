@@ -86,18 +86,37 @@ class Request:
     genome: Genome
     tokens: int
     train: Training | None = None
+    probe: bool = False
+    """A look at the landscape rather than a candidate: the genome need only be valid
+    (``is_valid``), even for a budgeted optimizer, which never keeps it as
+    ``best_genome`` (sensitivity probes: one unit moved off the uniform level)."""
+
+
+MeasurementKind = Literal["block_influence", "outlier_ratio"]
+"""The statistics the runner can measure for an optimizer (:class:`Measurement`)."""
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """What an optimizer needs measured on the dense model before it starts: the
-    Block Influence (``1 - cos`` between the residual stream before and after,
-    ShortGPT's importance) of each span of sublayer units, on calibration tokens,
-    ``batch_size`` sequences per forward. Optimizers never hold a model; the
-    runner measures and hands the values to :meth:`Optimizer.prepare`."""
+    """What an optimizer needs measured on the dense model before it starts: one
+    value per span of units, on calibration tokens, ``batch_size`` sequences per
+    forward, of the statistic ``kind``:
+
+    * ``block_influence``: ``1 - cos`` between the residual stream before and after
+      a span of sublayer units (ShortGPT's importance);
+    * ``outlier_ratio``: the share of the Wanda scores ``|W_ij|·‖X_j‖₂`` of every
+      linear weight the span covers that exceed ``outlier_factor`` times the mean
+      score, the mean over the whole span (``outlier_mean="span"``) or over each
+      weight's own layer (``"unit"``): OWL's Layerwise Outlier Distribution.
+
+    Optimizers never hold a model; the runner measures and hands the values to
+    :meth:`Optimizer.prepare`."""
 
     spans: tuple[tuple[Unit, ...], ...]
     batch_size: int = 4
+    kind: MeasurementKind = "block_influence"
+    outlier_factor: float = 5.0
+    outlier_mean: Literal["span", "unit"] = "span"
 
 
 class Optimizer(ABC, Generic[P]):
@@ -126,7 +145,8 @@ class Optimizer(ABC, Generic[P]):
     """The genomes it searches; the runner pairs it only with spaces of the same
     :attr:`~evocomp.spaces.base.SearchSpace.genome_kind`."""
     budgeted: bool = True
-    """Whether every request keeps the space's budget (``is_feasible``). Multi-objective
+    """Whether every request keeps the space's budget (``is_feasible``; probes,
+    :attr:`Request.probe`, need only be valid). Multi-objective
     optimizers set False: they trade cost against quality, so their requests are only
     valid (``is_valid``), and ``best_genome`` is the best one within the budget. A class
     or instance attribute (``OptunaSearch`` decides per run, from its params): read it
@@ -148,7 +168,8 @@ class Optimizer(ABC, Generic[P]):
 
     def measurement(self) -> Measurement | None:
         """What to measure on the dense model before the first :meth:`ask` (``None``:
-        nothing, as for most optimizers; ``shortgpt`` asks for span importance)."""
+        nothing, as for most optimizers; ``shortgpt`` asks for span importance,
+        ``owl`` for outlier ratios)."""
         return None
 
     def prepare(self, measured: Sequence[float] | None) -> None:
