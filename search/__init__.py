@@ -1,7 +1,8 @@
 """evocomp.search: WHICH candidate to try next, and the record of every try."""
 
+from evocomp.search.allocation import OWL, Sensitivity
 from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Optimizer, Request
-from evocomp.search.baselines import SLEB, DropLast, ShortGPT
+from evocomp.search.baselines import SLEB, DropLast, Probing, ShortGPT
 from evocomp.search.bayesian import OptunaSearch
 from evocomp.search.coarse_to_fine import CoarseToFine
 from evocomp.search.evopress import EvoPress, Stage
@@ -13,6 +14,7 @@ from evocomp.search.store import Record, TrialStore
 __all__ = [
     "NSGA2",
     "OPTIMIZERS",
+    "OWL",
     "SLEB",
     "CoarseToFine",
     "DropLast",
@@ -22,9 +24,11 @@ __all__ = [
     "MetricGP",
     "Optimizer",
     "OptunaSearch",
+    "Probing",
     "RandomSearch",
     "Record",
     "Request",
+    "Sensitivity",
     "ShortGPT",
     "Stage",
     "TrialStore",

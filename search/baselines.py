@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from pydantic import Field
 
 from evocomp.errors import EvocompError
+from evocomp.registry import StrictModel
 from evocomp.search.base import (
     OPTIMIZERS,
     GeneratorOptimizer,
@@ -73,6 +74,25 @@ class OneShot(Optimizer[P]):
     @property
     def progress(self) -> tuple[int, int]:
         return int(self._done), 1
+
+
+Q = TypeVar("Q", bound=StrictModel)
+
+
+class Probing(GeneratorOptimizer[Q]):
+    """A baseline that derives one genome from probes: requests for valid genomes
+    that may leave the budget (:attr:`~evocomp.search.base.Request.probe`), whose
+    scores are recorded in the trial store like any evaluation. Run alone it then
+    scores that genome; as an EvoPress ``start_from`` seed only :meth:`probe` runs,
+    and EvoPress scores the genome among its start genomes."""
+
+    @abstractmethod
+    def probe(self) -> Generator[list[Request], list[float], Genome]:
+        """Yield batches of probe requests, receive their fitness; return the genome."""
+
+    @abstractmethod
+    def probe_budgets(self) -> dict[str, int]:
+        """The token budgets :meth:`probe` asks for, by option name."""
 
 
 @OPTIMIZERS.register("drop-last")

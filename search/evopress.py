@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from evocomp.errors import choices
+from evocomp.errors import EvocompError, choices
 from evocomp.registry import StrictModel
 from evocomp.search.base import (
     OPTIMIZERS,
@@ -18,12 +19,14 @@ from evocomp.search.base import (
     TrainAware,
     Training,
 )
-from evocomp.search.baselines import OneShot
+from evocomp.search.baselines import OneShot, Probing
 from evocomp.spaces.base import Genome, SearchSpace
 
 
-def _one_shot_names() -> list[str]:
-    return [n for n in OPTIMIZERS.names() if issubclass(OPTIMIZERS.get(n), OneShot)]
+def _seed_names() -> list[str]:
+    """The baselines that can seed the start: one-shot (from a measurement) or
+    probing (from evaluations of their own)."""
+    return [n for n in OPTIMIZERS.names() if issubclass(OPTIMIZERS.get(n), (OneShot, Probing))]
 
 
 class Stage(StrictModel):
@@ -57,8 +60,9 @@ class EvoPressParams(StrictModel):
     )
     start_from: list[str] = Field(
         default_factory=list,
-        description="one-shot baselines whose genomes also compete for the start "
-        "(e.g. [shortgpt] for depth)",
+        description="baselines whose genomes also compete for the start, at their default "
+        "options: one-shot (e.g. [shortgpt] for depth, [owl] for sparsity) or probing "
+        "([sensitivity]: its probes are scored and recorded first)",
     )
     stages: list[Stage] = Field(
         default_factory=lambda: [Stage(tokens=1024, keep=4), Stage(tokens=4096, keep=1)],
@@ -75,10 +79,10 @@ class EvoPressParams(StrictModel):
     @classmethod
     def _one_shot(cls, names: list[str]) -> list[str]:
         for name in names:
-            if name not in _one_shot_names():
+            if name not in _seed_names():
                 raise ValueError(
                     f"start_from: {name!r} is not a one-shot baseline; "
-                    f"choose {choices(_one_shot_names())}"
+                    f"choose {choices(_seed_names())}"
                 )
         return names
 
@@ -116,7 +120,16 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
         return self._generation
 
     def token_budgets(self) -> dict[str, int]:
-        return {f"stages[{k}].tokens": stage.tokens for k, stage in enumerate(self.params.stages)}
+        stages = {f"stages[{k}].tokens": s.tokens for k, s in enumerate(self.params.stages)}
+        return stages | self._probe_budgets()
+
+    def _probe_budgets(self) -> dict[str, int]:
+        return {
+            f"start_from.{b.name}.{option}": tokens
+            for b in self._baselines
+            if isinstance(b, Probing)
+            for option, tokens in b.probe_budgets().items()
+        }
 
     def train_budgets(self) -> dict[str, int]:
         return {} if self.params.train is None else self.params.train.budgets()
@@ -130,41 +143,61 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
 
     def __init__(self, space: SearchSpace[Any], params: EvoPressParams, *, seed: int = 0) -> None:
         super().__init__(space, params, seed=seed)
-        self._baselines: list[OneShot[Any]] = []
+        self._baselines: list[OneShot[Any] | Probing[Any]] = []
         for name in params.start_from:
             cls = OPTIMIZERS.get(name)
-            assert issubclass(cls, OneShot)  # the params validator let only these in
+            assert issubclass(cls, (OneShot, Probing))  # the params validator let only these in
             self._baselines.append(cls(space, cls.Params(), seed=0))
-        self._seeded: list[Genome] | None = None  # the start_from genomes, once prepared
+        self._seeded: dict[int, Genome] | None = None  # one-shot genomes by index, once prepared
         self._generation = 0
+        stage_tokens = {s.tokens for s in params.stages}
+        for option, tokens in self._probe_budgets().items():
+            # The trial store knows one training per token budget.
+            if params.train is not None and tokens in stage_tokens:
+                raise EvocompError(
+                    f"search.{option}={tokens} equals a stage's tokens, which train first; "
+                    "choose stage tokens that differ from it"
+                )
 
     def measurement(self) -> Measurement | None:
-        """What the ``start_from`` baselines need measured (ShortGPT: importance),
-        their spans one after another."""
+        """What the ``start_from`` baselines need measured (ShortGPT: importance, OWL:
+        outlier ratios), their spans one after another."""
         wanted = [m for b in self._baselines if (m := b.measurement()) is not None]
         if not wanted:
             return None
-        spans = tuple(span for m in wanted for span in m.spans)
-        return Measurement(spans, batch_size=wanted[0].batch_size)
+        if len({replace(m, spans=()) for m in wanted}) > 1:
+            raise EvocompError(
+                f"search.start_from={self.params.start_from}: these baselines need different "
+                "measurements of the model; keep one of them"
+            )
+        return replace(wanted[0], spans=tuple(span for m in wanted for span in m.spans))
 
     def prepare(self, measured: Sequence[float] | None) -> None:
-        """Compute the ``start_from`` baselines' genomes, each from its share of
-        ``measured``."""
+        """Compute the one-shot ``start_from`` baselines' genomes, each from its share
+        of ``measured`` (probing ones run at the start of the search)."""
         values = list(measured or [])
-        self._seeded = []
-        for baseline in self._baselines:
+        self._seeded = {}
+        for k, baseline in enumerate(self._baselines):
             m = baseline.measurement()
             n = 0 if m is None else len(m.spans)
             baseline.prepare(values[:n] if m is not None else None)
             values = values[n:]
-            self._seeded.append(baseline.genome())
+            if isinstance(baseline, OneShot):
+                self._seeded[k] = baseline.genome()
 
     def run(self) -> Generator[list[Request], list[float], None]:
         p = self.params
         final = p.stages[-1].tokens
         if p.start_from and self._seeded is None:
             raise RuntimeError("start_from needs prepare() first")
-        seeded = [g for g in self._seeded or [] if g != self.space.uniform()]
+        seeded: list[Genome] = []
+        for k, baseline in enumerate(self._baselines):
+            if isinstance(baseline, Probing):  # its probes go to the store like any request
+                seeded.append((yield from baseline.probe()))
+            else:
+                assert self._seeded is not None
+                seeded.append(self._seeded[k])
+        seeded = [g for g in seeded if g != self.space.uniform()]
         starts = [self.space.uniform(), *dict.fromkeys(seeded)] + [
             self.space.random(self.rng) for _ in range(p.init_samples)
         ]
