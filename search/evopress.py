@@ -20,6 +20,7 @@ from evocomp.search.base import (
     Training,
 )
 from evocomp.search.baselines import OneShot, Probing
+from evocomp.search.surrogate import Screening, SurrogateParams
 from evocomp.spaces.base import Genome, SearchSpace
 
 
@@ -69,6 +70,12 @@ class EvoPressParams(StrictModel):
         description="selection steps [{tokens, keep}]: token budgets grow, keep shrinks to 1",
     )
 
+    surrogate: SurrogateParams | None = Field(
+        None,
+        description="pre-screening: {pool, explore, ridge, warmup}: make `pool` children, "
+        "score the `offspring` an additive model of the first stage's scores ranks best; "
+        "none: every child is scored",
+    )
     train: TrainAware | None = Field(
         None,
         description="training-aware selection: {tokens: [one per stage], lr, optimizer, "
@@ -206,13 +213,20 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
         best = min(range(len(starts)), key=scores.__getitem__)
         parent = starts[best]
         self.consider(parent, scores[best])
+        screen = None if p.surrogate is None else Screening(self.space, p.surrogate)
         for gen in range(p.generations):
-            pool = [parent] + [
+            n = p.offspring if screen is None else screen.size(p.offspring)
+            children = [
                 self.space.mutate(parent, self.rng, switches=self.rng.randint(1, p.max_switches))
-                for _ in range(p.offspring)
+                for _ in range(n)
             ]
+            if screen is not None:
+                children = screen.pick(children, p.offspring, self.rng, exclude=parent)
+            pool = [parent, *children]
             for k, stage in enumerate(p.stages):
                 scores = yield [Request(g, stage.tokens, self._train(k)) for g in pool]
+                if k == 0 and screen is not None:
+                    screen.observe(pool, scores)  # the first stage scores them all alike
                 # sorted() is stable, so the parent (first) wins ties.
                 ranked = sorted(range(len(pool)), key=scores.__getitem__)[: stage.keep]
                 pool = [pool[i] for i in ranked]
