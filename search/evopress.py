@@ -71,10 +71,10 @@ class EvoPressParams(StrictModel):
     )
 
     surrogate: SurrogateParams | None = Field(
-        None,
+        default_factory=SurrogateParams,
         description="pre-screening: {pool, explore, ridge, warmup}: make `pool` children, "
         "score the `offspring` an additive model of the first stage's scores ranks best; "
-        "none: every child is scored",
+        "null: every child is scored (EvoPress as published)",
     )
     train: TrainAware | None = Field(
         None,
