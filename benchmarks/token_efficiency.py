@@ -1,0 +1,175 @@
+"""Token efficiency: held-out quality of each method's best genome against the
+evaluation tokens it spent, on SmolLM2-135M at 50% sparsity (SparseGPT) and at 3.0
+bits (GPTQ), with 64 x 512 calibration tokens and 32 x 512 held-out tokens.
+
+    python benchmarks/token_efficiency.py [--problems sparsity bits]
+        [--methods default evopress_plain owl sensitivity ...]
+        [--checkpoints 32000 64000 128000 254000] [--max-tokens 254000] [--set k=v ...]
+
+Each search runs once, to ``--max-tokens``; its best genome at each checkpoint is the
+best it had scored at its largest token budget within that many evaluation tokens
+(for EvoPress that is its parent then). Every such genome is scored on the held-out
+sequences (one pass each, genomes shared between rows scored once). Gains are
+fractions of held-out perplexity relative to the uniform genome of the same problem
+(SparseGPT- or GPTQ-uniform). Candidate cost: seconds spent scoring candidates over
+the seconds a dense forward takes on as many tokens, per search, measured in the
+same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from _common import add_overrides, heldout_metrics, timed_search, write_result
+
+from evocomp.config import load_config
+from evocomp.evaluators.base import forward_logits
+from evocomp.search.store import decode_genome
+
+DATA = ["data.calibration=64", "data.heldout=32", "data.search=8"]
+PLAIN_STAGES = "search.stages=[{tokens: 512, keep: 2}, {tokens: 4096, keep: 1}]"
+
+PROBLEMS: dict[str, dict[str, Any]] = {
+    "sparsity": {"config": "quickstart", "overrides": []},
+    "bits": {"config": "bits", "overrides": []},
+}
+
+METHODS: dict[str, list[str]] = {
+    # evocomp's search as configured by default (the built-in config's search).
+    "default": [],
+    "default_no_surrogate": ["search.surrogate=null"],
+    "default_no_start": ["search.start_from=[]"],
+    "default_no_prefix": ["database.prefix_gb=0"],
+    # The reference's settings: 8 children, 512 -> 4096 tokens, no levers.
+    "evopress_plain": [
+        "search.offspring=8", PLAIN_STAGES, "search.surrogate=null", "search.start_from=[]",
+        "database.prefix_gb=0",
+    ],
+    "owl": ["search.name=owl"],
+    # One level either way per unit: 2 probes per unit (radius 2 would spend ~430k tokens).
+    "sensitivity": ["search.name=sensitivity", "search.radius=1"],
+}
+GROWING = {"default", "default_no_surrogate", "default_no_start", "default_no_prefix",
+           "evopress_plain"}
+"""Methods whose generations run until the token budget is spent."""
+
+
+def generations(config: str, overrides: list[str], max_tokens: int) -> int:
+    """EvoPress generations that spend about ``max_tokens``: each scores its children
+    on the first stage and, on average, 1.5 new genomes on each later stage (the
+    parent's scores are reused)."""
+    p = load_config(config, overrides).search.params
+    per_gen = p.offspring * p.stages[0].tokens + sum(1.5 * s.tokens for s in p.stages[1:])
+    return max(1, math.ceil(max_tokens / per_gen))
+
+
+def checkpoints(trials: pd.DataFrame, marks: list[int]) -> dict[int, tuple]:
+    """The best genome at the run's largest token budget within each mark of spent
+    evaluation tokens (marks the run never reached are left out)."""
+    trials = trials.sort_values("number")
+    spent = trials["tokens"].cumsum()
+    top = trials["tokens"].max()
+    out = {}
+    for mark in marks:
+        if spent.iloc[-1] < mark and mark != marks[0]:
+            break
+        done = trials[(spent <= mark) & (trials["tokens"] == top)]
+        if len(done):
+            out[mark] = decode_genome(done.loc[done["fitness"].idxmin(), "genome"])
+    return out
+
+
+def dense_seconds_per_token(exp: Any, rows: int = 2) -> float:
+    tokens = exp.evaluator.tokens[:rows]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for batch in tokens.split(exp.evaluator.batch_size):
+            forward_logits(exp.model, batch)
+    return (time.perf_counter() - started) / tokens.numel()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--problems", nargs="+", default=list(PROBLEMS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--checkpoints", type=int, nargs="+", default=[32000, 64000, 128000, 254000])
+    ap.add_argument("--max-tokens", type=int, default=254000)
+    ap.add_argument("--name", default="token_efficiency")
+    add_overrides(ap)
+    args = ap.parse_args()
+
+    figures: dict[str, Any] = {}
+    loaded = None
+    for problem in args.problems:
+        spec = PROBLEMS[problem]
+        base = [*DATA, *spec["overrides"], *args.overrides]
+        best: dict[str, dict[int, tuple]] = {}
+        runs: dict[str, Any] = {}
+        exp = None
+        with tempfile.TemporaryDirectory() as tmp:
+            for method in args.methods:
+                overrides = [*base, *METHODS[method], f"run_dir={Path(tmp) / method}"]
+                if method in GROWING:
+                    n = generations(spec["config"], overrides, args.max_tokens)
+                    overrides.append(f"search.generations={n}")
+                exp, result, seconds = timed_search(spec["config"], overrides, loaded)
+                loaded = exp.loaded
+                trials = pd.read_parquet(Path(tmp) / method / "trials.parquet")
+                per_token = dense_seconds_per_token(exp)
+                best[method] = checkpoints(trials, args.checkpoints)
+                runs[method] = {
+                    "tokens": int(trials["tokens"].sum()),
+                    "evaluations": len(trials),
+                    "search_s": round(seconds, 1),
+                    "candidate_cost_ratio": round(
+                        trials["seconds"].sum() / (trials["tokens"].sum() * per_token), 4
+                    ),
+                    "search_fitness": result.fitness,
+                }
+                print(f"{problem} {method}: {runs[method]}", flush=True)
+        assert exp is not None
+        genomes: dict[str, Any] = {"dense": None, "uniform": exp.space.uniform()}
+        for method, marks in best.items():
+            for mark, genome in marks.items():
+                genomes.setdefault(f"{method}@{mark}", genome)
+        # One held-out pass per distinct genome.
+        distinct: dict[Any, str] = {}
+        for name, genome in genomes.items():
+            distinct.setdefault(genome, name)
+        held = heldout_metrics(exp, {name: g for g, name in distinct.items()})
+        ppl = {name: held["ppl"][distinct[g]] for name, g in genomes.items()}
+        kl = {name: held["kl"][distinct[g]] for name, g in genomes.items()}
+        uniform = ppl["uniform"]
+        gain: dict[str, dict[str, float]] = {}
+        for method, marks in best.items():
+            for mark in marks:
+                gain.setdefault(str(mark), {})[method] = round(
+                    1 - ppl[f"{method}@{mark}"] / uniform, 4
+                )
+        figures[problem] = {
+            "gain_vs_uniform": gain,
+            "heldout_ppl": ppl,
+            "heldout_kl": kl,
+            "runs": runs,
+        }
+    if "sparsity" in figures:
+        runs = figures["sparsity"]["runs"]
+        figures["candidate_cost_ratio"] = {
+            key: runs[method]["candidate_cost_ratio"]
+            for key, method in (("plain", "default_no_prefix"), ("prefix", "default"))
+            if method in runs
+        }
+    figures["checkpoints"] = args.checkpoints
+    figures["data"] = DATA
+    write_result(args.name, figures)
+
+
+if __name__ == "__main__":
+    main()
