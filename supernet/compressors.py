@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
+from typing import Any, ClassVar, Generic, Literal, NamedTuple, TypeVar
 
 import torch
 from pydantic import Field, model_validator
@@ -410,6 +410,12 @@ class SparseGPTParams(PrunerParams):
 
     dampening: float = Field(default=0.01, gt=0, description="fraction of mean diag(H)")
     blocksize: int = Field(default=128, ge=1, description="columns per lazy-update block")
+    propagate: Literal["level", "dense"] = Field(
+        default="level",
+        description="a variant database's next-block calibration inputs: level = through the "
+        "search's starting variants (for a uniform start, SparseGPT's own one-shot order), "
+        "dense = the dense model's (EvoPress's)",
+    )
 
     @model_validator(mode="after")
     def _blocks_hold_whole_groups(self) -> SparseGPTParams:
@@ -441,6 +447,13 @@ class SparseGPT(HessianCompressor[CholeskyFactor], Pruner):
     Params = SparseGPTParams
 
     params: SparseGPTParams
+
+    @classmethod
+    def needs_start(cls, params: SparseGPTParams) -> bool:
+        """With ``propagate: level``: a block's layers are calibrated on what the blocks
+        before it, compressed as the search starts, hand on (measured on SmolLM2 at 50%,
+        held-out perplexity of the uniform start: see benchmarks/sparsegpt_uniform.py)."""
+        return params.propagate == "level"
 
     def _prune(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._factor is None:

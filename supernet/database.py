@@ -8,7 +8,9 @@ Layout of a database directory::
     ...
 
 Builds go block by block with the calibration inputs propagated through the
-dense model, so peak memory is the model plus one block's activations; every
+dense model, or through each block's start variants (the search's starting point)
+for compressors that ask (:meth:`.LayerCompressor.needs_start`), so peak memory is
+the model plus one block's activations; every
 finished block is written atomically and recorded with its size and SHA-256, so
 an interrupted build resumes where it stopped. A block file is hashed once per
 process before its tensors are used (a build checks every finished block first
@@ -547,13 +549,28 @@ def _build_database(
                 make = compressor_factory(compressor_cls, params, gradients)
                 for b in bar:
                     todo = [] if b in done else by_block.get(b, [])
-                    compressors = _attach(model, todo, make)
-                    inputs = _forward_block(blocks[b], inputs, compressors)
+                    # With spec.through, the next block sees this one's start variants
+                    # (no need for them after the last block built).
+                    start = _starts(spec, by_block.get(b, [])) if b < last else {}
+                    tensors: dict[str, torch.Tensor] = {}
+                    if todo or not start:
+                        compressors = _attach(model, todo, make)
+                        outputs = _forward_block(blocks[b], inputs, compressors)
                     if todo:
                         tensors = _compress_block(model, todo, compressors, variants)
                         del compressors  # free the calibration statistics before the next block
                         _write_block(root, b, tensors, manifest, done)
-                        del tensors
+                    if start:
+                        # A finished block's start variants are read back as stored, so a
+                        # resumed build propagates exactly what an uninterrupted one did.
+                        weights = {
+                            name: tensors[variant_name(name, key)]
+                            if todo else _read_variant(root, b, name, key)
+                            for name, key in start.items()
+                        }
+                        outputs = _forward_through(model, blocks[b], inputs, weights)
+                    inputs = outputs
+                    del tensors
                     if on_block is not None:
                         on_block(b)
     manifest["complete"] = True
@@ -630,6 +647,38 @@ def _forward_block(
     finally:
         for _, handle in compressors.values():
             handle.remove()
+
+
+def _starts(spec: DatabaseSpec, units: Sequence[Unit]) -> dict[str, VariantKey]:
+    """The start variants (``spec.through``) of ``units``, by unit name."""
+    through = spec.through or {}
+    return {u.name: through[u.name] for u in units if u.name in through}
+
+
+def _read_variant(root: Path, block: int, unit: str, key: VariantKey) -> torch.Tensor:
+    """One stored weight of a finished (checked) block file."""
+    with safe_open(str(root / _block_file(block)), framework="pt") as f:
+        return f.get_tensor(variant_name(unit, key))
+
+
+def _forward_through(
+    model: nn.Module,
+    block: nn.Module,
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    weights: dict[str, torch.Tensor],
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """``block``'s outputs with ``weights`` (stored layout, by unit name) in place of
+    its units' weights, which are restored afterwards."""
+    saved = []
+    try:
+        for name, w in weights.items():
+            module = model.get_submodule(name)
+            saved.append((module, module.weight.data))
+            module.weight.data = w.to(device=module.weight.device, dtype=module.weight.dtype)
+        return [(first_output(block(hidden, **kw)), kw) for hidden, kw in inputs]
+    finally:
+        for module, original in saved:
+            module.weight.data = original
 
 
 def _compress_block(
