@@ -13,7 +13,7 @@ def test_builtin_quickstart_loads_and_resolves_component_options():
     assert isinstance(cfg.search.params, EvoPress.Params)
     dumped = cfg.dump()
     assert dumped["compressor"] == {"name": "sparsegpt", "nm_group": None, "dampening": 0.01,
-                                    "blocksize": 128}
+                                    "blocksize": 128, "propagate": "level"}
     assert Config.model_validate(dumped).dump() == dumped  # the run dir's config round-trips
 
 
