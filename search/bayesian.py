@@ -233,8 +233,14 @@ class OptunaSearch(GeneratorOptimizer[OptunaSearchParams]):
         directions = ["minimize"] if self.budgeted else ["minimize", "minimize"]
         study = optuna.create_study(directions=directions, sampler=self._sampler())
         self.study = study  # for inspection (plots, tests); rebuilt by every replay
-        first = [self.space.uniform()]
-        if not self.budgeted:  # anchor the front at both ends of the cost range
+        if self.budgeted:
+            # The sampler's own startup draws each gene uniformly over its levels: after
+            # repair, genomes far from anything good, on which TPE then models nothing
+            # useful and the search stays at its uniform start. Random walks from uniform
+            # (random search's draws) give it a near-budget neighbourhood to model.
+            walks = (self.space.random(self.rng) for _ in range(max(p.startup - 1, 0)))
+            first = list(dict.fromkeys([self.space.uniform(), *walks]))
+        else:  # anchor the front at both ends of the cost range
             first = cost_spread(self.space, self.rng, max(p.startup, 1))
         for genome in first:
             study.enqueue_trial(dict(zip(self._names, genome, strict=True)))
