@@ -71,7 +71,7 @@ class EvoPressParams(StrictModel):
     )
 
     surrogate: SurrogateParams | None = Field(
-        default_factory=SurrogateParams,
+        None,
         description="pre-screening: {pool, explore, ridge, warmup}: make `pool` children, "
         "score the `offspring` an additive model of the first stage's scores ranks best; "
         "null: every child is scored (EvoPress as published)",
