@@ -9,6 +9,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +97,22 @@ def timed_search(config: str, overrides: list[str], loaded: Any = None) -> tuple
     started = time.perf_counter()
     result = run_search(exp, prepare_run_dir(exp.cfg, resume=False))
     return exp, result, time.perf_counter() - started
+
+
+@contextmanager
+def pruned_weights(
+    model: torch.nn.Module, units: Iterable[Any], weights: dict[str, torch.Tensor]
+) -> Iterator[None]:
+    """While active, each unit's weight points at ``weights[unit.name]`` (stored as
+    the unit's ``[out, in]`` matrix, transposed back for Conv1D); restored on exit."""
+    saved = []
+    try:
+        for u in units:
+            module = model.get_submodule(u.name)
+            saved.append((module, module.weight.data))
+            w = weights[u.name]
+            module.weight.data = (w.T if u.transposed else w).to(module.weight.dtype)
+        yield
+    finally:
+        for module, original in saved:
+            module.weight.data = original

@@ -29,13 +29,10 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
-import torch
-from _common import DEVICE, add_overrides, write_result
+from _common import DEVICE, add_overrides, pruned_weights, write_result
 
 from evocomp.cli import main as evocomp
 from evocomp.config import load_config
@@ -45,21 +42,6 @@ from evocomp.supernet.compressors import SparseGPT
 from evocomp.supernet.metric import one_shot
 
 METHODS = {"magnitude": "magnitude", "wanda": "wanda", "pruner_zero": "pruner-zero"}
-
-
-@contextmanager
-def _weights(model: torch.nn.Module, units, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    saved = []
-    try:
-        for u in units:
-            module = model.get_submodule(u.name)
-            saved.append((module, module.weight.data))
-            w = weights[u.name]
-            module.weight.data = (w.T if u.transposed else w).to(module.weight.dtype)
-        yield
-    finally:
-        for module, original in saved:
-            module.weight.data = original
 
 
 def _heldout(exp: Experiment, expressions: dict[str, str], nm: int | None) -> dict[str, dict]:
@@ -82,7 +64,7 @@ def _heldout(exp: Experiment, expressions: dict[str, str], nm: int | None) -> di
         {u.name: exp.space.zeros(u) for u in units}, propagate="pruned",
         batch_size=exp.cfg.database.batch_size,
     )
-    with _weights(exp.model, units, pruned):
+    with pruned_weights(exp.model, units, pruned):
         m = ev.evaluate(exp.model)
     out["sparsegpt"] = {"ppl": round(m["ppl"], 3), "kl": round(m["kl"], 4),
                         "seconds": round(time.perf_counter() - started, 1)}

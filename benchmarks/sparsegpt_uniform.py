@@ -32,12 +32,12 @@ import io
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stdout
+from collections.abc import Callable
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 
 import torch
-from _common import DEVICE, RESULTS, add_overrides, write_result
+from _common import DEVICE, RESULTS, add_overrides, pruned_weights, write_result
 
 from evocomp.config import load_config
 from evocomp.evaluators.data import CORPORA, split_documents
@@ -149,21 +149,6 @@ def _prune_dense(
     return out
 
 
-@contextmanager
-def _weights(exp: Experiment, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    saved = []
-    try:
-        for u in exp.space.units:
-            module = exp.model.get_submodule(u.name)
-            saved.append((module, module.weight.data))
-            w = weights[u.name]
-            module.weight.data = (w.T if u.transposed else w).to(module.weight.dtype)
-        yield
-    finally:
-        for module, original in saved:
-            module.weight.data = original
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--calibration", type=int, default=64)
@@ -217,7 +202,7 @@ def main() -> None:
 
     def score(name: str, weights: dict[str, torch.Tensor], seconds: float) -> None:
         t = time.perf_counter()
-        with _weights(exp, weights):
+        with pruned_weights(exp.model, exp.space.units, weights):
             ppl = ev.evaluate(exp.model)["ppl"]
         rows[name] = {"ppl": round(ppl, 3), "prune_s": round(seconds, 1),
                       "eval_s": round(time.perf_counter() - t, 1),
