@@ -14,15 +14,15 @@ are bit for bit those of a full forward of the same row.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Hashable, Iterable
+from contextlib import ExitStack
 from typing import Any
 
 import torch
 from torch import nn
 
 from evocomp.spaces.units import Unit
-from evocomp.supernet.sublayers import _hidden_input, _structure
+from evocomp.supernet.sublayers import _hidden_input, _structure, instance_forward
 from evocomp.supernet.units import find_blocks
 
 Signature = tuple[tuple[tuple[str, Hashable], ...], ...]
@@ -54,26 +54,18 @@ def _common_prefix(a: Signature, b: Signature) -> int:
     return n
 
 
-@contextmanager
-def _returning(block: nn.Module, hidden: torch.Tensor) -> Iterator[None]:
+def _returning(block: nn.Module, hidden: torch.Tensor) -> Any:
     """While active, ``block`` skips its compute and returns ``hidden`` in the structure
     its forward normally returns (a tensor, or a tuple starting with one)."""
-    missing = object()
-    previous = block.__dict__.get("forward", missing)
-    original = block.forward
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        n = _structure(block, original, args, kwargs)
-        return hidden if n is None else (hidden,) + (None,) * (n - 1)
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            n = _structure(block, original, args, kwargs)
+            return hidden if n is None else (hidden,) + (None,) * (n - 1)
 
-    block.forward = forward
-    try:
-        yield
-    finally:
-        if previous is missing:
-            del block.forward
-        else:
-            block.forward = previous
+        return forward
+
+    return instance_forward(block, make)
 
 
 class PrefixCache:

@@ -9,7 +9,7 @@ becomes zero, which is what :func:`skip` does by replacing the module's ``forwar
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
@@ -82,24 +82,31 @@ def skip(model: nn.Module, units: Sequence[Unit]) -> Iterator[nn.Module]:
     writes nothing into a KV cache, so generation with a cache is not supported
     while skipping (export removes the modules instead).
     """
-    saved: list[tuple[nn.Module, Any]] = []
-    missing = object()
-    try:
+    with ExitStack() as stack:
         for unit in units:
             module = model.get_submodule(unit.name)
-            # A forward may already live on the instance (accelerate's hooks put one
-            # there); keep it to restore, and delegate the one-time probe to it.
-            previous = module.__dict__.get("forward", missing)
-            saved.append((module, previous))
-            original = module.forward
-            module.forward = _zero_forward(module, original)
+            stack.enter_context(instance_forward(module, partial(_zero_forward, module)))
         yield model
+
+
+@contextmanager
+def instance_forward(
+    module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> Iterator[None]:
+    """While active, ``module.forward`` is ``make(current forward)`` on the instance;
+    on exit (also after an exception) the instance ``__dict__`` is put back exactly.
+    A forward may already live on the instance (accelerate's hooks put one there):
+    it is what ``make`` receives, and what is restored."""
+    missing = object()
+    previous = module.__dict__.get("forward", missing)
+    module.forward = make(module.forward)
+    try:
+        yield
     finally:
-        for module, previous in reversed(saved):
-            if previous is missing:
-                del module.forward
-            else:
-                module.forward = previous
+        if previous is missing:
+            del module.forward
+        else:
+            module.forward = previous
 
 
 @contextmanager
