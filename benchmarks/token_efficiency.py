@@ -44,9 +44,12 @@ PROBLEMS: dict[str, dict[str, Any]] = {
 METHODS: dict[str, list[str]] = {
     # evocomp's search as configured by default (the built-in config's search).
     "default": [],
-    "default_no_surrogate": ["search.surrogate=null"],
-    "default_no_start": ["search.start_from=[]"],
     "default_no_prefix": ["database.prefix_gb=0"],
+    # The default with the levers that are options, alone and together (the row
+    # recorded as "default" on 2026-12-02 is "levers": both were defaults then).
+    "surrogate": ["search.surrogate={pool: 64}"],
+    "owl_start": ["search.start_from=[owl]"],
+    "levers": ["search.surrogate={pool: 64}", "search.start_from=[owl]"],
     # The reference's settings: 8 children, 512 -> 4096 tokens, no levers.
     "evopress_plain": [
         "search.offspring=8", PLAIN_STAGES, "search.surrogate=null", "search.start_from=[]",
@@ -56,7 +59,7 @@ METHODS: dict[str, list[str]] = {
     # One level either way per unit: 2 probes per unit (radius 2 would spend ~430k tokens).
     "sensitivity": ["search.name=sensitivity", "search.radius=1"],
 }
-GROWING = {"default", "default_no_surrogate", "default_no_start", "default_no_prefix",
+GROWING = {"default", "default_no_prefix", "surrogate", "owl_start", "levers",
            "evopress_plain"}
 """Methods whose generations run until the token budget is spent."""
 
