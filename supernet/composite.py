@@ -23,13 +23,21 @@ from evocomp.spaces.units import VariantKey
 from evocomp.supernet.compressors import (
     COMPRESSORS,
     CholeskyFactor,
+    Grid,
     HessianCompressor,
     LayerCompressor,
     LayerCompressorParams,
     Pruner,
     SparseGPT,
 )
-from evocomp.supernet.quantizers import GPTQ, GPTQFactor, QuantizedWeight, Quantizer, _check_bits
+from evocomp.supernet.quantizers import (
+    GPTQ,
+    GRID_PARTS,
+    GPTQFactor,
+    QuantizedWeight,
+    Quantizer,
+    _check_bits,
+)
 
 __all__ = ["PruneQuantize"]
 
@@ -152,6 +160,7 @@ class PruneQuantize(LayerCompressor):
     """
 
     kind = "sparsity+bits"
+    parts = GRID_PARTS
     needs_calibration = True  # the default pair's; each instance answers for its own parts
     cached_prunings: ClassVar[int] = 2
 
@@ -215,6 +224,18 @@ class PruneQuantize(LayerCompressor):
     def compress(self, level: tuple[int, int]) -> torch.Tensor:  # type: ignore[override]
         """Return a new weight pruned to ``zeros`` and quantized to ``bits`` (original dtype)."""
         return self.quantize(level).dequantize(self.dtype)
+
+    def compress_parts(  # type: ignore[override]
+        self, level: tuple[int, int]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The dequantized weight and its grid (parts ``scale`` and ``zero``)."""
+        return self.quantize(level).stored(self.dtype)
+
+    @classmethod
+    def grid(cls, params: PruneQuantizeParams, level: tuple[int, int]) -> Grid:
+        """The quantizer's grid at the level's bitwidth."""
+        quantizer = COMPRESSORS.get(params.quantize["name"])
+        return quantizer.grid(params.quantize_params, level[1])
 
     def quantize(self, level: tuple[int, int]) -> QuantizedWeight:
         """Prune to ``zeros`` exact zeros, then quantize to ``bits``; ``level = (zeros, bits)``.

@@ -24,6 +24,7 @@ from evocomp.spaces.units import UnitFamily, VariantKey
 __all__ = [
     "COMPRESSORS",
     "CholeskyFactor",
+    "Grid",
     "InputNormPruner",
     "LayerCompressor",
     "LayerCompressorParams",
@@ -34,6 +35,16 @@ __all__ = [
     "Wanda",
     "inverse_hessian_cholesky",
 ]
+
+
+class Grid(NamedTuple):
+    """An integer quantization grid: ``ŵ = scale · (code − zero)`` per group of
+    ``group_size`` consecutive input columns of a row (None: one group per row),
+    codes in ``[0, 2^bits − 1]``; ``symmetric`` grids have ``zero = 2^(bits−1)``."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool
 
 
 class LayerCompressorParams(StrictModel):
@@ -122,6 +133,19 @@ class LayerCompressor(ABC):
     @abstractmethod
     def compress(self, level: int) -> torch.Tensor:
         """Return a new weight at ``level``: same shape, dtype and device as the original."""
+
+    def compress_parts(self, level: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weight at ``level`` (as :meth:`compress`) and the :attr:`parts` stored
+        beside it in a variant database, by part name; called once per variant by a
+        database build. No parts by default."""
+        return self.compress(level), {}
+
+    @classmethod
+    def grid(cls, params: Any, level: Any) -> Grid | None:
+        """The integer grid the weight of ``level`` lies on, with ``params`` (a
+        ``cls.Params``): what an export packs, reading the grid's ``scale`` and
+        ``zero`` parts from the database. None (the default): stored as floats."""
+        return None
 
     def _require_calibration(self) -> None:
         if self.needs_calibration and self.nsamples == 0:

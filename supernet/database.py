@@ -141,6 +141,13 @@ class VariantDatabase:
             raise EvocompError(f"database {self.root} has no unit {unit!r}")
         return list(self._variants[unit])
 
+    def stored_parts(self, unit: str) -> tuple[str, ...]:
+        """The parts stored with each variant of ``unit`` besides its weight (see
+        :attr:`.LayerCompressor.parts`; none in databases built before they were)."""
+        if unit not in self._block_of:
+            raise EvocompError(f"database {self.root} has no unit {unit!r}")
+        return tuple(self.manifest["units"][unit].get("parts", ()))
+
     def holds(self, unit: str) -> bool:
         """Whether the database stores variants of ``unit``."""
         return unit in self._block_of
@@ -481,9 +488,10 @@ def build_database(
     # A finished, sound database needs no lock: workers starting together hash
     # its files in parallel rather than one after another.
     manifest = _read_manifest(root)
+    parts = COMPRESSORS.get(spec.compressor).parts
     if manifest is not None and manifest.get("complete"):
         _check_same(root, manifest, spec)
-        if not _damaged_blocks(root, manifest):
+        if not _lacks_parts(manifest, parts) and not _damaged_blocks(root, manifest):
             return False
     with locked(root / ".lock"):
         return _build_database(
@@ -616,6 +624,14 @@ def _start_manifest(
     manifest = _read_manifest(root)
     if manifest is not None:
         _check_same(root, manifest, spec)
+        if _lacks_parts(manifest, parts):
+            # Written before its compressor stored these parts (e.g. quantization
+            # grids): the same weights are built again, now with every part.
+            log.warning("database %s lacks the parts %s; rebuilding it", root, ", ".join(parts))
+            for info in manifest["units"].values():
+                info["parts"] = list(parts)
+            manifest.update(done_blocks=[], checksums={}, complete=False)
+            _atomic_write_json(root / "manifest.json", manifest)
         return manifest
     manifest = {
         "key": spec.key,
@@ -635,6 +651,13 @@ def _start_manifest(
     }
     _atomic_write_json(root / "manifest.json", manifest)
     return manifest
+
+
+def _lacks_parts(manifest: dict[str, Any], parts: Sequence[str]) -> bool:
+    """Whether some unit of the manifest was stored without one of ``parts``."""
+    return any(
+        set(parts) - set(info.get("parts", ())) for info in manifest["units"].values()
+    )
 
 
 def _forward_block(
@@ -696,10 +719,12 @@ def _compress_block(
         # Sorted, so that a composite compressor sees every (zeros, bits) of one
         # zero count together and can reuse its pruned weight.
         for key in sorted(map(variant_key, variants[u.name]), key=_order):
-            w = comp.compress(key)
+            w, parts = comp.compress_parts(key)
             tensors[variant_name(u.name, key)] = (
                 (w.T if u.transposed else w).to(weight.dtype).contiguous().cpu()
             )
+            for part, t in parts.items():  # in the compressor's [out, in] layout
+                tensors[variant_name(u.name, key, part)] = t.contiguous().cpu()
     return tensors
 
 

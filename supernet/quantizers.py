@@ -26,6 +26,7 @@ from pydantic import Field
 from evocomp.errors import EvocompError
 from evocomp.supernet.compressors import (
     COMPRESSORS,
+    Grid,
     HessianCompressor,
     LayerCompressor,
     LayerCompressorParams,
@@ -42,6 +43,10 @@ __all__ = [
 ]
 
 MIN_BITS, MAX_BITS = 2, 16
+
+GRID_PARTS = ("scale", "zero")
+"""The database parts of a quantized variant besides its dequantized weight: its
+grid, float32 ``[out, in / group_size]``, so that an export can pack the codes."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,28 @@ class QuantizedWeight:
         codes = self.codes.reshape(rows, -1, self.group_size).to(torch.float32)
         weight = _dequantize(codes, self.scale[..., None], self.zero[..., None])
         return weight.reshape(rows, columns).to(dtype)
+
+    def stored(self, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What a variant database stores: the weight in ``dtype`` and the grid parts."""
+        grid = {"scale": self.scale.float().contiguous(), "zero": self.zero.float().contiguous()}
+        return self.dequantize(dtype), grid
+
+    @classmethod
+    def recover(
+        cls, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+    ) -> QuantizedWeight | None:
+        """The codes of ``weight`` (``[out, in]``, dequantized from this grid) on the
+        grid ``scale``/``zero`` (``[out, groups]``), or None when ``weight`` is not
+        exactly on it (e.g. fine-tuned since)."""
+        rows, columns = weight.shape
+        group_size = columns // scale.shape[1]
+        w = weight.float().reshape(rows, -1, group_size)
+        s, z = scale.float()[..., None], zero.float()[..., None]
+        codes = _codes(w, s, z, 2**bits - 1)
+        if not torch.equal(_dequantize(codes, s, z).to(weight.dtype), weight.reshape(w.shape)):
+            return None
+        return cls(codes.reshape(rows, columns).to(torch.int32), scale.float(), zero.float(),
+                   bits, group_size)
 
 
 def quantize_dequantize(
@@ -101,6 +128,7 @@ class Quantizer(LayerCompressor):
     """
 
     kind = "bits"
+    parts = GRID_PARTS
 
     Params = QuantizerParams
 
@@ -114,6 +142,14 @@ class Quantizer(LayerCompressor):
     def compress(self, level: int) -> torch.Tensor:
         """Return a new weight quantized to ``level`` bits and dequantized (original dtype)."""
         return self.quantize(level).dequantize(self.dtype)
+
+    def compress_parts(self, level: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The dequantized weight and its grid (parts ``scale`` and ``zero``)."""
+        return self.quantize(level).stored(self.dtype)
+
+    @classmethod
+    def grid(cls, params: QuantizerParams, level: int) -> Grid:
+        return Grid(_check_bits(level), params.group_size, params.symmetric)
 
     def quantize(self, level: int) -> QuantizedWeight:
         """Quantize to ``level`` bits; codes and grid in the original column order."""

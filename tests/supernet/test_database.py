@@ -22,6 +22,7 @@ from evocomp.supernet.database import (
     verify_database,
 )
 from evocomp.supernet.models import model_fingerprint
+from evocomp.supernet.quantizers import QuantizedWeight
 from evocomp.supernet.swap import Swapper
 from evocomp.supernet.units import find_linear_units
 
@@ -112,7 +113,18 @@ def test_tuple_keys_store_and_load_prune_quantize_variants(tiny_model, tmp_path)
     with pytest.raises(EvocompError, match=r"no variant \(1, 3\) .* holds 2: \(0, 4\)"):
         db.get(units[0].name, (1, 3))
     with safe_open(str(tmp_path / "block_002.safetensors"), framework="pt") as f:
-        assert set(f.keys()) == {f"{names[1]}@0x4", f"{names[1]}@{units[1].numel // 2}x3"}
+        keys = [f"{names[1]}@0x4", f"{names[1]}@{units[1].numel // 2}x3"]
+        # Each variant is stored with its quantization grid, which an export packs.
+        assert set(f.keys()) == {f"{k}{p}" for k in keys for p in ("", ".scale", ".zero")}
+    for u in units:
+        assert db.stored_parts(u.name) == ("scale", "zero")
+        for key, bits in (((0, 4), 4), ((u.numel // 2, 3), 3)):
+            w = db.get(u.name, key)
+            q = QuantizedWeight.recover(
+                w, db.get(u.name, key, part="scale"), db.get(u.name, key, part="zero"), bits
+            )
+            assert q is not None and torch.equal(q.dequantize(w.dtype), w)
+            assert int(q.codes.max()) <= 2**bits - 1 and q.group_size == 64
 
     # Block 0 sees the embeddings, so its unit is easy to recompute directly.
     layer = tiny_model.get_submodule(names[0])
@@ -382,3 +394,39 @@ def test_apply_restores_after_an_exception(built):
     with pytest.raises(RuntimeError, match="boom"), swapper.apply(space.uniform()):
         raise RuntimeError("boom")
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+
+
+def test_a_quantized_database_built_before_grids_were_stored_is_rebuilt_with_them(
+    tiny_model, tmp_path
+):
+    units = [u for u in find_linear_units(tiny_model) if u.block == 0][:2]
+    params = COMPRESSORS.get("rtn").Params(group_size=32)
+    spec = DatabaseSpec(
+        model_fingerprint=model_fingerprint(tiny_model),
+        compressor="rtn",
+        compressor_params=params.model_dump(mode="json"),
+        calibration_fingerprint="calib-0",
+        dtype="float32",
+        variants={u.name: [3, 4] for u in units},
+    )
+    assert build_database(tiny_model, units, spec, tmp_path, _calibration(), params=params,
+                          progress=False)
+    weights = {u.name: open_database(tmp_path, spec).get(u.name, 3) for u in units}
+    # What an older evocomp wrote: the weights only, no parts in the manifest.
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for info in manifest["units"].values():
+        del info["parts"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    old = open_database(tmp_path, spec)
+    assert old.stored_parts(units[0].name) == ()
+    assert torch.equal(old.get(units[0].name, 3), weights[units[0].name])  # still serves
+
+    assert build_database(tiny_model, units, spec, tmp_path, _calibration(), params=params,
+                          progress=False)
+    db = open_database(tmp_path, spec)
+    assert not build_database(tiny_model, units, spec, tmp_path, _calibration(), params=params,
+                              progress=False)
+    for u in units:
+        assert db.stored_parts(u.name) == ("scale", "zero")
+        assert torch.equal(db.get(u.name, 3), weights[u.name])
+        assert db.get(u.name, 3, part="scale").shape == (u.shape[0], u.shape[1] // 32)
