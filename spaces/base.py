@@ -85,8 +85,11 @@ class SearchSpace(ABC, Generic[P]):
     name: ClassVar[str]
     Params: ClassVar[type[StrictModel]] = StrictModel
     """The options of this space (``space:`` in a config), validated by pydantic."""
-    compressor_kind: ClassVar[str | None] = None
-    """The kind of compressor whose variants the levels name (None: no database)."""
+    compressor_kind: str | None = None
+    """The kind of compressor whose variants the levels name (None: no database). A
+    class attribute, which an instance may override where its options choose the
+    kind (the bits space's ``gguf`` preset); :meth:`compressor_kind_for` says which
+    before the space exists."""
     cost_is_size: ClassVar[bool] = True
     """Whether cost grows with the model's size, so that multi-objective searches can
     trade it against quality (False for depth, whose cost counts removed sublayers)."""
@@ -107,6 +110,13 @@ class SearchSpace(ABC, Generic[P]):
         """Which units of the model the space searches (called before it exists):
         by default every unit of :attr:`unit_family`, narrowed by ``units.targets``."""
         return (UnitQuery(cls.unit_family),)
+
+    @classmethod
+    def compressor_kind_for(cls, params: P) -> str | None:
+        """The :attr:`compressor_kind` a space built with ``params`` will have (called
+        before it exists, e.g. by a joint space checking its parts); the class's own
+        unless options change it."""
+        return cls.compressor_kind
 
     @classmethod
     def timings_needed(cls, units: Sequence[Unit], params: P) -> dict[str, TimingRequest]:

@@ -101,13 +101,22 @@ class JointParams(StrictModel):
                 raise ValueError(f"spaces[{k}]: {name!r} appears twice")
             names.append(name)
             try:
-                _parse_part(part)
+                part_cls, options = _parse_part(part)
             except ValidationError as err:
                 errs = "; ".join(
                     f"spaces[{k}]{''.join('.' + str(x) for x in e['loc'])}: {e['msg']}"
                     for e in err.errors()
                 )
                 raise ValueError(errs) from None
+            kind = part_cls.compressor_kind_for(options)
+            if kind is not None and kind not in KEY_ORDER:
+                # A joint key combines one component per kind of KEY_ORDER; another
+                # kind's keys (GGUF type ids) would be read as zero counts or bitwidths.
+                raise ValueError(
+                    f"spaces[{k}]: with these options the {name} space's levels are {kind} "
+                    f"compressor variants, which a joint space cannot combine (it combines "
+                    f"{' and '.join(KEY_ORDER)} variants); search it alone (space.name: {name})"
+                )
         if all(SPACES.get(n).unit_family != "linear" for n in names):
             raise ValueError("a joint space needs a part over linear layers")
         return parts

@@ -137,6 +137,13 @@ def test_bad_parts_are_named():
         JointSpace.Params(spaces=[SPARSITY])
 
 
+def test_a_gguf_bits_part_is_refused():
+    """Its keys are GGUF type ids, which a joint (zeros, bits) key would misread."""
+    gguf = {"name": "bits", "preset": "gguf", "target": 5.0}
+    with pytest.raises(ValidationError, match=r"spaces\[1\]: .*gguf compressor variants.*alone"):
+        JointSpace.Params(spaces=[SPARSITY, gguf])
+
+
 def test_make_valid_makes_each_part_valid_by_its_own_rules():
     space = _space({"name": "depth", "remove": 2, "granularity": "block"}, SPARSITY, BITS)
     rng = random.Random(0)
