@@ -2,6 +2,7 @@
 
 from evocomp.supernet.composite import PruneQuantize
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor, Pruner
+from evocomp.supernet.gguf import GGUFQuantizer
 from evocomp.supernet.metric import Metric, OneShotPruner
 from evocomp.supernet.quantizers import GPTQ, RTN, Quantizer
 from evocomp.supernet.structured import StructuredOBS
@@ -10,6 +11,7 @@ from evocomp.supernet.units import find_blocks, find_linear_units, find_sublayer
 
 __all__ = [
     "COMPRESSORS",
+    "GGUFQuantizer",
     "GPTQ",
     "RTN",
     "LayerCompressor",
