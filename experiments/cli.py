@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
+        "--format",
+        default="hf",
+        metavar="FORMAT",
+        help="hf (default: every weight as a float), compressed-tensors (quantized layers "
+        "packed; transformers, vLLM) or gguf (llama.cpp)",
+    )
+    p.add_argument(
         "--compact",
         action="store_true",
         help="width searches: physically smaller weights and a modeling file "
@@ -160,7 +167,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
     if args.command == "export":
         return commands.export(
-            Path(args.run_dir), Path(args.out), compact=args.compact,
+            Path(args.run_dir), Path(args.out), fmt=args.format, compact=args.compact,
             finetuned=not args.no_finetune, progress=progress,
         )
     if args.command == "finetune":

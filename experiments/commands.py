@@ -224,23 +224,26 @@ def export(
     run_dir: Path,
     out: Path,
     *,
+    fmt: str = "hf",
     compact: bool = False,
     finetuned: bool = True,
     progress: bool = True,
 ) -> int:
-    """Write the searched model so plain ``from_pretrained(out)`` loads it; with
-    ``compact``, narrowed sublayers at their narrow size and a modeling file beside
-    them (loaded with ``trust_remote_code=True``). A finished fine-tune of the best
-    genome (``evocomp finetune``) is exported with its trained weights unless
-    ``finetuned`` is False."""
-    from evocomp.finetune import export_weights
-    from evocomp.finetune import finetuned as finished_finetune
-    from evocomp.supernet.training import loaded_weights
+    """Write the searched model in ``fmt`` (see :mod:`evocomp.export`): ``hf``, a
+    directory plain ``from_pretrained(out)`` loads; ``compressed-tensors``, the same
+    with quantized layers packed; ``gguf``, one llama.cpp file. With ``compact``
+    (``hf`` only), narrowed sublayers at their narrow size and a modeling file
+    beside them (loaded with ``trust_remote_code=True``). A finished fine-tune of
+    the best genome (``evocomp finetune``) is exported with its trained weights
+    unless ``finetuned`` is False. Nothing is left in ``out`` when it fails."""
+    from evocomp.export import FORMATS
 
+    if fmt not in FORMATS:
+        raise EvocompError(f"--format {fmt!r} is not a format; choose one of {', '.join(FORMATS)}")
+    if compact and fmt != "hf":
+        raise EvocompError(f"--compact writes --format hf only, not --format {fmt}")
     cfg, run = load_run_config(run_dir)
     best = load_best(run)
-    tuned = finished_finetune(run, best) if finetuned else None
-    weights = {} if tuned is None else tuned.weights
     if out.exists() and not out.is_dir():
         raise EvocompError(f"--out {out} is a file; choose a new --out directory")
     if out.exists() and any(out.iterdir()):
@@ -251,8 +254,52 @@ def export(
         tmp.mkdir(parents=True)
     except OSError as err:
         raise EvocompError(f"--out {out}: cannot write there ({err.strerror})") from None
-    exp = Experiment(cfg, progress=progress)
+    try:
+        exp = Experiment(cfg, progress=progress)
+        summary = _write_export(exp, cfg, run, best, tmp, fmt, compact=compact,
+                                finetuned=finetuned)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _normal_modes(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    tuned = summary["finetune"]
+    size = f"{summary['size_bytes'] / 2**20:.1f} MiB"
+    if tuned is None:
+        print(f"exported to {out} ({fmt}, {size})")
+    else:
+        o = tuned["options"]
+        print(f"exported the fine-tuned model ({o['method']}, {tuned['tokens']} tokens; "
+              f"held-out ppl {tuned['ppl']['after']:.3f}) to {out} ({fmt}, {size})")
+    return 0
+
+
+def _write_export(
+    exp: Experiment, cfg: Any, run: Any, best: Any, tmp: Path, fmt: str, *, compact: bool,
+    finetuned: bool,
+) -> dict[str, Any]:
+    """Write the export into ``tmp`` and return what evocomp.json says of it."""
+    import sys
+
+    from evocomp.export import (
+        check_format,
+        compressed_state_dict,
+        folder_bytes,
+        layer_formats,
+        quantized_layers,
+        warnings_for,
+        write_quantization_config,
+    )
+    from evocomp.finetune import export_weights
+    from evocomp.finetune import finetuned as finished_finetune
+    from evocomp.supernet.training import loaded_weights
+
+    tuned = finished_finetune(run, best) if finetuned else None
+    weights = {} if tuned is None else tuned.weights
     removed = exp.swapper.removed(best)
+    storage: dict[str, Any] = {"format": fmt}
     if compact:
         from evocomp.supernet.compact_llama import CompactLlamaConfig, CompactLlamaForCausalLM
         from evocomp.supernet.shrink import compact_copy
@@ -270,37 +317,36 @@ def export(
         with (
             exp.applied(best, export=True) as model,
             loaded_weights(model, export_weights(exp, best, model, weights)),
-            without_blocks(model, empty),
-            _with_cache(model),
         ):
-            model.save_pretrained(tmp)
+            layers, off_grid = quantized_layers(exp, best, model)
+            check_format(fmt, layers)
+            for line in warnings_for(fmt, layers):
+                print(f"evocomp: warning: {line}", file=sys.stderr)
+            storage = layer_formats(fmt, model, layers, off_grid)
+            with without_blocks(model, empty), _with_cache(model):
+                if fmt == "compressed-tensors" and layers:
+                    state, quantization = compressed_state_dict(model, layers)
+                    model.save_pretrained(tmp, state_dict=state)
+                    write_quantization_config(tmp, quantization)
+                elif fmt == "gguf":
+                    raise EvocompError(f"--format {fmt} is not written yet")
+                else:  # hf, or nothing quantized to pack
+                    model.save_pretrained(tmp)
     exp.loaded.tokenizer.save_pretrained(tmp)
-    (tmp / "evocomp.json").write_text(
-        json.dumps(
-            {
-                "source_model": exp.loaded.source,
-                "space": cfg.space.dump(),
-                "compressor": cfg.compressor.dump(),
-                "genome": list(best),
-                "removed_blocks": sorted(empty),
-                "compact": compact,
-                "layers": exp.space.describe(best),
-                "finetune": None if tuned is None else _finetune_summary(tuned.record),
-            },
-            indent=2,
-        )
-    )
-    _normal_modes(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    if tuned is None:
-        print(f"exported to {out}")
-    else:
-        o = tuned.record["options"]
-        print(f"exported the fine-tuned model ({o['method']}, {tuned.record['tokens']} tokens; "
-              f"held-out ppl {tuned.record['ppl']['after']:.3f}) to {out}")
-    return 0
+    summary = {
+        "source_model": exp.loaded.source,
+        "space": cfg.space.dump(),
+        "compressor": cfg.compressor.dump(),
+        "genome": list(best),
+        "removed_blocks": sorted(empty),
+        "compact": compact,
+        "storage": storage,
+        "size_bytes": folder_bytes(tmp),
+        "layers": exp.space.describe(best),
+        "finetune": None if tuned is None else _finetune_summary(tuned.record),
+    }
+    (tmp / "evocomp.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def _finetune_summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -160,17 +160,19 @@ def search_config(tmp_path, model_dir, name="tiny", **sections) -> str:
     return str(path)
 
 
-def exported_model(run: Path, out: Path) -> tuple[LlamaForCausalLM, list[dict[str, Any]]]:
-    """``evocomp export`` of ``run`` to ``out``, reloaded with plain transformers; the
-    reload must reproduce the run's held-out perplexity. Returns the model and the
-    per-layer rows of ``evocomp.json``."""
+def exported_model(
+    run: Path, out: Path, fmt: str = "hf"
+) -> tuple[LlamaForCausalLM, list[dict[str, Any]]]:
+    """``evocomp export --format fmt`` of ``run`` to ``out``, reloaded with plain
+    transformers; the reload must reproduce the run's held-out perplexity. Returns
+    the model and the per-layer rows of ``evocomp.json``."""
     from transformers import AutoModelForCausalLM
 
     from evocomp import runner
     from evocomp.cli import main
     from evocomp.evaluators import PerplexityEvaluator
 
-    assert main(["-q", "export", str(run), "--out", str(out)]) == 0
+    assert main(["-q", "export", str(run), "--out", str(out), "--format", fmt]) == 0
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     cfg, _ = runner.load_run_config(run)
     heldout = runner.Experiment(cfg, progress=False).splits.heldout
