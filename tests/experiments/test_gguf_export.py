@@ -1,12 +1,13 @@
 """GGUF export: what write_gguf puts in the file is what transformers (and llama.cpp)
 read back, and weights already on a type's grid come back exactly."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_llama
+from conftest import byte_tokenizer, search_config, tiny_llama
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -142,6 +143,30 @@ def test_tied_embeddings_and_removed_blocks(tmp_path):
     assert reloaded.config.tie_word_embeddings and reloaded.config.num_hidden_layers == 2
     model.model.layers[1].mlp.down_proj.weight.data = reloaded.model.layers[1].mlp.down_proj.weight
     assert torch.equal(_logits(reloaded), _logits(model))
+
+
+def test_a_searched_gguf_model_exports_exactly(tmp_path, tiny_model_dir):
+    """A search over GGUF types (gguf compressor variants from the database), then the
+    best genome written: the file reproduces the searched model's logits bit for bit."""
+    from evocomp import runner
+    from evocomp.cli import main
+
+    cfg = search_config(
+        tmp_path, tiny_model_dir, compressor={"name": "gguf"},
+        space={"name": "bits", "preset": "gguf", "target": 5.5},
+    )
+    assert main(["-q", "search", cfg, "--no-eval"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    best = json.loads((run / "best.json").read_text())
+    types = {row["unit"]: row["type"] for row in best["layers"]}
+    assert len(set(types.values())) > 1
+    exp = runner.Experiment(runner.load_run_config(run)[0], progress=False)
+    path = tmp_path / "searched.gguf"
+    with exp.swapper.apply(tuple(best["genome"])) as model:
+        info = write_gguf(model, exp.loaded.tokenizer, path, types)
+        expected = _logits(model)
+    assert all(t["exact"] for t in info["tensors"].values())
+    assert torch.equal(_logits(_reload(path)), expected)
 
 
 def test_bad_requests_are_refused(tmp_path):
