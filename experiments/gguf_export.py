@@ -136,7 +136,9 @@ def write_gguf(
             "bytes": int(packed.nbytes),
             "exact": exact,
         }
-    writer.add_file_type(_file_type(tensors, chosen, float_type))
+    file_type = _file_type(tensors, chosen, float_type)
+    member = {"F32": "ALL_F32", "MXFP4": "MOSTLY_MXFP4_MOE"}.get(file_type, f"MOSTLY_{file_type}")
+    writer.add_file_type(int(gguf.LlamaFileType[member]))
     _write_tokenizer(writer, tokenizer, source, shape.vocab)
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +155,7 @@ def write_gguf(
         "path": str(path),
         "bytes": path.stat().st_size,
         "architecture": arch,
-        "file_type": _file_type_name(tensors, chosen, float_type),
+        "file_type": file_type,
         "tensors": tensors,
     }
 
@@ -296,21 +298,15 @@ def _encode(data: np.ndarray, kind: str, hf_name: str) -> tuple[np.ndarray, bool
     return packed, exact
 
 
-def _file_type_name(tensors: Mapping[str, Mapping[str, Any]], chosen: Mapping[str, str],
-                    float_type: str) -> str:
+def _file_type(
+    tensors: Mapping[str, Mapping[str, Any]], chosen: Mapping[str, str], float_type: str
+) -> str:
     """The type of most chosen linear weights (llama.cpp's "mostly Q4_0"), else float_type."""
     counts: Counter[str] = Counter()
     for info in tensors.values():
         if info["hf_name"].rsplit(".", 1)[0] in chosen and info["type"] in QUANT_TYPES:
             counts[info["type"]] += int(np.prod(info["shape"]))
     return counts.most_common(1)[0][0] if counts else float_type
-
-
-def _file_type(tensors: Mapping[str, Mapping[str, Any]], chosen: Mapping[str, str],
-               float_type: str) -> int:
-    name = _file_type_name(tensors, chosen, float_type)
-    member = {"F32": "ALL_F32", "MXFP4": "MOSTLY_MXFP4_MOE"}.get(name, f"MOSTLY_{name}")
-    return int(gguf.LlamaFileType[member])
 
 
 def _write_metadata(writer: gguf.GGUFWriter, cfg: Any, shape: _Shape) -> None:
