@@ -284,9 +284,11 @@ def _write_export(
     import sys
 
     from evocomp.export import (
+        GGUF_FILE,
         check_format,
         compressed_state_dict,
         folder_bytes,
+        gguf_plan,
         layer_formats,
         quantized_layers,
         warnings_for,
@@ -294,6 +296,7 @@ def _write_export(
     )
     from evocomp.finetune import export_weights
     from evocomp.finetune import finetuned as finished_finetune
+    from evocomp.gguf_export import write_gguf
     from evocomp.supernet.training import loaded_weights
 
     tuned = finished_finetune(run, best) if finetuned else None
@@ -320,19 +323,27 @@ def _write_export(
         ):
             layers, off_grid = quantized_layers(exp, best, model)
             check_format(fmt, layers)
-            for line in warnings_for(fmt, layers):
+            plan = gguf_plan(exp, best, model, layers) if fmt == "gguf" else None
+            for line in warnings_for(fmt, layers, plan):
                 print(f"evocomp: warning: {line}", file=sys.stderr)
-            storage = layer_formats(fmt, model, layers, off_grid)
+            storage = layer_formats(fmt, layers, off_grid, plan)
             with without_blocks(model, empty), _with_cache(model):
-                if fmt == "compressed-tensors" and layers:
+                if plan is not None:
+                    names = {id(m): n for n, m in model.named_modules()}
+                    written = write_gguf(
+                        model, exp.loaded.tokenizer, tmp / GGUF_FILE,
+                        {names[id(m)]: t for m, t in plan.types.items()},
+                        source=exp.loaded.gguf,
+                    )
+                    storage["file_type"] = written["file_type"]
+                elif fmt == "compressed-tensors" and layers:
                     state, quantization = compressed_state_dict(model, layers)
                     model.save_pretrained(tmp, state_dict=state)
                     write_quantization_config(tmp, quantization)
-                elif fmt == "gguf":
-                    raise EvocompError(f"--format {fmt} is not written yet")
                 else:  # hf, or nothing quantized to pack
                     model.save_pretrained(tmp)
-    exp.loaded.tokenizer.save_pretrained(tmp)
+    if fmt != "gguf":  # a GGUF file holds its tokenizer
+        exp.loaded.tokenizer.save_pretrained(tmp)
     summary = {
         "source_model": exp.loaded.source,
         "space": cfg.space.dump(),

@@ -37,6 +37,8 @@ FORMATS: tuple[Format, ...] = ("hf", "compressed-tensors", "gguf")
 
 PACKED_BITS = range(1, 9)
 """Bitwidths compressed-tensors' ``pack-quantized`` packs."""
+GGUF_FILE = "model.gguf"
+"""The file name of a GGUF export in its directory."""
 VLLM_BITS = (4, 8)
 """Bitwidths vLLM's kernels serve for ``pack-quantized`` weights (Marlin / Machete)."""
 
@@ -80,6 +82,50 @@ def quantized_layers(exp: Any, genome: Any, model: nn.Module) -> tuple[list[Quan
     return layers, off_grid
 
 
+@dataclass(frozen=True)
+class GGUFPlan:
+    """Which llama.cpp type each quantized linear is written as."""
+
+    types: dict[nn.Module, str]
+    requantized: list[str]
+    """Layers on evocomp's integer grids, re-quantized onto llama.cpp's blocks of 32
+    (their weights change slightly)."""
+
+
+def gguf_plan(exp: Any, genome: Any, model: nn.Module, layers: list[QuantizedLayer]) -> GGUFPlan:
+    """The GGUF types of ``model``'s quantized linears: a variant on a llama.cpp
+    type's grid (the ``gguf`` compressor) keeps that type; an integer grid maps onto
+    the nearest llama.cpp type (:func:`~evocomp.gguf_export.gguf_type_for_bits`),
+    refused where there is none."""
+    from evocomp.gguf_export import gguf_type_for_bits
+    from evocomp.spaces.gguf_types import QUANT_TYPES
+
+    spec = exp.cfg.compressor
+    cls = COMPRESSORS.get(spec.name)
+    types: dict[nn.Module, str] = {}
+    for unit, key in exp.space.placements(genome):
+        kind = cls.tensor_type(spec.params, key)
+        if kind is not None:
+            types[model.get_submodule(unit.name)] = kind
+    names = {id(m): n for n, m in model.named_modules()}
+    requantized, missing = [], Counter[int]()
+    for q in layers:
+        kind = gguf_type_for_bits(q.grid.bits, q.grid.symmetric)
+        if kind is None:
+            missing[q.grid.bits] += 1
+        else:
+            types[q.module] = kind
+            requantized.append(names[id(q.module)])
+    if missing:
+        listed = ", ".join(f"{n} at {b} bits" for b, n in sorted(missing.items()))
+        raise EvocompError(
+            f"--format gguf: {listed} have no llama.cpp type gguf-py writes (it quantizes "
+            f"{', '.join(QUANT_TYPES)}: 4, 5 and 8 bits); search with space.preset: gguf, "
+            "or choose --format compressed-tensors or hf"
+        )
+    return GGUFPlan(types, requantized)
+
+
 def check_format(fmt: str, layers: list[QuantizedLayer]) -> None:
     """Refuse, before anything is written, a format that cannot hold every layer."""
     if fmt not in FORMATS:
@@ -98,9 +144,17 @@ def check_format(fmt: str, layers: list[QuantizedLayer]) -> None:
             )
 
 
-def warnings_for(fmt: str, layers: list[QuantizedLayer]) -> list[str]:
+def warnings_for(
+    fmt: str, layers: list[QuantizedLayer], plan: GGUFPlan | None = None
+) -> list[str]:
     """What the user should know about serving the export (one line each)."""
     out = []
+    if plan is not None and plan.requantized:
+        out.append(
+            f"--format gguf re-quantizes {len(plan.requantized)} layers from evocomp's grids "
+            "onto llama.cpp's blocks of 32 weights, so their weights change slightly; "
+            "search with space.preset: gguf for an exact export"
+        )
     if fmt == "compressed-tensors":
         bits = Counter(q.grid.bits for q in layers if q.grid.bits not in VLLM_BITS)
         if bits:
@@ -209,11 +263,14 @@ def write_quantization_config(folder: Path, quantization: dict[str, Any]) -> Non
 
 
 def layer_formats(
-    fmt: str, model: nn.Module, layers: list[QuantizedLayer], off_grid: list[str]
+    fmt: str, layers: list[QuantizedLayer], off_grid: list[str], plan: GGUFPlan | None = None
 ) -> dict[str, Any]:
-    """What export.json says of the layers' storage: how many of each kind."""
+    """What evocomp.json says of the layers' storage: how many of each kind."""
     packed = Counter(f"{q.grid.bits}-bit" for q in layers)
     summary: dict[str, Any] = {"format": fmt}
+    if plan is not None:
+        summary["types"] = dict(sorted(Counter(plan.types.values()).items()))
+        summary["requantized"] = plan.requantized
     if fmt == "compressed-tensors":
         summary["packed"] = dict(sorted(packed.items()))
         summary["sparsity"] = (

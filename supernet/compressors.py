@@ -141,6 +141,12 @@ class LayerCompressor(ABC):
         return self.compress(level), {}
 
     @classmethod
+    def tensor_type(cls, params: Any, level: Any) -> str | None:
+        """The llama.cpp tensor type (``"Q4_0"``) whose grid the weight of ``level``
+        lies on, which a GGUF export writes it as exactly; None (the default): none."""
+        return None
+
+    @classmethod
     def grid(cls, params: Any, level: Any) -> Grid | None:
         """The integer grid the weight of ``level`` lies on, with ``params`` (a
         ``cls.Params``): what an export packs, reading the grid's ``scale`` and

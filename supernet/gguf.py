@@ -86,6 +86,11 @@ class GGUFQuantizer(LayerCompressor):
                     )
                 gguf_level_type(key)
 
+    @classmethod
+    def tensor_type(cls, params: Any, level: int) -> str:
+        """The GGUF type named by ``level``: the variant lies on its grid."""
+        return gguf_level_type(level).name
+
     def quantize(self, level: int) -> np.ndarray:
         """The weight as ``level``'s packed blocks: uint8 ``[out, bytes per row]``."""
         kind = self._type(level)

@@ -96,6 +96,9 @@ class LoadedModel:
     """The resolved local path or hub id the weights came from."""
     fingerprint: str
     """``model_fingerprint(model)`` at load time."""
+    gguf: Path | None = None
+    """The ``.gguf`` file ``source`` was converted from, if any (a GGUF export copies
+    its tokenizer)."""
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -125,7 +128,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     ``<cache>/models/`` and loaded from there afterwards.
     """
     _check_device_available(cfg.device)
-    source = _resolve(cfg)
+    gguf = _gguf_file(cfg)
+    source = str(_converted_gguf(gguf)) if gguf is not None else _resolve(cfg)
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs, dtype=DTYPES[cfg.dtype])
@@ -145,16 +149,17 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     model.config.use_cache = False
     _fix_special_tokens(tokenizer, model)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, source=source, fingerprint=model_fingerprint(model)
+        model=model, tokenizer=tokenizer, source=source, fingerprint=model_fingerprint(model),
+        gguf=gguf,
     )
 
 
-def _resolve(cfg: ModelConfig) -> str:
-    """Turn ``cfg.name`` into a loadable local directory (converting GGUF) or a hub id."""
+def _gguf_file(cfg: ModelConfig) -> Path | None:
+    """The ``.gguf`` file ``cfg.name`` names (an alias, a file, a folder holding one,
+    or a hub repo with ``gguf_file``); None for a Hugging Face checkpoint."""
     name = cfg.name
     if name in ALIASES:
-        return str(_converted_gguf(ALIASES[name]()))
-
+        return ALIASES[name]()
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -162,16 +167,20 @@ def _resolve(cfg: ModelConfig) -> str:
                 f"model path {str(path)!r} is a file but not a .gguf file; give a .gguf file "
                 "or a Hugging Face model directory"
             )
-        return str(_converted_gguf(path))
+        return path
     if path.is_dir():
-        gguf = _gguf_in_dir(path, cfg.gguf_file)
-        return str(_converted_gguf(gguf)) if gguf is not None else str(path)
+        return _gguf_in_dir(path, cfg.gguf_file)
     if _looks_like_path(name):
         raise EvocompError(f"model path {str(path)!r} does not exist")
-
     if cfg.gguf_file is not None:
-        return str(_converted_gguf(_download(name, cfg.gguf_file)))
-    return name
+        return _download(name, cfg.gguf_file)
+    return None
+
+
+def _resolve(cfg: ModelConfig) -> str:
+    """A loadable local directory or hub id for a config naming no GGUF file."""
+    path = Path(cfg.name).expanduser()
+    return str(path) if path.is_dir() else cfg.name
 
 
 def _looks_like_path(name: str) -> bool:

@@ -116,6 +116,77 @@ def test_asymmetric_grids_are_packed_with_their_zero_points(tmp_path, uneven_mod
     assert checked == 4 * 7  # every linear of the uneven model is quantized
 
 
+def _gguf_reload(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file="model.gguf", dtype=torch.float32
+    ).eval()
+
+
+def test_a_search_over_gguf_types_exports_exactly_what_llama_cpp_runs(
+    tmp_path, uneven_model_dir
+):
+    cfg = search_config(
+        tmp_path, uneven_model_dir, search=SEARCH, compressor={"name": "gguf"},
+        space={"name": "bits", "preset": "gguf", "target": 5.0},
+    )
+    assert main(["-q", "search", cfg]) == 0
+    run = tmp_path / "runs" / "tiny"
+    hf, layers = exported_model(run, tmp_path / "hf")
+    out = tmp_path / "gguf"
+    assert main(["-q", "export", str(run), "--out", str(out), "--format", "gguf"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["evocomp.json", "model.gguf"]
+    model = _gguf_reload(out)
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    storage = json.loads((out / "evocomp.json").read_text())["storage"]
+    types = [r["type"] for r in layers]
+    assert storage["types"] == {t: types.count(t) for t in set(types)}
+    assert storage["requantized"] == [] and len(set(types)) > 1
+
+
+def test_integer_grids_go_to_gguf_requantized_and_3_bits_are_refused(
+    tmp_path, uneven_model_dir, capsys
+):
+    cfg = search_config(
+        tmp_path, uneven_model_dir, search=SEARCH, compressor=GPTQ_SYM,
+        space={"name": "bits", "target": 4.5, "bits": [4, 5, 8]},
+    )
+    assert main(["-q", "search", cfg]) == 0
+    run = tmp_path / "runs" / "tiny"
+    hf, layers = exported_model(run, tmp_path / "hf")
+    capsys.readouterr()
+    out = tmp_path / "gguf"
+    assert main(["-q", "export", str(run), "--out", str(out), "--format", "gguf"]) == 0
+    assert "re-quantizes 28 layers" in capsys.readouterr().err
+    storage = json.loads((out / "evocomp.json").read_text())["storage"]
+    kinds = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}
+    bits = [r["bits"] for r in layers]
+    assert storage["types"] == {kinds[b]: bits.count(b) for b in set(bits)}
+    model = _gguf_reload(out)
+    for row in layers:  # close to the searched weight, not equal: another grid
+        got = model.get_submodule(row["unit"]).weight
+        want = hf.get_submodule(row["unit"]).weight
+        step = want.abs().amax() / 2 ** (row["bits"] - 1)
+        assert 0 < (got - want).abs().max() <= step
+
+    cfg = search_config(
+        tmp_path, uneven_model_dir, name="three", search=SEARCH, compressor=GPTQ_SYM,
+        space={"name": "bits", "target": 3.0, "bits": [2, 3, 4]},
+        database={"path": str(tmp_path / "db-three")},
+    )
+    assert main(["-q", "search", cfg]) == 0
+    capsys.readouterr()
+    out = tmp_path / "refused"
+    code = main(["-q", "export", str(tmp_path / "runs" / "three"), "--out", str(out),
+                 "--format", "gguf"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "evocomp" in line]
+    assert code == 2 and len(err) == 1, err
+    assert "bits have no llama.cpp type gguf-py writes (it quantizes Q4_0" in err[0]
+    assert not out.exists() and not (tmp_path / "refused.partial").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
