@@ -2,11 +2,13 @@
 
 from evocomp.evaluators.base import EVALUATORS, Evaluator, forward_logits
 from evocomp.evaluators.downstream import DownstreamParams, LMEvalEvaluator, downstream_scores
+from evocomp.evaluators.dtm import DTMEvaluator
 from evocomp.evaluators.metrics import KLEvaluator, PerplexityEvaluator, kl_divergence
 from evocomp.evaluators.reference import DenseReference, compute_reference
 
 __all__ = [
     "EVALUATORS",
+    "DTMEvaluator",
     "DenseReference",
     "DownstreamParams",
     "Evaluator",
