@@ -45,6 +45,13 @@ class Evaluator(ABC, Generic[P]):
     (so the runner can hand it a faster equivalent, e.g. prefix reuse), rather than by
     its own calls of the model."""
 
+    needs_baseline: ClassVar[bool] = False
+    """Whether scores are relative to the search's baseline genome (the space's
+    ``uniform()``): the runner then applies it once per search, records what
+    :meth:`measure_baseline` returns (in the trial store) and hands that to
+    :meth:`set_baseline` in every process that evaluates, before any
+    :meth:`evaluate`, so a resume and every worker score alike."""
+
     Params: ClassVar[type[EvaluatorParams]] = EvaluatorParams
 
     @classmethod
@@ -72,6 +79,15 @@ class Evaluator(ABC, Generic[P]):
         if budget_tokens is None:
             return n
         return max(1, min(n, math.ceil(budget_tokens / seq_len)))
+
+    def measure_baseline(self, model: nn.Module) -> dict[str, float]:
+        """What :meth:`set_baseline` needs, measured on ``model`` with the baseline
+        genome applied (evaluators that :attr:`needs_baseline`)."""
+        raise NotImplementedError(f"evaluator {self.name!r} needs no baseline")
+
+    def set_baseline(self, values: dict[str, float]) -> None:
+        """Take what :meth:`measure_baseline` measured (here or in another process)."""
+        raise NotImplementedError(f"evaluator {self.name!r} needs no baseline")
 
     @abstractmethod
     def evaluate(
