@@ -287,10 +287,11 @@ class Experiment:
             metrics = self.evaluator.evaluate(model, tokens)
         return {**metrics, "train_tokens": float(done.tokens)}
 
-    def evaluation(self) -> ExperimentEvaluation:
+    def evaluation(self, baseline: dict[str, float] | None = None) -> ExperimentEvaluation:
         """This experiment's scoring as the picklable callable executors map: here
-        it uses this experiment; a Ray worker's copy builds its own from the config."""
-        return ExperimentEvaluation(self.cfg, exp=self)
+        it uses this experiment; a Ray worker's copy builds its own from the config
+        (and hands its evaluator ``baseline``, see :func:`measured_baseline`)."""
+        return ExperimentEvaluation(self.cfg, exp=self, baseline=baseline)
 
     def optimizer(self) -> Optimizer[Any]:
         """A fresh optimizer for this config (seeded: a resumed search replays it)."""
@@ -424,18 +425,24 @@ class ExperimentEvaluation(Evaluation):
     :class:`Experiment` (model, database, dense outputs) where it is first set up
     or called."""
 
-    def __init__(self, cfg: Config, *, exp: Experiment | None = None) -> None:
+    def __init__(
+        self, cfg: Config, *, exp: Experiment | None = None,
+        baseline: dict[str, float] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.device = cfg.model.device
+        self.baseline = baseline
         self._exp = exp
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "device": self.device, "_exp": None}
+        return {"cfg": self.cfg, "device": self.device, "baseline": self.baseline, "_exp": None}
 
     def setup(self) -> None:
         if self._exp is None:
             self._exp = Experiment(self.cfg, progress=False)
         _ = self._exp.database, self._exp.swapper, self._exp.evaluator
+        if self.baseline is not None:
+            self._exp.evaluator.set_baseline(self.baseline)
 
     def __call__(
         self, genome: Genome, tokens: int | None, train: Training | None = None
@@ -759,10 +766,13 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
     with RunLock(run.path) as lock:
         store = open_store(exp, run, lock)
         lock.share()
+        baseline = measured_baseline(exp, store)
         started = time.perf_counter()
         done, total = optimizer.progress
         bar = tqdm(total=total, initial=done, desc="search", unit="gen", disable=not exp.progress)
-        executor = EXECUTORS.get(cfg.executor.name)(exp.evaluation(), cfg.executor.params)
+        executor = EXECUTORS.get(cfg.executor.name)(
+            exp.evaluation(baseline), cfg.executor.params
+        )
         evaluations = _Evaluations(exp, store, executor, budgeted=optimizer.budgeted)
         try:
             with store, executor:
@@ -799,6 +809,33 @@ def run_search(exp: Experiment, run: RunDir) -> SearchResult:
         f"; candidates trained on {trained} tokens" if trained else "",
     )
     return result
+
+
+BASELINE_ATTR = "baseline"
+"""The trial store's study attribute that keeps what the evaluator measured on the
+baseline genome (evaluators that ``needs_baseline``)."""
+
+
+def measured_baseline(exp: Experiment, store: TrialStore) -> dict[str, float] | None:
+    """For an evaluator that :attr:`~evocomp.evaluators.base.Evaluator.needs_baseline`:
+    its measurement of the baseline (uniform) genome, handed to it. Measured by the
+    first process of a search and kept in the trial store, so a resume, Ray workers
+    and other machines sharing the study all use the very same values. None for other
+    evaluators."""
+    evaluator = exp.evaluator
+    if not evaluator.needs_baseline:
+        return None
+    values = store.study.user_attrs.get(BASELINE_ATTR)
+    if values is not None:
+        log.info("%s measures recorded: %s", exp.space.baseline_name, values)
+        evaluator.set_baseline(values)
+        return dict(values)
+    with exp.applied(exp.space.uniform()) as model:
+        values = evaluator.measure_baseline(model)
+    evaluator.set_baseline(values)  # refuses values it cannot use before they are kept
+    store.study.set_user_attr(BASELINE_ATTR, values)
+    log.info("%s measures: %s", exp.space.baseline_name, values)
+    return values
 
 
 def _write_trials(run: RunDir, store: TrialStore) -> None:
