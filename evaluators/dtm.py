@@ -54,7 +54,7 @@ class DTMParams(EvaluatorParams):
         32, ge=1, description="prompts at most (fewer when the search split holds fewer "
         "windows of prompt_len tokens)"
     )
-    prompt_len: int = Field(64, ge=1, description="tokens of each prompt; ≤ data.seq_len")
+    prompt_len: int = Field(64, ge=1, description="tokens of each prompt (at most data.seq_len)")
     new_tokens: int = Field(32, ge=1, description="greedy tokens compared after each prompt")
 
 
