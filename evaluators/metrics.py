@@ -110,14 +110,14 @@ class KLEvaluator(Evaluator[KLEvaluatorParams]):
         cls, model: nn.Module, tokens: torch.Tensor, params: KLEvaluatorParams, *,
         cache: ReferenceCache | None = None, progress: bool = True,
     ) -> KLEvaluator:
-        reference = compute_reference(
-            model,
-            tokens,
-            topk=params.topk,
-            batch_size=params.batch_size,
-            cache_path=None if cache is None else cache.path(params.topk),
-            progress=progress,
-        )
+        if cache is None:
+            reference = compute_reference(
+                model, tokens, topk=params.topk, batch_size=params.batch_size, progress=progress
+            )
+        else:
+            reference = cache.reference(
+                model, tokens, topk=params.topk, batch_size=params.batch_size, progress=progress
+            )
         device = next(model.parameters()).device
         return cls(tokens, reference.to(device), batch_size=params.batch_size)
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,6 +15,9 @@ from tqdm.auto import tqdm
 
 from evocomp.evaluators.base import forward_logits
 from evocomp.paths import locked
+
+if TYPE_CHECKING:
+    from evocomp.evaluators.data import TokenBlock
 
 
 @dataclass
@@ -67,15 +71,69 @@ def reference_key(model_fingerprint: str, tokens_fingerprint: str, topk: int | N
 class ReferenceCache:
     """Where dense outputs of one model on one token set are kept: a file per
     variant (full distribution, or top-k) in ``root``, named by the fingerprints,
-    so any change of model or tokens computes them afresh."""
+    so any change of model or tokens computes them afresh.
+
+    With ``blocks`` (the rows each corpus of a mixture supplied,
+    :meth:`~evocomp.evaluators.data.TokenSplits.blocks`), :meth:`reference` keeps a
+    file per block, named by that block's own tokens: a mixture's part shares its
+    file with a run on that corpus alone whose sequences are the same."""
 
     root: Path
     model_fingerprint: str
     tokens_fingerprint: str
+    blocks: tuple[TokenBlock, ...] = ()
 
-    def path(self, topk: int | None) -> Path:
-        key = reference_key(self.model_fingerprint, self.tokens_fingerprint, topk)
+    def path(self, topk: int | None, tokens_fingerprint: str | None = None) -> Path:
+        """The file of the whole token set (or of the block ``tokens_fingerprint``)."""
+        key = reference_key(
+            self.model_fingerprint, tokens_fingerprint or self.tokens_fingerprint, topk
+        )
         return self.root / f"{key}.safetensors"
+
+    def reference(
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        *,
+        topk: int | None = None,
+        batch_size: int = 4,
+        progress: bool = True,
+    ) -> DenseReference:
+        """:func:`compute_reference` of ``tokens`` through this cache: one file, or
+        with several ``blocks`` one per block, assembled in row order."""
+        if len(self.blocks) <= 1:  # one corpus: its block is the whole token set
+            return compute_reference(model, tokens, topk=topk, batch_size=batch_size,
+                                     cache_path=self.path(topk), progress=progress)
+        rows = sorted(r for block in self.blocks for r in block.rows)
+        if rows != list(range(tokens.shape[0])):
+            raise ValueError("the reference blocks do not cover each row of the tokens once")
+        parts = [
+            (block.rows, compute_reference(
+                model, tokens[list(block.rows)], topk=topk, batch_size=batch_size,
+                cache_path=self.path(topk, block.fingerprint), progress=progress,
+            ))
+            for block in self.blocks
+        ]
+        return _assembled(parts, tokens.shape[0])
+
+
+def _assembled(
+    parts: list[tuple[tuple[int, ...], DenseReference]], n: int
+) -> DenseReference:
+    """One reference from per-block ones: each block's rows back at their places."""
+
+    def gather(name: str) -> torch.Tensor | None:
+        first = getattr(parts[0][1], name)
+        if first is None:
+            return None
+        out = first.new_empty((n, *first.shape[1:]))
+        for rows, ref in parts:
+            out[list(rows)] = getattr(ref, name)
+        return out
+
+    probs = gather("probs")
+    assert probs is not None
+    return DenseReference(probs, gather("neg_entropy"), gather("indices"))
 
 
 def compute_reference(

@@ -153,6 +153,13 @@ HAND: list[Case] = [
          _write("x.jsonl", b'{"txt": 1}\n')),
     Case("data.path-without-text", _search("data.path={tmp}/x.txt"), "path"),
     Case("data.corpus", _search("data.corpus=nope"), "corpus"),
+    Case("data.mixture.unknown", _search("data.corpus={wiki: 0.5, nope: 0.5}"), "data.corpus"),
+    Case("data.mixture.negative", _search("data.corpus={wiki: -1, books: 1}"), "data.corpus"),
+    Case("data.mixture.zero", _search("data.corpus={wiki: 0, books: 1}"), "data.corpus"),
+    Case("data.mixture.empty", _search("data.corpus=[]"), "data.corpus"),
+    Case("data.mixture.path", _search("data.corpus=[wiki, books]", "data.path={tmp}/x.txt"),
+         "path", _write("x.txt", b"some text\n")),
+    Case("data.mixture.text-without-path", _search("data.corpus=[wiki, text]"), "path"),
     # --set
     Case("set.yaml", _search("search.generations=[1,"), "search.generations"),
     Case("set.double-dot", _search("search..generations=3"), "search..generations"),
