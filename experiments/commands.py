@@ -21,10 +21,10 @@ from evocomp.config import (
     load_config,
 )
 from evocomp.errors import EvocompError
+from evocomp.final_eval import final_eval
 from evocomp.results import markdown_table
 from evocomp.runner import (
     Experiment,
-    final_eval,
     load_best,
     load_run_config,
     prepare_run_dir,
@@ -80,21 +80,27 @@ def search(
 
 
 def _table(report: dict[str, Any]) -> str:
-    """The held-out perplexities; with other corpora or tasks, the whole comparison."""
+    """The held-out perplexities and KLs; with other corpora or tasks, the whole
+    comparison, and which corpora the search saw."""
     rows = report.get("rows", [])
     tasks = bool(rows) and any(k.startswith("task.") for k in rows[0])
-    if tasks or len(report.get("corpora", [])) > 1:
+    corpora = report.get("corpora", [])
+    if tasks or len(corpora) > 1:
         keep = [
             c
             for c in rows[0]
             if c in ("name", "cost_of_budget")
-            or c.startswith("ppl.")
+            or c.startswith(("ppl.", "kl."))
             or (c.startswith("task.") and c.endswith("accuracy"))
         ]
-        return markdown_table(pd.DataFrame(rows)[keep])
-    lines = [f"held-out perplexity ({report['heldout_tokens']} tokens)"]
+        seen = report.get("seen", {})
+        marks = ", ".join(f"{c} ({'seen' if seen.get(c) else 'not seen'})" for c in corpora)
+        return markdown_table(pd.DataFrame(rows)[keep]) + f"\nheld-out corpora: {marks}"
+    lines = [f"held-out perplexity and KL to dense ({report['heldout_tokens']} tokens of "
+             f"{', '.join(corpora)}, seen by the search)"]
+    kl = report.get("kl", {})
     for name, ppl in report["ppl"].items():
-        lines.append(f"  {name:<9} {ppl:10.3f}")
+        lines.append(f"  {name:<9} ppl {ppl:10.3f}   kl {kl.get(name, float('nan')):.5f}")
     return "\n".join(lines)
 
 
@@ -166,8 +172,10 @@ def evaluate(
     progress: bool = True,
 ) -> int:
     """Score the run's best genome (``front``: its whole Pareto front) and the dense
-    and uniform baselines on held-out perplexity of each corpus and on lm-eval
-    tasks; settings not given come from the run's ``final_eval`` section."""
+    and uniform baselines on held-out perplexity and KL to the dense model of each
+    corpus (the run's own, its mixture's parts, ``corpora``; marked seen or not by the
+    search) and on lm-eval tasks; settings not given come from the run's
+    ``final_eval`` section."""
     cfg, run = load_run_config(run_dir)
     best = load_best(run)
     fe = cfg.final_eval.model_dump()

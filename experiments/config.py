@@ -156,12 +156,19 @@ class StoreConfig(StrictModel):
 class FinalEvalConfig(StrictModel):
     """What ``search`` (at its end) and ``eval`` score: dense, the baseline and the
     searched genome (``front``: every Pareto-front candidate too) on held-out text
-    of each corpus, and on lm-eval tasks when ``downstream`` is set."""
+    of each corpus (perplexity and KL to the dense model), and on lm-eval tasks when
+    ``downstream`` is set."""
 
     enabled: bool = Field(True, description="score held-out perplexity when a search ends")
     batch_size: int = Field(4, ge=1, description="sequences per forward pass")
     corpora: list[str] = Field(
-        default_factory=list, description="held-out corpora besides data.corpus (e.g. [books])"
+        default_factory=list,
+        description="held-out corpora besides data.corpus and its mixture's parts "
+        "(e.g. [books, code])",
+    )
+    kl_topk: int | None = Field(
+        None, ge=1, description="held-out KL over the dense top-k tokens only (large "
+        "vocabularies or held-out sets); null: the full distribution",
     )
     front: bool = Field(False, description="also score every candidate of pareto.parquet")
     downstream: DownstreamParams | None = Field(

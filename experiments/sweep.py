@@ -343,7 +343,8 @@ def _logging_to(path: Path) -> Iterator[None]:
 def _run_trial(overrides: dict[str, Any], plan: _Plan) -> dict[str, Any]:
     """Run (or resume) the search with ``overrides`` and its held-out evaluation;
     return the metrics a trial reports."""
-    from evocomp.runner import Experiment, final_eval, prepare_run_dir, run_search
+    from evocomp.final_eval import final_eval
+    from evocomp.runner import Experiment, prepare_run_dir, run_search
 
     started = time.perf_counter()
     cfg = plan.config(overrides)
