@@ -20,7 +20,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
 
-import pandas as pd
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -32,7 +31,7 @@ from evocomp.evaluators.data import TokenSplits, load_splits
 from evocomp.evaluators.metrics import PerplexityEvaluator
 from evocomp.evaluators.reference import ReferenceCache
 from evocomp.paths import cache_dir
-from evocomp.results import markdown_table, pareto_front
+from evocomp.results import pareto_front
 from evocomp.search.base import OPTIMIZERS, Optimizer, Request, Training
 from evocomp.search.executor import EXECUTORS, Evaluation, Executor
 from evocomp.search.store import (
@@ -42,8 +41,6 @@ from evocomp.search.store import (
     Record,
     TrialStore,
     check_storage,
-    decode_genome,
-    encode_genome,
     storage_url,
 )
 from evocomp.spaces.base import SPACES, Genome, SearchSpace
@@ -216,6 +213,8 @@ class Experiment:
             cache_dir() / "references",
             self.loaded.fingerprint,
             self.splits.fingerprint("search"),
+            # A mixture's parts are cached as their own corpora's references are.
+            blocks=self.splits.blocks("search"),
         )
         return EVALUATORS.get(spec.name).create(
             self.model, self.splits.search, spec.params, cache=cache, progress=self.progress
@@ -904,85 +903,3 @@ def load_run_config(run_dir: str | Path) -> tuple[Config, RunDir]:
         raise EvocompError(f"{run.path} is not a run directory (no config.yaml)")
     cfg = load_config(run.config)
     return cfg.model_copy(update={"run_dir": str(run.path)}), run
-
-
-def final_eval(exp: Experiment, run: RunDir, best: Genome) -> dict[str, Any]:
-    """Score dense, the baseline and the searched genome (with ``final_eval.front``,
-    every candidate of pareto.parquet too) on held-out perplexity of each corpus and,
-    with ``final_eval.downstream``, on lm-eval tasks. Writes eval.parquet and
-    eval.md (one row per candidate) and eval.json; returns what eval.json holds."""
-    cfg, space = exp.cfg, exp.space
-    fe = cfg.final_eval
-    base = space.baseline_name
-    genomes: dict[str, Genome | None] = {"dense": None, base: space.uniform(), "searched": best}
-    if fe.front:
-        genomes.update(_front_genomes(run))
-    corpora = list(dict.fromkeys([cfg.data.corpus, *fe.corpora]))
-    fitness = _search_fitness(run)
-    rows = {name: _row(exp, fitness, name, g) for name, g in genomes.items()}
-    for corpus in corpora:
-        tokens = exp.splits.heldout if corpus == cfg.data.corpus else _heldout(exp, corpus)
-        for name, metrics in exp.heldout(genomes, tokens=tokens, label=corpus).items():
-            rows[name][f"ppl.{corpus}"] = metrics["ppl"]
-    if fe.downstream is not None:
-        from evocomp.evaluators.downstream import downstream_scores
-
-        for name, genome in tqdm(genomes.items(), desc="lm-eval", disable=not exp.progress):
-            started = time.perf_counter()
-            with exp.applied(genome) as model:
-                scores = downstream_scores(model, exp.loaded.tokenizer, fe.downstream,
-                                           progress=False)
-            rows[name].update({f"task.{k}": v for k, v in scores.items()})
-            rows[name]["task.seconds"] = time.perf_counter() - started
-            log.info("lm-eval %-9s accuracy %.4f", name, scores["accuracy"])
-    table = pd.DataFrame(list(rows.values()))
-    table.to_parquet(run.path / "eval.parquet")
-    (run.path / "eval.md").write_text(markdown_table(table.drop(columns="genome")) + "\n")
-    main = f"ppl.{cfg.data.corpus}"
-    result = {
-        "heldout_tokens": int(exp.splits.heldout.numel()),
-        "ppl": {name: row[main] for name, row in rows.items()},
-        "cost": {name: row["cost"] for name, row in rows.items() if name != "dense"},
-        "budget": space.budget,
-        "corpora": corpora,
-        "rows": table.drop(columns="genome").to_dict(orient="records"),
-    }
-    write_json(run.eval, result)
-    return result
-
-
-def _front_genomes(run: RunDir) -> dict[str, Genome]:
-    if not run.pareto.exists():
-        raise EvocompError(f"{run.path} has no pareto.parquet yet; has the search run?")
-    front = pd.read_parquet(run.pareto).sort_values("cost")
-    return {f"front-{k:02d}": decode_genome(g) for k, g in enumerate(front.genome, start=1)}
-
-
-def _search_fitness(run: RunDir) -> dict[str, float]:
-    """Each evaluated genome's fitness at the largest token budget it was scored on."""
-    if not run.trials.exists():
-        return {}
-    trials = pd.read_parquet(run.trials, columns=["genome", "tokens", "fitness"])
-    last = trials.sort_values("tokens").groupby("genome").fitness.last()
-    return {g: float(f) for g, f in last.items()}
-
-
-def _row(
-    exp: Experiment, fitness: dict[str, float], name: str, genome: Genome | None
-) -> dict[str, Any]:
-    """A candidate's identity in the eval table: name, genome, cost (of the space's
-    budget), and its search fitness when the trial store has it."""
-    if genome is None:
-        return {"name": name, "genome": None, "cost": None, "cost_of_budget": None}
-    cost = exp.space.cost(genome)
-    row = {"name": name, "genome": encode_genome(genome), "cost": cost,
-           "cost_of_budget": cost / exp.space.budget if exp.space.budget else None}
-    if row["genome"] in fitness:
-        row["search_fitness"] = fitness[row["genome"]]
-    return row
-
-
-def _heldout(exp: Experiment, corpus: str) -> torch.Tensor:
-    """Held-out sequences of another packaged corpus, shaped like the run's."""
-    data = exp.cfg.data.model_copy(update={"corpus": corpus, "path": None})
-    return load_splits(data, exp.loaded.tokenizer).heldout

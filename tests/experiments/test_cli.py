@@ -143,7 +143,7 @@ def test_resume_after_a_kill_reevaluates_nothing(
         (["model.name=/no/such/model"], "does not exist"),
         (
             ["compressor.name=obs"],
-            "allowed: 'gptq', 'magnitude', 'metric', 'prune-quantize', 'rtn', 'sparsegpt', "
+            "allowed: 'gguf', 'gptq', 'magnitude', 'metric', 'prune-quantize', 'rtn', 'sparsegpt', "
             "'structured-obs', 'wanda'",
         ),
         (["space.target=1.3"], "space: "),
