@@ -12,7 +12,9 @@ every candidate costs one forward pass per answer choice of every document (four
 ARC question) plus lm-eval's own overhead per request (``arc_easy`` with ``limit: 50``
 measured 1.7 s per candidate for the tiny test model and 29 s for SmolLM2-135M, on one
 CPU thread), so prefer it for re-ranking a front or for short searches with a small
-``limit``.
+``limit``. The generative tasks (``triviaqa``, ``nq_open``: greedy answers, exact
+match) cost one forward pass per generated token instead, up to lm-eval's 256 when a
+model rambles; :func:`downstream_generations` returns the answers themselves.
 """
 
 from __future__ import annotations
@@ -237,10 +239,47 @@ def _check_tasks(manager: TaskManager, tasks: list[str], online: bool) -> None:
             raise EvocompError(f"unknown lm-eval task {name!r}; allowed: {hint}")
 
 
+def downstream_generations(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    params: DownstreamParams | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, list[str]]:
+    """The answers ``model`` generates for each generative task in ``params.tasks``
+    (``triviaqa``, ``nq_open``), in document order, after lm-eval's filters: the
+    strings its exact match is computed on. Tasks that score log-likelihoods (multiple
+    choice, LAMBADA) have no entry. Deterministic like :func:`downstream_scores`
+    (greedy decoding)."""
+    params = params if params is not None else DownstreamParams()
+    lm = _hflm(model, tokenizer, params.batch_size)
+    results = _evaluate(lm, params, params.limit, progress, log_samples=True)
+    out: dict[str, list[str]] = {}
+    for task, samples in results.get("samples", {}).items():
+        responses = [s["filtered_resps"] for s in sorted(samples, key=lambda s: s["doc_id"])]
+        # A generative task's filters (take_first) leave one string per document;
+        # log-likelihood tasks leave (log-prob, is-greedy) pairs.
+        if responses and all(len(r) == 1 and isinstance(r[0], str) for r in responses):
+            out[task] = [r[0] for r in responses]
+    return out
+
+
 def _scores(
     lm: HFLM, params: DownstreamParams, limit: int | float | None, progress: bool
 ) -> tuple[dict[str, float], list[str]]:
     """The flat scores (see :func:`downstream_scores`) and the tasks without an accuracy."""
+    results = _evaluate(lm, params, limit, progress)
+    return _flatten(results, params.tasks, task_manager(params.online))
+
+
+def _evaluate(
+    lm: HFLM,
+    params: DownstreamParams,
+    limit: int | float | None,
+    progress: bool,
+    log_samples: bool = False,
+) -> Mapping[str, Any]:
+    """lm-eval's ``simple_evaluate`` results for ``params.tasks``, quietly and reproducibly."""
     from lm_eval import evaluator as lm_evaluator
 
     manager = task_manager(params.online)
@@ -260,10 +299,10 @@ def _scores(
             # Standard errors by bootstrap (perplexity) cost seconds per call; the
             # accuracies themselves do not depend on them.
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=log_samples,
         )
     assert results is not None  # None only on non-zero ranks of a distributed run
-    return _flatten(results, params.tasks, manager)
+    return results
 
 
 def _flatten(

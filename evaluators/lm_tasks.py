@@ -108,6 +108,11 @@ OFFLINE_TASKS: dict[str, str] = {
     "lambada_openai": "LAMBADA (OpenAI) test, 5153 passages: last-word prediction",
     "lambada": "tag: lambada_openai",
     "mmlu": "group: 57 subjects, 14042 test questions (5 dev questions each for few-shot)",
+    "triviaqa": "TriviaQA (rc.wikipedia.nocontext) validation, 7993 questions: closed-book "
+    "generation, exact match",
+    "trivia_qa": "tag: triviaqa",
+    "nq_open": "Natural Questions (open) validation, 3610 questions: closed-book generation, "
+    "exact match",
     **{f"mmlu_{c}": f"group: the MMLU {c} subjects" for c in MMLU_CATEGORIES},
 }
 """The names the offline registry answers to (plus ``mmlu_<subject>`` for each subject)."""
@@ -116,9 +121,16 @@ HEADLINE_METRIC: dict[str, str] = {
     "arc_challenge": "acc_norm",
     "hellaswag": "acc_norm",
     "openbookqa": "acc_norm",
+    "triviaqa": "exact_match,remove_whitespace",
+    "nq_open": "exact_match,remove_whitespace",
 }
 """The accuracy a task is usually reported with where it is not plain ``acc``
-(length-normalised for the tasks whose answers differ much in length)."""
+(length-normalised for the tasks whose answers differ much in length; exact match of
+the answer, stripped of leading whitespace by lm-eval's named filter, for the
+generative ones)."""
+
+_TAGS = {"lambada": "lambada_openai", "trivia_qa": "triviaqa"}
+"""Tag -> its one task (the ``tag:`` entries of the templates): other spellings in use."""
 
 _LAYOUT_VERSION = "1"  # bump when the rendering (not the templates) changes
 
@@ -144,8 +156,8 @@ def offline_leaves(name: str) -> set[str]:
 
     lm-eval refuses to run a task twice in one call, e.g. ``mmlu`` with ``mmlu_anatomy``.
     """
-    if name == "lambada":
-        return {"lambada_openai"}
+    if name in _TAGS:
+        return {_TAGS[name]}
     if name == "mmlu":
         return {f"mmlu_{s}" for s in MMLU_SUBJECTS}
     category = name.removeprefix("mmlu_")

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from evocomp.errors import EvocompError
 from evocomp.evaluators import EVALUATORS, DownstreamParams, LMEvalEvaluator
-from evocomp.evaluators.downstream import downstream_scores
+from evocomp.evaluators.downstream import downstream_generations, downstream_scores
 from evocomp.evaluators.lm_tasks import (
     OFFLINE_TASKS,
     hellaswag_docs,
@@ -42,6 +42,7 @@ SIZES = {
     "openbookqa": 500,
     "lambada_openai": 5153,
 }
+GENERATIVE_SIZES = {"triviaqa": 7993, "nq_open": 3610}  # closed-book QA, exact match
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,6 +102,26 @@ def test_every_offline_task_resolves_and_renders_a_document():
     assert len(anatomy.fewshot_docs()) == 5  # few-shot examples from the dev split
 
 
+def test_generative_tasks_resolve_offline_with_lm_evals_prompts():
+    tasks = _load(task_manager(online=False), ["trivia_qa", "nq_open"])  # a tag, a task
+    assert set(tasks) == set(GENERATIVE_SIZES)
+    for name, size in GENERATIVE_SIZES.items():
+        task = tasks[name]
+        assert task.OUTPUT_TYPE == "generate_until" and len(task.eval_docs) == size, name
+        assert task.config.generation_kwargs["until"] == ["\n", ".", ","], name
+        assert task.config.generation_kwargs["do_sample"] is False, name
+    trivia, nq = tasks["triviaqa"].eval_docs[0], tasks["nq_open"].eval_docs[0]
+    assert tasks["triviaqa"].doc_to_text(trivia) == (  # lm-eval's "?" after the "?"
+        "Question: Which Lloyd Webber musical premiered in the US on 10th December 1993??"
+        "\nAnswer:"
+    )
+    assert "Sunset Boulevard" in tasks["triviaqa"].doc_to_target(trivia)  # any alias counts
+    assert tasks["nq_open"].doc_to_text(nq) == (
+        "Q: when was the last time anyone was on the moon?\nA:"
+    )
+    assert tasks["nq_open"].doc_to_target(nq) == ["14 December 1972 UTC", "December 1972"]
+
+
 def _task_yaml(path: Path) -> dict:
     """A task YAML with its ``include`` merged in; ``!function`` values kept as names."""
 
@@ -130,6 +151,8 @@ def test_task_configs_are_lm_evals_own_except_where_the_data_differs():
         "mmlu/mmlu_anatomy": "mmlu/default/mmlu_anatomy.yaml",
         "mmlu/mmlu": "mmlu/default/_mmlu.yaml",
         "mmlu/mmlu_stem": "mmlu/default/_mmlu_stem.yaml",
+        "triviaqa": "triviaqa/default.yaml",
+        "nq_open": "nq_open/nq_open.yaml",
     }
     where = {"dataset_path", "dataset_name", "dataset_kwargs", "training_split",
              "validation_split", "test_split"}
@@ -139,6 +162,7 @@ def test_task_configs_are_lm_evals_own_except_where_the_data_differs():
         "winogrande": {"doc_to_text", "doc_to_target", "doc_to_choice"},
         "boolq": {"doc_to_target", "metric_list"},  # a bool `answer`; defaults written out
         "lambada_openai": {"doc_to_text", "doc_to_target", "doc_to_decontamination_query"},
+        "triviaqa": {"tag"},  # `trivia_qa`, the dataset's name, as a second spelling
     }
     for ours, lm_evals in pairs.items():
         a, b = _task_yaml(task_dir() / f"{ours}.yaml"), _task_yaml(theirs / lm_evals)
@@ -226,6 +250,48 @@ def test_search_objective_and_applied_genome_equal_the_exported_model(tmp_path, 
     assert dense != applied  # the genome was applied, not a no-op
 
 
+def test_generative_tasks_score_the_applied_genome_as_the_exported_model(
+    tmp_path, uneven_model_dir
+):
+    """Closed-book QA as a search objective: the best genome applied in place and the
+    exported, reloaded model generate the same answers, so score the same exact match."""
+    from transformers import AutoTokenizer
+
+    from evocomp import runner
+    from evocomp.cli import main
+
+    objective = {"name": "lm_eval", "tasks": ["trivia_qa"], "limit": 2, "batch_size": 2}
+    cfg = search_config(
+        tmp_path, uneven_model_dir, evaluator=objective,
+        search={"generations": 1, "offspring": 2, "stages": [{"tokens": 256, "keep": 1}]},
+    )
+    assert main(["-q", "search", cfg]) == 0
+    run = tmp_path / "runs" / "tiny"
+    best = json.loads((run / "best.json").read_text())
+
+    exp = runner.Experiment(runner.load_run_config(run)[0], progress=False)
+    params = DownstreamParams(tasks=["triviaqa", "nq_open"], limit=4)
+    with exp.applied(tuple(best["genome"])) as model:
+        applied = downstream_scores(model, exp.loaded.tokenizer, params, progress=False)
+        answers = downstream_generations(model, exp.loaded.tokenizer, params, progress=False)
+        assert exp.evaluator.evaluate(model)["error"] == best["fitness"]
+    assert set(applied) == {
+        *(f"{t}/{m}" for t in GENERATIVE_SIZES
+          for m in ("exact_match,remove_whitespace", "n", "accuracy")),
+        "accuracy", "error",
+    }
+    assert applied["triviaqa/n"] == applied["nq_open/n"] == 4
+    assert [len(a) for a in answers.values()] == [4, 4] and set(answers) == set(GENERATIVE_SIZES)
+    assert any(a for texts in answers.values() for a in texts)  # something to compare
+
+    exported, _ = exported_model(run, tmp_path / "exported")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert downstream_generations(exported, tokenizer, params, progress=False) == answers
+    assert downstream_scores(exported, tokenizer, params, progress=False) == applied
+    dense = downstream_generations(exp.model, exp.loaded.tokenizer, params, progress=False)
+    assert dense != answers  # the genome was applied, not a no-op
+
+
 def test_budget_scales_the_documents_scored(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -256,6 +322,7 @@ def test_budget_scales_the_documents_scored(tiny_model_dir):
         {"tasks": ["mmlu", "mmlu_anatomy"]},  # lm-eval would refuse to run anatomy twice
         {"tasks": ["mmlu_stem", "mmlu_anatomy"]},
         {"tasks": ["lambada", "lambada_openai"]},
+        {"tasks": ["trivia_qa", "triviaqa"]},
     ],
 )
 def test_bad_params_are_rejected(options):
@@ -277,3 +344,28 @@ def test_unknown_task_names_the_available_ones(tmp_path, tiny_model_dir):
     with pytest.raises(EvocompError, match="unknown lm-eval task 'arc_esay'; allowed: .*hellaswag"):
         downstream_scores(tiny_llama(), byte_tokenizer(), params)
     assert "lambada" in OFFLINE_TASKS and "mmlu_anatomy" in offline_task_names()
+
+
+@pytest.mark.slow
+def test_smollm2_answers_closed_book_questions():
+    """SmolLM2-135M dense on the first 20 questions of each (figures in docs/downstream.md)."""
+    import time
+
+    from evocomp.supernet.models import ModelConfig, load_model
+
+    loaded = load_model(ModelConfig())
+    params = DownstreamParams(tasks=["triviaqa", "nq_open"], limit=20)
+    start = time.perf_counter()
+    scores = downstream_scores(loaded.model, loaded.tokenizer, params, progress=False)
+    seconds = time.perf_counter() - start
+    print(f"\nSmolLM2-135M, 20 documents each, {seconds:.1f} s: {scores}")
+    assert scores["triviaqa/n"] == scores["nq_open/n"] == 20
+    assert all(0 <= scores[f"{t}/accuracy"] <= 1 for t in GENERATIVE_SIZES)
+    few = params.model_copy(update={"limit": 5})  # generation is slow on CPU: a sample
+    answers = downstream_generations(loaded.model, loaded.tokenizer, few, progress=False)
+    print(answers)
+    for task, texts in answers.items():
+        # Answers stop at lm-eval's stop sequences, leading whitespace filtered away.
+        assert len(texts) == 5 and all(
+            not any(c in a for c in "\n.,") and a == a.lstrip() for a in texts
+        ), task
