@@ -16,6 +16,7 @@ Quantized runs use symmetric grids (``compressor.symmetric: true``): transformer
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -79,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     from evocomp.config import load_config
     from evocomp.evaluators import PerplexityEvaluator
-    from evocomp.runner import Experiment
+    from evocomp.runner import Experiment, RunDir, load_best
 
     work = Path(args.work)
     figures: dict[str, Any] = {
@@ -106,16 +107,18 @@ def main() -> None:
         cfg = load_config(str(run / "config.yaml"))
         exp = Experiment(cfg, progress=False)
         heldout = exp.splits.heldout
-        searched = json.loads((run / "eval.json").read_text())["ppl"]["searched"]
+        # Scored like the reloads (eval.json's perplexity comes from the KL pass,
+        # whose log-softmax rounds differently in the last digits).
+        with exp.applied(load_best(RunDir(run))) as model:
+            searched = PerplexityEvaluator(heldout, batch_size=1).evaluate(model)["ppl"]
         if not dense_done:
             for dtype, label in ((torch.float32, "dense_fp32"), (torch.bfloat16, "dense_bf16")):
                 folder = work / label
                 shutil.rmtree(folder, ignore_errors=True)
-                exp.model.to(dtype).save_pretrained(folder)
+                copy.deepcopy(exp.model).to(dtype).save_pretrained(folder)
                 figures["size_bytes"][label] = sum(
                     p.stat().st_size for p in folder.glob("*.safetensors")
                 )
-            exp.model.to(torch.float32)
             dense_done = True
         bf16 = figures["size_bytes"]["dense_bf16"]
         for fmt in FORMATS:
