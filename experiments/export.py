@@ -16,7 +16,6 @@ written dequantizes to exactly the searched weight.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,6 @@ from evocomp.errors import EvocompError
 from evocomp.supernet.compressors import COMPRESSORS, Grid
 from evocomp.supernet.database import unit_weight
 from evocomp.supernet.quantizers import QuantizedWeight
-
-log = logging.getLogger("evocomp")
 
 Format = Literal["hf", "compressed-tensors", "gguf"]
 FORMATS: tuple[Format, ...] = ("hf", "compressed-tensors", "gguf")
@@ -127,9 +124,8 @@ def gguf_plan(exp: Any, genome: Any, model: nn.Module, layers: list[QuantizedLay
 
 
 def check_format(fmt: str, layers: list[QuantizedLayer]) -> None:
-    """Refuse, before anything is written, a format that cannot hold every layer."""
-    if fmt not in FORMATS:
-        raise EvocompError(f"--format {fmt!r} is not a format; choose one of {', '.join(FORMATS)}")
+    """Refuse, before anything is written, a format that cannot hold every layer
+    (``fmt`` is one of :data:`FORMATS`: the command checks it before loading)."""
     if fmt == "compressed-tensors":
         if any(q.transposed for q in layers):
             raise EvocompError(
@@ -194,8 +190,7 @@ def compressed_state_dict(
     schemes: dict[tuple[int, int, bool], QuantizationScheme] = {}
     for layer in layers:
         name, q = names[id(layer.module)], layer.weight
-        rows, columns = q.codes.shape
-        per_row = q.group_size == columns
+        per_row = q.group_size == q.codes.shape[1]
         key = (q.bits, 0 if per_row else q.group_size, layer.grid.symmetric)
         if key not in schemes:
             schemes[key] = QuantizationScheme(
@@ -211,15 +206,16 @@ def compressed_state_dict(
         by_grid.setdefault(key, []).append(name)
         # compressed-tensors' codes are signed: code − 2^(bits−1), zero likewise.
         half = 2 ** (q.bits - 1)
+        # The searched weight, which QuantizedWeight.recover found on this grid.
         weight = state.pop(f"{name}.weight")
         tensors = {
-            "weight": q.dequantize(torch.float32),
+            "weight": q.dequantize(torch.float32),  # exact grid values, whatever the dtype
             "weight_scale": q.scale.to(torch.float32),
             "weight_zero_point": (q.zero - half).to(torch.int8),
         }
         packed = PackedQuantizationCompressor.compress(tensors, schemes[key])
         unpacked = PackedQuantizationCompressor.decompress(packed, schemes[key])["weight"]
-        if not torch.equal(unpacked.to(weight.dtype), q.dequantize(weight.dtype)):
+        if not torch.equal(unpacked.to(weight.dtype), weight):
             raise EvocompError(f"packing {name} did not reproduce its weight; not exported")
         for part, tensor in packed.items():
             state[f"{name}.{part}"] = tensor
@@ -273,19 +269,15 @@ def layer_formats(
         summary["requantized"] = plan.requantized
     if fmt == "compressed-tensors":
         summary["packed"] = dict(sorted(packed.items()))
+        import compressed_tensors
+
         summary["sparsity"] = (
             "stored dense with its zeros: compressed-tensors "
-            f"{_version('compressed-tensors')} has no sparse compressor"
+            f"{compressed_tensors.__version__} has no sparse compressor"
         )
     if off_grid:
         summary["off_grid"] = off_grid
     return summary
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def folder_bytes(folder: Path) -> int:
