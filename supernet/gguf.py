@@ -98,9 +98,7 @@ class GGUFQuantizer(LayerCompressor):
 
     def compress(self, level: int) -> torch.Tensor:
         """The weight quantized to GGUF type ``level`` and dequantized (original dtype)."""
-        kind = self._type(level)
-        packed = quantize(self.weight.cpu().numpy(), GGMLQuantizationType(kind.id))
-        values = dequantize(packed, GGMLQuantizationType(kind.id))
+        values = dequantize(self.quantize(level), GGMLQuantizationType(self._type(level).id))
         return torch.from_numpy(values).to(device=self.device, dtype=self.dtype)
 
     def _type(self, level: int) -> GGUFType:
