@@ -43,6 +43,7 @@ from evocomp.errors import EvocompError
 from evocomp.paths import locked
 from evocomp.spaces.units import Unit, VariantKey, variant_key
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor
+from evocomp.supernet.offload import blocks_on_device
 from evocomp.supernet.structured import KEPT
 from evocomp.supernet.sublayers import first_output
 from evocomp.supernet.units import find_blocks
@@ -537,6 +538,7 @@ def _build_database(
         with torch.inference_mode():
             inputs = capture_block_inputs(model, calibration, batch_size)
             bar = tqdm(range(last + 1), desc="database", unit="block", disable=not progress)
+            bar = blocks_on_device(model, blocks, bar)  # offloaded: one block on the device
             if compressor_cls.unit_family == "sublayer":
                 batches = [Batch(hidden, kw) for hidden, kw in inputs]
                 del inputs

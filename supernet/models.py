@@ -28,6 +28,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from evocomp.errors import EvocompError, choices
 from evocomp.paths import cache_dir
 from evocomp.registry import StrictModel
+from evocomp.supernet.offload import offload_blocks
 
 log = logging.getLogger("evocomp")
 
@@ -74,6 +75,9 @@ class ModelConfig(StrictModel):
     """Which ``.gguf`` file to use when ``name`` is a directory or hub repo holding several."""
     trust_remote_code: bool = False
     """Passed to transformers: run the model repository's own code."""
+    offload: bool = False
+    """Keep the transformer blocks in CPU memory and copy each to ``device`` only while
+    it runs or is compressed (models larger than the device; see docs/scaling.md)."""
 
     @field_validator("device")
     @classmethod
@@ -88,7 +92,8 @@ class ModelConfig(StrictModel):
 
 @dataclass
 class LoadedModel:
-    """A model ready for evaluation: eval mode, no gradients, on the configured device/dtype."""
+    """A model ready for evaluation: eval mode, no gradients, on the configured device/dtype
+    (with ``offload``, its blocks in CPU memory, visiting the device one at a time)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -143,7 +148,11 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             f"{_short(err)}"
         ) from err
 
-    model = model.to(device=cfg.device, dtype=DTYPES[cfg.dtype]).eval()
+    if cfg.offload:
+        model = model.to(dtype=DTYPES[cfg.dtype]).eval()
+        offload_blocks(model, cfg.device)
+    else:
+        model = model.to(device=cfg.device, dtype=DTYPES[cfg.dtype]).eval()
     model.requires_grad_(False)
     # Scoring runs full sequences once; a KV cache would only cost memory.
     model.config.use_cache = False
