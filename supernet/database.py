@@ -25,12 +25,12 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -472,11 +472,16 @@ def build_database(
     progress: bool = True,
     on_block: Callable[[int], None] | None = None,
     gradients: dict[str, torch.Tensor] | None = None,
+    compress: CompressUnits | None = None,
 ) -> bool:
     """Compute and store every variant in ``spec``, block by block.
 
     ``gradients`` (per-weight gradient norms by unit name) go to compressors that
-    read them (:meth:`~.LayerCompressor.needs_gradients`).
+    read them (:meth:`~.LayerCompressor.needs_gradients`). ``compress`` says where
+    each block's linear units are compressed (default: in this process, one after
+    another); this process always feeds the calibration inputs, accumulates the
+    statistics and writes the block files. Width (sublayer-family) builds run here.
+    ``on_block(b)`` is called once block ``b`` is finished, in block order.
 
     Resumes a partial build of the same spec; refuses a directory holding a
     database of another spec. Finished blocks whose files are missing, unreadable
@@ -498,6 +503,7 @@ def build_database(
         return _build_database(
             model, units, spec, root, calibration, params=params, batch_size=batch_size,
             progress=progress, on_block=on_block, gradients=gradients,
+            compress=compress or CompressHere(),
         )
 
 
@@ -513,6 +519,7 @@ def _build_database(
     progress: bool,
     on_block: Callable[[int], None] | None,
     gradients: dict[str, torch.Tensor] | None,
+    compress: CompressUnits,
 ) -> bool:
     compressor_cls = COMPRESSORS.get(spec.compressor)
     manifest = _start_manifest(root, spec, units, compressor_cls.parts)
@@ -557,19 +564,48 @@ def _build_database(
                         on_block(b)
             else:
                 make = compressor_factory(compressor_cls, params, gradients)
+                # Blocks forwarded but not yet finished: each one's tensors (None: no
+                # file to write), being compressed while later blocks are forwarded.
+                pending: deque[tuple[int, Callable[[], dict[str, torch.Tensor]] | None]] = (
+                    deque()
+                )
+
+                def finish(keep: int) -> dict[str, torch.Tensor]:
+                    """Write the pending blocks, oldest first, until ``keep`` are left;
+                    the last one's tensors."""
+                    tensors: dict[str, torch.Tensor] = {}
+                    while len(pending) > keep:
+                        block, wait = pending.popleft()
+                        tensors = {} if wait is None else wait()
+                        if wait is not None:
+                            _write_block(root, block, tensors, manifest, done)
+                        if on_block is not None:
+                            on_block(block)
+                    return tensors
+
                 for b in bar:
                     todo = [] if b in done else by_block.get(b, [])
                     # With spec.through, the next block sees this one's start variants
                     # (no need for them after the last block built).
                     start = _starts(spec, by_block.get(b, [])) if b < last else {}
-                    tensors: dict[str, torch.Tensor] = {}
                     if todo or not start:
                         compressors = _attach(model, todo, make)
                         outputs = _forward_block(blocks[b], inputs, compressors)
                     if todo:
-                        tensors = _compress_block(model, todo, compressors, variants)
-                        del compressors  # free the calibration statistics before the next block
-                        _write_block(root, b, tensors, manifest, done)
+                        jobs = [
+                            UnitJob(
+                                u, compressors[u.name][0], tuple(variants[u.name]),
+                                model.get_submodule(u.name).weight.dtype,
+                            )
+                            for u in todo
+                        ]
+                        pending.append((b, compress(jobs)))
+                        del compressors, jobs  # free the statistics once compressed
+                    else:
+                        pending.append((b, None))
+                    # The next block's inputs go through this one's start variants:
+                    # it (and every block before) is finished first.
+                    tensors = finish(0 if start else compress.ahead)
                     if start:
                         # A finished block's start variants are read back as stored, so a
                         # resumed build propagates exactly what an uninterrupted one did.
@@ -581,8 +617,7 @@ def _build_database(
                         outputs = _forward_through(model, blocks[b], inputs, weights)
                     inputs = outputs
                     del tensors
-                    if on_block is not None:
-                        on_block(b)
+                finish(0)
     manifest["complete"] = True
     _atomic_write_json(root / "manifest.json", manifest)
     return True
@@ -706,28 +741,64 @@ def _forward_through(
             module.weight.data = original
 
 
-def _compress_block(
-    model: nn.Module,
-    units: Sequence[Unit],
-    compressors: _Attached,
-    variants: dict[str, list[Any]],
-) -> dict[str, torch.Tensor]:
-    """Every variant of ``units`` (one block's), by stored tensor name: in module layout
-    (Conv1D transposed back), in the weight's dtype, contiguous, on the CPU."""
+@dataclass(frozen=True)
+class UnitJob:
+    """One unit's share of a block's compression: its compressor, fed the block's
+    calibration inputs (statistics such as the Hessian accumulated), and the variant
+    keys to store. Pickles with that state, so workers can compress it elsewhere."""
+
+    unit: Unit
+    compressor: LayerCompressor
+    keys: tuple[VariantKey, ...]
+    dtype: torch.dtype  # the module weight's, which the stored weights take
+
+
+def compress_unit(job: UnitJob) -> dict[str, torch.Tensor]:
+    """Every variant of ``job``'s unit, by stored tensor name: in module layout (Conv1D
+    transposed back), in the weight's dtype, contiguous, on the CPU. The one place a
+    compressor's output becomes stored tensors, wherever a build runs it, so builds in
+    process and on workers write the same bytes."""
+    u, comp = job.unit, job.compressor
     tensors: dict[str, torch.Tensor] = {}
-    for u in units:
-        comp, _ = compressors[u.name]
-        weight = model.get_submodule(u.name).weight
-        # Sorted, so that a composite compressor sees every (zeros, bits) of one
-        # zero count together and can reuse its pruned weight.
-        for key in sorted(map(variant_key, variants[u.name]), key=_order):
-            w, parts = comp.compress_parts(key)
-            tensors[variant_name(u.name, key)] = (
-                (w.T if u.transposed else w).to(weight.dtype).contiguous().cpu()
-            )
-            for part, t in parts.items():  # in the compressor's [out, in] layout
-                tensors[variant_name(u.name, key, part)] = t.contiguous().cpu()
+    # Sorted, so that a composite compressor sees every (zeros, bits) of one
+    # zero count together and can reuse its pruned weight.
+    for key in sorted(map(variant_key, job.keys), key=_order):
+        w, parts = comp.compress_parts(key)
+        tensors[variant_name(u.name, key)] = (
+            (w.T if u.transposed else w).to(job.dtype).contiguous().cpu()
+        )
+        for part, t in parts.items():  # in the compressor's [out, in] layout
+            tensors[variant_name(u.name, key, part)] = t.contiguous().cpu()
     return tensors
+
+
+class CompressUnits(Protocol):
+    """Where a build compresses each block's units (linear-family compressors): in
+    this process (:class:`CompressHere`, the default) or on workers (e.g.
+    ``evocomp.search.build.RayCompressUnits``). Each unit's tensors must be
+    :func:`compress_unit`'s."""
+
+    ahead: int
+    """Blocks whose compression may still be running while the build feeds the next
+    block's statistics (0: each block is compressed before the next is forwarded).
+    Builds that propagate through a block's start variants wait for it regardless."""
+
+    def __call__(self, jobs: Sequence[UnitJob]) -> Callable[[], dict[str, torch.Tensor]]:
+        """Start compressing one block's ``jobs``; the returned function waits for
+        their tensors, by stored name, in the order of ``jobs``."""
+        ...
+
+
+class CompressHere:
+    """:class:`CompressUnits` in this process, one unit after another, at once."""
+
+    ahead = 0
+
+    def __call__(self, jobs: Sequence[UnitJob]) -> Callable[[], dict[str, torch.Tensor]]:
+        tensors: dict[str, torch.Tensor] = {}
+        for job in jobs:
+            tensors.update(compress_unit(job))
+        return lambda: tensors
 
 
 def _width_tensors(
