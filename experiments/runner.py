@@ -150,7 +150,8 @@ class Experiment:
 
     @cached_property
     def database(self) -> VariantDatabase | None:
-        """The variant database, built first if it is missing or unfinished."""
+        """The variant database, built first if it is missing or unfinished (its
+        units compressed where the executor says: on its Ray workers for ``ray``)."""
         spec = self.database_spec()
         if not spec.variants:
             return None
@@ -161,17 +162,22 @@ class Experiment:
         gradients = None
         if COMPRESSORS.get(self.cfg.compressor.name).needs_gradients(self.cfg.compressor.params):
             gradients = self.gradients(units)
-        built = build_database(
-            self.model,
-            units,
-            spec,
-            root,
-            self.splits.calibration,
-            params=self.cfg.compressor.params,
-            batch_size=self.cfg.database.batch_size,
-            progress=self.progress,
-            gradients=gradients,
-        )
+        executor = self.cfg.executor
+        # With executor ray, Ray workers compress the units (started only if a
+        # block is left to build).
+        with EXECUTORS.get(executor.name).compress_units(executor.params) as compress:
+            built = build_database(
+                self.model,
+                units,
+                spec,
+                root,
+                self.splits.calibration,
+                params=self.cfg.compressor.params,
+                batch_size=self.cfg.database.batch_size,
+                progress=self.progress,
+                gradients=gradients,
+                compress=compress,
+            )
         db = open_database(root, spec, cache_gb=self.cfg.database.cache_gb)
         if built:
             log.info("variant database built in %.1f s: %s", time.perf_counter() - started, root)

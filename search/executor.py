@@ -17,7 +17,8 @@ import os
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import Field
 
@@ -25,6 +26,9 @@ from evocomp.errors import EvocompError
 from evocomp.registry import Registry, StrictModel
 from evocomp.search.base import Request, Training
 from evocomp.spaces.base import Genome
+
+if TYPE_CHECKING:
+    from evocomp.supernet.database import CompressUnits
 
 log = logging.getLogger("evocomp")
 
@@ -85,6 +89,13 @@ class Executor(ABC, Generic[P]):
         evaluating model's device: refuse settings that cannot work, with a message
         naming the option. Every setting works in process."""
         return None
+
+    @classmethod
+    def compress_units(cls, params: Any) -> AbstractContextManager[CompressUnits | None]:
+        """Where a variant database build with these options (a ``cls.Params``)
+        compresses its units: a :class:`~evocomp.supernet.database.CompressUnits`
+        released on leaving the context, or None (the default) for in process."""
+        return nullcontext(None)
 
     @property
     def workers(self) -> int:
@@ -171,16 +182,22 @@ def start_ray(address: str | None, *, who: str, num_cpus: int | None = None) -> 
 class RayExecutorParams(ExecutorParams):
     """Options of :class:`RayExecutor`."""
 
-    num_workers: int = Field(2, ge=1, description="Ray actors, each with a model replica")
+    num_workers: int = Field(
+        2, ge=1,
+        description="Ray actors, each with a model replica (a local Ray also runs this many "
+        "database-build tasks at once)",
+    )
     gpus_per_worker: float = Field(
         0, ge=0, description="GPUs per actor (fractions share a GPU); 0: CPU only"
     )
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves per actor")
+    cpus_per_worker: float = Field(
+        1, gt=0, description="CPUs Ray reserves per actor (and per database-build task)"
+    )
     threads_per_worker: int = Field(
         1,
         ge=1,
-        description="torch threads per actor; with several actors per machine, "
-        "threads x workers <= cores avoids thread contention",
+        description="torch threads per actor (and per database-build task); with several "
+        "actors per machine, threads x workers <= cores avoids thread contention",
     )
     address: str | None = Field(
         None,
@@ -210,6 +227,9 @@ class RayExecutor(Executor[RayExecutorParams]):
     (and stopped by :meth:`close`); ``"auto"`` or ``"ray://host:port"`` joins a
     cluster. If Ray is already initialised in this process (e.g. inside a Ray Tune
     trial) it is used as it is and left running.
+
+    The same options spread a variant database build over Ray tasks
+    (:meth:`compress_units`).
 
     A worker that dies (killed, out of memory, lost node) makes :meth:`map` raise
     :class:`~evocomp.errors.EvocompError`; an :class:`~evocomp.errors.EvocompError`
@@ -244,6 +264,17 @@ class RayExecutor(Executor[RayExecutorParams]):
     def check(cls, params: RayExecutorParams, *, device: str) -> None:
         """A CUDA model needs GPUs per worker, and each worker sees only its own."""
         _check_device(params, device)
+
+    @classmethod
+    def compress_units(
+        cls, params: RayExecutorParams
+    ) -> AbstractContextManager[CompressUnits | None]:
+        """Tasks on Ray workers sized like the actors (see
+        :class:`~evocomp.search.build.RayCompressUnits`); Ray starts on the first
+        block to build."""
+        from evocomp.search.build import RayCompressUnits  # it imports this module
+
+        return RayCompressUnits(params)
 
     @property
     def workers(self) -> int:

@@ -1,0 +1,127 @@
+"""Variant database builds spread over Ray workers.
+
+The building process feeds each block the calibration inputs once, accumulating
+every unit's statistics (e.g. the Hessian), and sends each unit's
+:class:`~evocomp.supernet.database.UnitJob` (its compressor with those statistics)
+to a Ray task, which runs :func:`~evocomp.supernet.database.compress_unit`, the
+same function an in-process build runs, on as many torch threads as the
+executor's workers use. The tensors come back through Ray's object store, in the
+jobs' order, and the building process writes each block file atomically as
+before, so the files are byte for byte those of an in-process build and an
+interrupted build resumes at the first unfinished block. While the workers
+compress a block, the building process forwards the next one (unless the next
+block's inputs go through this block's start variants).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from evocomp.errors import EvocompError
+from evocomp.search.executor import RayExecutorParams, forwarded_env, start_ray
+from evocomp.supernet.database import UnitJob, compress_unit
+
+
+def _compress(job: UnitJob, threads: int) -> dict[str, torch.Tensor]:
+    """One Ray task: ``job``'s tensors, on ``threads`` torch threads (a task may run in
+    a worker process that ran others, so it says so each time)."""
+    torch.set_num_threads(threads)
+    return compress_unit(job)
+
+
+class RayCompressUnits:
+    """:class:`~evocomp.supernet.database.CompressUnits` on Ray tasks, sized like a
+    :class:`~evocomp.search.executor.RayExecutor`'s workers: each task reserves
+    ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs and runs
+    ``threads_per_worker`` torch threads. With ``address: null`` a local Ray with
+    ``num_workers x cpus_per_worker`` CPUs (so at most ``num_workers`` tasks at once)
+    is started on the first block to compress, not before (a complete database needs
+    none), and stopped by :meth:`close`; a joined cluster runs as many tasks at once
+    as its resources allow. A Ray already initialised here is used and left running.
+
+    Use it as a context manager. A task that fails with an
+    :class:`~evocomp.errors.EvocompError` re-raises it here; a dead worker raises one.
+    """
+
+    ahead = 1
+    """One block is compressed while the next block's statistics are accumulated:
+    the workers stay busy across block boundaries, and the building process holds
+    at most two blocks' tensors."""
+
+    def __init__(self, params: RayExecutorParams) -> None:
+        self.params = params
+        self._ray: Any = None
+        self._task: Any = None
+        self._started = False
+
+    def _connect(self) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise EvocompError("executor 'ray' needs Ray: pip install 'evocomp[ray]'") from None
+        p = self.params
+        self._ray = ray
+        self._started = start_ray(
+            p.address,
+            who="the Ray database build",
+            num_cpus=max(1, math.ceil(p.num_workers * p.cpus_per_worker)),
+        )
+        options: dict[str, Any] = {
+            "num_cpus": p.cpus_per_worker,
+            "num_gpus": p.gpus_per_worker,
+            "max_retries": 0,  # a failed compression fails the build; it resumes later
+        }
+        env = forwarded_env()
+        # As for the executor's actors: a Ray started here passes the environment on.
+        if env and not (self._started and p.address is None):
+            options["runtime_env"] = {"env_vars": env}
+        self._task = ray.remote(_compress).options(**options)
+
+    def __call__(self, jobs: Sequence[UnitJob]) -> Callable[[], dict[str, torch.Tensor]]:
+        if self._task is None:
+            self._connect()
+        threads = self.params.threads_per_worker
+        refs = [self._task.remote(job, threads) for job in jobs]
+
+        def wait() -> dict[str, torch.Tensor]:
+            tensors: dict[str, torch.Tensor] = {}
+            for job, ref in zip(jobs, refs, strict=True):
+                tensors.update(self._get(ref, job))
+            return tensors
+
+        return wait
+
+    def _get(self, ref: Any, job: UnitJob) -> dict[str, torch.Tensor]:
+        """``ray.get`` with failures turned into what the caller can act on."""
+        exc = self._ray.exceptions
+        try:
+            return self._ray.get(ref)
+        except exc.RayTaskError as err:
+            if isinstance(err.cause, EvocompError):
+                raise err.cause from None
+            raise  # a bug: keep the worker's traceback, which the error carries
+        except exc.RayError as err:  # the worker or its node died (killed, OOM, lost)
+            raise EvocompError(
+                f"a Ray worker died while compressing {job.unit.name}: {err}\n(out of "
+                "memory? the workers' logs are in Ray's session directory, e.g. "
+                "/tmp/ray/session_latest/logs); building again resumes at this block"
+            ) from err
+
+    def close(self) -> None:
+        """Stop the local Ray started here, if any; safe to call more than once."""
+        if self._started and self._ray.is_initialized():
+            with contextlib.suppress(Exception):
+                self._ray.shutdown()
+        self._started = False
+        self._task = None
+
+    def __enter__(self) -> RayCompressUnits:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
