@@ -3,9 +3,19 @@ once from calibration activations and stored on disk as safetensors.
 
 Layout of a database directory::
 
-    manifest.json          key parts, units, variants, finished blocks, checksums
+    manifest.json          key parts, units, variants, finished blocks, checksums,
+                           each stored weight's encoding (``encodings``)
     block_000.safetensors  tensors named "<unit name>@<variant key>" (see variant_name)
     ...
+
+Each stored weight takes the smallest exact form (:mod:`.encoding`): quantized
+weights as packed integer codes on their stored grid (``unit@3:codes`` beside the
+``unit@3.scale`` and ``unit@3.zero`` parts), sparse ones as a bitmask and their
+nonzero values (``unit@7:mask``, ``unit@7:values``), the others dense under their
+own name as before. The manifest's ``encodings`` list every weight not stored
+dense, per block file; a block without that record (written before encodings,
+``storage`` 1) is dense throughout and is read as it is. Parts are stored dense.
+:meth:`VariantDatabase.get` decodes, so readers see the same tensors either way.
 
 Builds go block by block with the calibration inputs propagated through the
 dense model, or through each block's start variants (the search's starting point)
@@ -42,6 +52,7 @@ from tqdm.auto import tqdm
 from evocomp.errors import EvocompError
 from evocomp.paths import locked
 from evocomp.spaces.units import Unit, VariantKey, variant_key
+from evocomp.supernet import encoding
 from evocomp.supernet.compressors import COMPRESSORS, LayerCompressor
 from evocomp.supernet.offload import blocks_on_device
 from evocomp.supernet.structured import KEPT
@@ -52,6 +63,16 @@ from evocomp.supernet.widths import Batch, WidthVariant, build_width_block, prop
 log = logging.getLogger("evocomp")
 
 FORMAT_VERSION = 1
+"""Part of every database key; bumping it renames (rebuilds) every database."""
+
+STORAGE_VERSION = 2
+"""How block files store tensors, recorded in the manifest as ``storage`` but not in
+the key: 1 (absent) every tensor dense; 2 weights in their smallest exact encoding.
+A reader handles every version up to its own, so databases keep their key and are
+read as written, never rebuilt for it."""
+
+_ENCODE = True
+"""Whether builds encode weights (off: the dense storage-1 layout; for benchmarks)."""
 
 def variant_name(unit: str, key: VariantKey, part: str = "") -> str:
     """The stored tensor name of ``unit`` at ``key``: ``unit@7`` for an int key (the
@@ -190,10 +211,8 @@ class VariantDatabase:
             self._checked.add(block)
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
-                # A view into the memory-mapped file is misaligned (the header has
-                # arbitrary length), which slowed CPU matmuls ~5% (measured); the
-                # clone is aligned and resident while it stays in the cache.
-                tensor = f.get_tensor(variant_name(unit, variant, part)).clone()
+                name = variant_name(unit, variant, part)
+                tensor = _load(f, name, _encodings(self.manifest, block))
         except (SafetensorError, OSError) as err:
             raise EvocompError(
                 f"database file {path} is corrupt or unreadable ({err}); delete {self.root} "
@@ -205,6 +224,59 @@ class VariantDatabase:
             _, old = self._cache.popitem(last=False)
             self._cached -= old.numel() * old.element_size()
         return tensor
+
+
+def _encodings(manifest: dict[str, Any], block: int) -> dict[str, dict[str, Any]]:
+    """The encodings of ``block``'s weights not stored dense, by stored name (none in
+    a block written before encodings)."""
+    return manifest.get("encodings", {}).get(_block_file(block), {})
+
+
+def _stored_names(name: str, encodings: dict[str, dict[str, Any]]) -> list[str]:
+    """The tensors a block file holds for the stored tensor ``name``."""
+    meta = encodings.get(name)
+    if meta is None:
+        return [name]
+    return [f"{name}:{piece}" for piece in encoding.PIECES[meta["encoding"]]] or [name]
+
+
+def _load(f: Any, name: str, encodings: dict[str, dict[str, Any]]) -> torch.Tensor:
+    """The stored tensor ``name`` of the open block file ``f``, decoded (see
+    :mod:`.encoding`), as an aligned tensor of its own."""
+    meta = encodings.get(name)
+    if meta is None or meta["encoding"] == encoding.DENSE:
+        # A view into the memory-mapped file is misaligned (the header has
+        # arbitrary length), which slowed CPU matmuls ~5% (measured); the
+        # clone is aligned and resident while it stays in the cache.
+        return f.get_tensor(name).clone()
+    pieces = {p: f.get_tensor(f"{name}:{p}") for p in encoding.PIECES[meta["encoding"]]}
+    grid = None
+    if meta["encoding"] == encoding.CODES:
+        grid = (f.get_tensor(f"{name}.scale"), f.get_tensor(f"{name}.zero"))
+    return encoding.decode(meta, pieces, grid)
+
+
+def _encode_block(
+    tensors: dict[str, torch.Tensor], weights: set[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """``tensors`` as a block file stores them: each of ``weights`` in its smallest
+    exact encoding (a quantized one decoded with its ``scale``/``zero`` parts, which
+    stay dense like every part); the encodings not dense, by stored name."""
+    stored: dict[str, torch.Tensor] = {}
+    encodings: dict[str, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        if name not in weights:
+            stored[name] = tensor
+            continue
+        scale, zero = tensors.get(f"{name}.scale"), tensors.get(f"{name}.zero")
+        grid = (scale, zero) if scale is not None and zero is not None else None
+        meta, pieces = encoding.encode(tensor, grid)
+        if meta["encoding"] == encoding.DENSE:
+            stored[name] = tensor
+            continue
+        encodings[name] = meta
+        stored.update({f"{name}:{piece}": t for piece, t in pieces.items()})
+    return stored, encodings
 
 
 def _order(key: VariantKey) -> tuple[int, ...]:
@@ -221,6 +293,7 @@ def open_database(root: Path, spec: DatabaseSpec, *, cache_gb: float = 8.0) -> V
     if manifest is None or not manifest.get("complete"):
         raise EvocompError(f"no finished variant database at {root}; run `evocomp database build`")
     _check_same(root, manifest, spec)
+    _check_storage(root, manifest)
     # Cheap checks here (size, header, tensor names); each file is hashed when
     # first read (VariantDatabase.get), unless this process already did.
     for block in _blocks(manifest):
@@ -231,6 +304,17 @@ def open_database(root: Path, spec: DatabaseSpec, *, cache_gb: float = 8.0) -> V
                 "to rebuild it"
             )
     return VariantDatabase(root, manifest, cache_bytes=int(cache_gb * 2**30))
+
+
+def _check_storage(root: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a database whose block files a newer evocomp wrote in a layout this
+    one cannot read (see :data:`STORAGE_VERSION`)."""
+    if manifest.get("storage", 1) > STORAGE_VERSION:
+        raise EvocompError(
+            f"the variant database at {root} was written by a newer evocomp (storage "
+            f"{manifest['storage']}, this one reads up to {STORAGE_VERSION}); upgrade "
+            "evocomp, or point database.path elsewhere"
+        )
 
 
 def _read_manifest(root: Path) -> dict[str, Any] | None:
@@ -309,12 +393,25 @@ def _block_problem(root: Path, manifest: dict[str, Any], block: int) -> str | No
 
 
 def _block_names(manifest: dict[str, Any], block: int) -> set[str]:
+    """The tensors ``block``'s file must hold: every variant's weight (the pieces of
+    its encoding, see :func:`_stored_names`) and parts."""
+    encodings = _encodings(manifest, block)
+    return {
+        stored
+        for name in _variant_names(manifest, block, parts=True)
+        for stored in _stored_names(name, encodings)
+    }
+
+
+def _variant_names(manifest: dict[str, Any], block: int, *, parts: bool) -> set[str]:
+    """The stored tensor names of ``block``'s variants: their weights, and with
+    ``parts`` their parts too."""
     return {
         variant_name(name, variant_key(k), part)
         for name, info in manifest["units"].items()
         if info["block"] == block
         for k in info["variants"]
-        for part in ("", *info.get("parts", ()))
+        for part in ("", *(info.get("parts", ()) if parts else ()))
     }
 
 
@@ -632,6 +729,7 @@ def _forget(root: Path, manifest: dict[str, Any], damaged: dict[int, str]) -> No
     manifest["complete"] = False
     for block in damaged:
         manifest.get("checksums", {}).pop(_block_file(block), None)
+        manifest.get("encodings", {}).pop(_block_file(block), None)
     _atomic_write_json(root / "manifest.json", manifest)
 
 
@@ -661,13 +759,14 @@ def _start_manifest(
     manifest = _read_manifest(root)
     if manifest is not None:
         _check_same(root, manifest, spec)
+        _check_storage(root, manifest)
         if _lacks_parts(manifest, parts):
             # Written before its compressor stored these parts (e.g. quantization
             # grids): the same weights are built again, now with every part.
             log.warning("database %s lacks the parts %s; rebuilding it", root, ", ".join(parts))
             for info in manifest["units"].values():
                 info["parts"] = list(parts)
-            manifest.update(done_blocks=[], checksums={}, complete=False)
+            manifest.update(done_blocks=[], checksums={}, encodings={}, complete=False)
             _atomic_write_json(root / "manifest.json", manifest)
         return manifest
     manifest = {
@@ -684,6 +783,8 @@ def _start_manifest(
         },
         "done_blocks": [],
         "checksums": {},  # block file -> {"sha256", "bytes"} as written
+        "storage": STORAGE_VERSION if _ENCODE else 1,
+        "encodings": {},  # block file -> {stored name: encoding}, the weights not dense
         "complete": False,
     }
     _atomic_write_json(root / "manifest.json", manifest)
@@ -716,9 +817,12 @@ def _starts(spec: DatabaseSpec, units: Sequence[Unit]) -> dict[str, VariantKey]:
 
 
 def _read_variant(root: Path, block: int, unit: str, key: VariantKey) -> torch.Tensor:
-    """One stored weight of a finished (checked) block file."""
+    """One stored weight of a finished (checked) block file, decoded."""
+    # The manifest on disk was written with the block (see _write_block), so it
+    # holds the block's encodings.
+    manifest = _read_manifest(root) or {}
     with safe_open(str(root / _block_file(block)), framework="pt") as f:
-        return f.get_tensor(variant_name(unit, key))
+        return _load(f, variant_name(unit, key), _encodings(manifest, block))
 
 
 def _forward_through(
@@ -823,6 +927,9 @@ def _write_block(
     file's size and SHA-256 (in ``done`` and in the manifest on disk)."""
     name = _block_file(block)
     tmp = root / (name + ".tmp")
+    encodings: dict[str, dict[str, Any]] = {}
+    if _ENCODE:
+        tensors, encodings = _encode_block(tensors, _variant_names(manifest, block, parts=False))
     # save_file writes the tensors in place (safetensors.torch.save would first
     # copy them into one bytes object); the hash then reads the file back from
     # the page cache it was just written to.
@@ -832,6 +939,9 @@ def _write_block(
     ident = _identity(root / name, sha256)
     _VERIFIED.add(ident)
     manifest.setdefault("checksums", {})[name] = {"sha256": sha256, "bytes": ident[2]}
+    manifest.setdefault("encodings", {})[name] = encodings
+    if encodings:
+        manifest["storage"] = STORAGE_VERSION
     manifest["done_blocks"] = sorted(done | {block})
     done.add(block)
     _atomic_write_json(root / "manifest.json", manifest)

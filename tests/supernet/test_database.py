@@ -70,7 +70,10 @@ def test_int_keys_keep_the_original_tensor_names(built):
     with safe_open(str(root / "block_000.safetensors"), framework="pt") as f:
         names = set(f.keys())
     assert len(blocks) > 1
-    assert names == {f"{u.name}@{z}" for u in units if u.block == 0 for z in spec.variants[u.name]}
+    # Sparse weights are stored as pieces of their name (unit@7:mask, unit@7:values).
+    assert {n.split(":")[0] for n in names} == {
+        f"{u.name}@{z}" for u in units if u.block == 0 for z in spec.variants[u.name]
+    }
 
 
 def test_variant_keys_normalise_json_lists_and_reject_others():
@@ -114,8 +117,9 @@ def test_tuple_keys_store_and_load_prune_quantize_variants(tiny_model, tmp_path)
         db.get(units[0].name, (1, 3))
     with safe_open(str(tmp_path / "block_002.safetensors"), framework="pt") as f:
         keys = [f"{names[1]}@0x4", f"{names[1]}@{units[1].numel // 2}x3"]
-        # Each variant is stored with its quantization grid, which an export packs.
-        assert set(f.keys()) == {f"{k}{p}" for k in keys for p in ("", ".scale", ".zero")}
+        # Each variant is stored as packed codes with its quantization grid, which an
+        # export packs.
+        assert set(f.keys()) == {f"{k}{p}" for k in keys for p in (":codes", ".scale", ".zero")}
     for u in units:
         assert db.stored_parts(u.name) == ("scale", "zero")
         for key, bits in (((0, 4), 4), ((u.numel // 2, 3), 3)):
@@ -215,6 +219,9 @@ def test_flipped_bytes_fail_loudly_and_a_build_restores_them_bit_for_bit(built):
     original = stored_tensors(root)
     checksums = json.loads((root / "manifest.json").read_text())["checksums"]
     stamps = block_stamps(root)
+    bad_weight = open_database(root, spec).get(
+        _unit_in(units, 1).name, spec.variants[_unit_in(units, 1).name][0]
+    )
     flip_bytes(root / "block_001.safetensors")
     database._VERIFIED.clear()  # as in a fresh process
 
@@ -245,10 +252,7 @@ def test_flipped_bytes_fail_loudly_and_a_build_restores_them_bit_for_bit(built):
     assert all(torch.equal(rebuilt[k], original[k]) for k in original)
     assert not verify_database(root, spec).problems
     db = open_database(root, spec)
-    assert torch.equal(
-        db.get(bad.name, spec.variants[bad.name][0]),
-        original[("block_001.safetensors", variant_name(bad.name, spec.variants[bad.name][0]))],
-    )
+    assert torch.equal(db.get(bad.name, spec.variants[bad.name][0]), bad_weight)
 
 
 def test_truncated_and_deleted_blocks_are_rebuilt_not_looped(built):
@@ -430,3 +434,152 @@ def test_a_quantized_database_built_before_grids_were_stored_is_rebuilt_with_the
         assert db.stored_parts(u.name) == ("scale", "zero")
         assert torch.equal(db.get(u.name, 3), weights[u.name])
         assert db.get(u.name, 3, part="scale").shape == (u.shape[0], u.shape[1] // 32)
+
+
+def _quantized_variants(units, compressor):
+    if compressor == "prune-quantize":
+        return {u.name: [(0, 4), (u.numel // 4, 2), (u.numel // 2, 3)] for u in units}
+    return {u.name: [2, 3, 4, 8] for u in units}
+
+
+def _compact_cases():
+    yield "sparsegpt", {}
+    yield "magnitude", {}
+    for name in ("rtn", "gptq"):
+        for symmetric in (False, True):
+            yield name, {"group_size": 32, "symmetric": symmetric}
+    yield "prune-quantize", {"quantize": {"name": "gptq", "group_size": 32}}
+
+
+def _block_bytes(root):
+    return sum(p.stat().st_size for p in root.glob("block_*.safetensors"))
+
+
+def _as_written_before_encodings(root):
+    """Strip what an older evocomp's manifest did not have."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest.pop("storage") == 1 and not any(manifest.pop("encodings").values())
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("compressor", "options"), list(_compact_cases()))
+def test_compact_variants_read_back_exactly_as_the_dense_layout_stores_them(
+    tiny_model, tmp_path, monkeypatch, compressor, options
+):
+    units = find_linear_units(tiny_model)
+    params = COMPRESSORS.get(compressor).Params(**options)
+    if COMPRESSORS.get(compressor).kind == "sparsity":
+        variants = _setup(tiny_model, compressor)[2].variants
+    else:
+        variants = _quantized_variants(units, compressor)
+    spec = DatabaseSpec(
+        model_fingerprint=model_fingerprint(tiny_model),
+        compressor=compressor,
+        compressor_params=params.model_dump(mode="json"),
+        calibration_fingerprint="calib-0",
+        dtype="float32",
+        variants=variants,
+    )
+    monkeypatch.setattr(database, "_ENCODE", False)
+    build_database(tiny_model, units, spec, tmp_path / "dense", _calibration(), params=params,
+                   progress=False)
+    monkeypatch.setattr(database, "_ENCODE", True)
+    build_database(tiny_model, units, spec, tmp_path / "compact", _calibration(),
+                   params=params, progress=False)
+    _as_written_before_encodings(tmp_path / "dense")
+    old, db = open_database(tmp_path / "dense", spec), open_database(tmp_path / "compact", spec)
+    assert "storage" not in old.manifest and db.manifest["storage"] == 2
+    for u in units:
+        assert db.stored_parts(u.name) == old.stored_parts(u.name)
+        for key in db.variants(u.name):
+            for part in ("", *db.stored_parts(u.name)):
+                a, b = db.get(u.name, key, part=part), old.get(u.name, key, part=part)
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    forms = {
+        meta["encoding"] for block in db.manifest["encodings"].values() for meta in block.values()
+    }
+    if COMPRESSORS.get(compressor).kind == "sparsity":
+        # Every level prunes at least 20% (a sparse encoding pays from ~3%).
+        assert forms == {"sparse"}
+        assert _block_bytes(tmp_path / "compact") < 0.8 * _block_bytes(tmp_path / "dense")
+    else:
+        # Every weight as packed codes (the 8-bit ones at a quarter of float32).
+        assert forms == {"codes"}
+        assert sum(len(b) for b in db.manifest["encodings"].values()) == sum(
+            len(keys) for keys in variants.values()
+        )
+        assert _block_bytes(tmp_path / "compact") < 0.5 * _block_bytes(tmp_path / "dense")
+    assert not verify_database(tmp_path / "compact", spec).problems
+
+
+def test_start_variants_are_decoded_when_a_resumed_build_propagates_through_them(
+    tiny_model, tmp_path
+):
+    units = find_linear_units(tiny_model)
+    params = COMPRESSORS.get("gptq").Params(group_size=32)
+    spec = DatabaseSpec(
+        model_fingerprint=model_fingerprint(tiny_model),
+        compressor="gptq",
+        compressor_params=params.model_dump(mode="json"),
+        calibration_fingerprint="calib-0",
+        dtype="float32",
+        variants={u.name: [3, 4] for u in units},
+        through={u.name: 3 for u in units},
+    )
+    whole = tmp_path / "whole"
+    build_database(tiny_model, units, spec, whole, _calibration(), params=params, progress=False)
+
+    def crash_after_block_1(block: int) -> None:
+        if block == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_database(tiny_model, units, spec, tmp_path / "resumed", _calibration(),
+                       params=params, progress=False, on_block=crash_after_block_1)
+    # Resumed, block 2 sees inputs propagated through block 1's stored (encoded) variants.
+    build_database(tiny_model, units, spec, tmp_path / "resumed", _calibration(), params=params,
+                   progress=False)
+    a, b = open_database(whole, spec), open_database(tmp_path / "resumed", spec)
+    for u in units:
+        assert torch.equal(a.get(u.name, 3), b.get(u.name, 3))
+    unit = _unit_in(units, 1)
+    assert torch.equal(database._read_variant(whole, 1, unit.name, 3), a.get(unit.name, 3))
+
+
+def test_width_variants_and_their_kept_parts_read_back_exactly(tmp_path, monkeypatch):
+    from conftest import tiny_llama
+
+    from evocomp.spaces.width import WidthParams, WidthSpace
+    from evocomp.supernet.structured import KEPT, StructuredOBS
+    from evocomp.supernet.units import find_sublayer_units
+
+    model = tiny_llama()
+    units = find_sublayer_units(model)
+    space = WidthSpace(units, WidthParams(target=0.5, step=0.25, levels=2, neuron_multiple=16))
+    params = StructuredOBS.Params(propagate="dense")
+    spec = DatabaseSpec("tiny", "structured-obs", params.model_dump(), "calib", "float32",
+                        space.variants())
+    monkeypatch.setattr(database, "_ENCODE", False)
+    build_database(model, units, spec, tmp_path / "dense", _calibration(8), params=params,
+                   progress=False)
+    monkeypatch.setattr(database, "_ENCODE", True)
+    build_database(model, units, spec, tmp_path / "compact", _calibration(8), params=params,
+                   progress=False)
+    _as_written_before_encodings(tmp_path / "dense")
+    old, db = open_database(tmp_path / "dense", spec), open_database(tmp_path / "compact", spec)
+    for u in units:
+        for key in db.variants(u.name):
+            for part in ("", KEPT):
+                a, b = db.get(u.name, key, part=part), old.get(u.name, key, part=part)
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    # Refit weights have no zeros to drop: stored dense, no larger than before.
+    assert _block_bytes(tmp_path / "compact") <= _block_bytes(tmp_path / "dense")
+
+
+def test_a_database_from_a_newer_evocomp_is_refused(built):
+    _, _, _, spec, root = built
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["storage"] = database.STORAGE_VERSION + 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EvocompError, match="written by a newer evocomp"):
+        open_database(root, spec)
