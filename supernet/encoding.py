@@ -37,35 +37,85 @@ _DTYPES = {str(t).removeprefix("torch."): t for t in (
 )}
 
 
+_INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``codes`` (integers in ``[0, 2^bits)``, any shape) as a flat uint8 bit stream:
     code ``i`` occupies bits ``i·bits .. (i+1)·bits − 1``, least significant first,
     bit ``j`` of the stream being bit ``j mod 8`` of byte ``j // 8``; the last byte is
     zero-padded. ``ceil(numel · bits / 8)`` bytes."""
-    if not 1 <= bits <= 32:
-        raise ValueError(f"bits must be in 1..32, got {bits}")
+    _check(bits)
     flat = codes.reshape(-1).to(torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ValueError(f"codes outside [0, 2^{bits}) cannot be packed at {bits} bits")
     n = flat.numel()
-    stream = torch.zeros(math.ceil(n * bits / 8) * 8, dtype=torch.uint8, device=codes.device)
-    planes = stream[: n * bits].view(n, bits)
-    for i in range(bits):  # one bit plane at a time: memory stays at n·bits bytes
-        planes[:, i] = (flat >> i) & 1
-    stream = stream.view(-1, 8)
-    packed = torch.zeros(stream.shape[0], dtype=torch.uint8, device=codes.device)
-    for j in range(8):
-        packed |= stream[:, j] << j
-    return packed
+    size = math.ceil(n * bits / 8)
+    if bits > 8:
+        return _pack_planes(flat, bits)[:size]
+    if 8 % bits == 0:  # whole codes per byte (masks, 2-, 4-, 8-bit codes): uint8 only
+        per = 8 // bits
+        groups = torch.zeros(size * per, dtype=torch.uint8, device=codes.device)
+        groups[:n] = flat
+        groups = groups.view(size, per)
+        packed = groups[:, 0].clone()
+        for i in range(1, per):
+            packed |= groups[:, i] << (i * bits)
+        return packed
+    # Eight codes fill ``bits`` whole bytes: one int64 word per eight codes, split
+    # into its bytes (little-endian, so the stream is least significant bit first).
+    groups = torch.zeros(math.ceil(n / 8) * 8, dtype=torch.int64, device=codes.device)
+    groups[:n] = flat
+    shifts = torch.arange(0, 8 * bits, bits, device=codes.device)
+    words = (groups.view(-1, 8) << shifts).sum(dim=1)  # the codes' bits do not overlap
+    octets = torch.arange(0, 8 * bits, 8, device=codes.device)
+    return ((words[:, None] >> octets) & 0xFF).to(torch.uint8).reshape(-1)[:size]
 
 
 def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The first ``count`` codes of ``bits`` bits each in ``packed`` (see :func:`pack`),
     flat, int32."""
-    if not 1 <= bits <= 32:
-        raise ValueError(f"bits must be in 1..32, got {bits}")
+    _check(bits)
     if packed.dtype != torch.uint8 or packed.numel() * 8 < count * bits:
         raise ValueError(f"{packed.numel()} {packed.dtype} bytes cannot hold {count}×{bits} bits")
+    if bits > 8:
+        return _unpack_planes(packed, bits, count)
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed[: math.ceil(count * bits / 8), None] >> shifts) & (2**bits - 1)
+        return codes.reshape(-1)[:count].to(torch.int32)
+    words_n = math.ceil(count / 8)
+    octets = torch.zeros(words_n * bits, dtype=torch.int64, device=packed.device)
+    used = min(packed.numel(), octets.numel())
+    octets[:used] = packed[:used]
+    shifts = torch.arange(0, 8 * bits, 8, device=packed.device)
+    words = (octets.view(words_n, bits) << shifts).sum(dim=1)
+    positions = torch.arange(0, 8 * bits, bits, device=packed.device)
+    codes = (words[:, None] >> positions) & (2**bits - 1)
+    return codes.reshape(-1)[:count].to(torch.int32)
+
+
+def _check(bits: int) -> None:
+    if not 1 <= bits <= 32:
+        raise ValueError(f"bits must be in 1..32, got {bits}")
+
+
+def _pack_planes(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack` for codes wider than a byte (rare: levels above 8 bits), one bit
+    plane at a time; the stream padded to whole bytes."""
+    n = flat.numel()
+    stream = torch.zeros(math.ceil(n * bits / 8) * 8, dtype=torch.uint8, device=flat.device)
+    planes = stream[: n * bits].view(n, bits)
+    for i in range(bits):
+        planes[:, i] = (flat >> i) & 1
+    stream = stream.view(-1, 8)
+    packed = torch.zeros(stream.shape[0], dtype=torch.uint8, device=flat.device)
+    for j in range(8):
+        packed |= stream[:, j] << j
+    return packed
+
+
+def _unpack_planes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     stream = torch.empty(packed.numel(), 8, dtype=torch.uint8, device=packed.device)
     for j in range(8):
         stream[:, j] = (packed >> j) & 1
@@ -77,10 +127,10 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 def _nonzero(tensor: torch.Tensor) -> torch.Tensor:
-    """Flat bool mask of the entries whose bytes are not all zero: ``-0.0`` counts as
+    """Flat bool mask of the entries whose bits are not all zero: ``-0.0`` counts as
     nonzero, so that a sparse encoding restores its sign bit."""
-    raw = tensor.contiguous().reshape(-1).view(torch.uint8)
-    return raw.view(tensor.numel(), tensor.element_size()).ne(0).any(dim=1)
+    flat = tensor.contiguous().reshape(-1)
+    return flat.view(_INTS[flat.element_size()]).ne(0)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -88,8 +138,8 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     ``torch.equal``, which takes ``-0.0`` for ``0.0``)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
-                       b.contiguous().reshape(-1).view(torch.uint8))
+    ints = _INTS[a.element_size()]
+    return torch.equal(a.contiguous().reshape(-1).view(ints), b.contiguous().reshape(-1).view(ints))
 
 
 def _codes(
@@ -162,8 +212,7 @@ def decode(
         n = math.prod(shape)
         mask = unpack(pieces["mask"], 1, n).bool()
         out = torch.zeros(n, dtype=values.dtype, device=values.device)
-        out[mask] = values
-        return out.view(shape)
+        return out.masked_scatter_(mask, values).view(shape)
     if form == CODES:
         if grid is None:
             raise ValueError("a codes encoding needs its grid (scale, zero)")
