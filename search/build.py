@@ -83,6 +83,15 @@ class RayCompressUnits:
         self._task = ray.remote(_compress).options(**options)
 
     def __call__(self, jobs: Sequence[UnitJob]) -> Callable[[], dict[str, torch.Tensor]]:
+        if self.params.gpus_per_worker == 0:
+            # A worker without a GPU cannot unpickle CUDA tensors; say which option.
+            on_gpu = next((j for j in jobs if j.compressor.device.type == "cuda"), None)
+            if on_gpu is not None:
+                raise EvocompError(
+                    f"{on_gpu.unit.name}'s statistics are on {on_gpu.compressor.device}, but "
+                    "executor.gpus_per_worker is 0: give each Ray worker a GPU (e.g. "
+                    "gpus_per_worker: 1)"
+                )
         if self._task is None:
             self._connect()
         threads = self.params.threads_per_worker

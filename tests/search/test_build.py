@@ -10,6 +10,7 @@ import torch
 from conftest import search_config
 
 from evocomp.config import load_config
+from evocomp.errors import EvocompError
 from evocomp.runner import Experiment
 from evocomp.search.build import RayCompressUnits
 from evocomp.search.executor import EXECUTORS, RayExecutor, start_ray
@@ -188,6 +189,15 @@ def test_interrupted_ray_build_resumes(tiny_model, tmp_path, in_process, on_ray)
     stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("block_*.safetensors")}
     assert _build(tiny_model, "gptq", tmp_path, on_ray) == in_process("gptq")
     assert all(tmp_path.joinpath(n).stat().st_mtime_ns == t for n, t in stamps.items())
+
+
+def test_a_failing_task_raises_its_error_here(tiny_model, on_ray):
+    unit = find_linear_units(tiny_model)[0]
+    comp = COMPRESSORS.get("gptq")(database.unit_weight(tiny_model, unit))
+    comp.add_batch(torch.randn(4, unit.shape[1]))
+    wait = on_ray([UnitJob(unit, comp, (3, 99), torch.float32)])
+    with pytest.raises(EvocompError, match="bitwidth 99 is outside"):
+        wait()
 
 
 def test_experiment_with_executor_ray_builds_on_ray(
