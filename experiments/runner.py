@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from evocomp.config import ComponentSpec, Config
 from evocomp.errors import EvocompError, choices
 from evocomp.evaluators.base import EVALUATORS, Evaluator, forward_logits
-from evocomp.evaluators.data import TokenSplits, load_splits
+from evocomp.evaluators.data import TokenSplits, load_splits, split_tokens
 from evocomp.evaluators.metrics import PerplexityEvaluator
 from evocomp.evaluators.reference import ReferenceCache
 from evocomp.paths import cache_dir
@@ -346,6 +346,11 @@ class Experiment:
                 "data.heldout is 0 but the search ends with a held-out evaluation: "
                 "set data.heldout >= 1, or final_eval.enabled: false (or --no-eval)"
             )
+        if final_eval:
+            # Read now, so a corpus that cannot load (a hub corpus offline) fails
+            # before the search rather than after it.
+            for name in cfg.final_eval.corpora:
+                split_tokens(cfg.data.alone(name), "heldout", self.loaded.tokenizer)
         spec = self.database_spec()
         if spec.variants:
             root = self.database_root(spec)

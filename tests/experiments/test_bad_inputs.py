@@ -278,6 +278,8 @@ HAND: list[Case] = [
     Case("executor.cuda", _search("executor.name=ray", "model.device=cuda"), "cuda"),
     Case("downstream.task", _search("final_eval.downstream={tasks: [nope]}"), "nope"),
     Case("final_eval.corpus", _search("final_eval.corpora=[nope]"), "corpora"),
+    # A hub corpus offline: refused before the search, not after it.
+    Case("final_eval.corpus.offline", _search("final_eval.corpora=[c4]"), "'c4'"),
     Case("evaluator.lm_eval.task", _search("evaluator.name=lm_eval", "evaluator.tasks=[nope]"),
          "nope"),
 ]
@@ -308,6 +310,9 @@ def test_bad_input_is_one_clear_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("EVOCOMP_CACHE", str(tmp_base / "cache"))
+    # Offline as this machine is, wherever the tests run (the hub corpus case).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     (tmp_path / "base.yaml").write_text((tmp_base / "base.yaml").read_text())
     cfg = yaml.safe_load((tmp_path / "base.yaml").read_text())
     cfg["run_dir"] = str(tmp_path / "runs" / "case")
