@@ -74,16 +74,17 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The first ``count`` codes of ``bits`` bits each in ``packed`` (see :func:`pack`),
-    flat, int32."""
+    flat: uint8 up to 8 bits, int32 above."""
     _check(bits)
     if packed.dtype != torch.uint8 or packed.numel() * 8 < count * bits:
         raise ValueError(f"{packed.numel()} {packed.dtype} bytes cannot hold {count}×{bits} bits")
     if bits > 8:
         return _unpack_planes(packed, bits, count)
     if 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        codes = (packed[: math.ceil(count * bits / 8), None] >> shifts) & (2**bits - 1)
-        return codes.reshape(-1)[:count].to(torch.int32)
+        # One lookup per byte: decoding sits on a search's variant switches, and each
+        # torch op costs a thread-pool round trip.
+        table = _byte_table(bits, packed.device)
+        return table[packed[: math.ceil(count * bits / 8)].long()].reshape(-1)[:count]
     words_n = math.ceil(count / 8)
     octets = torch.zeros(words_n * bits, dtype=torch.int64, device=packed.device)
     used = min(packed.numel(), octets.numel())
@@ -92,7 +93,20 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     words = (octets.view(words_n, bits) << shifts).sum(dim=1)
     positions = torch.arange(0, 8 * bits, bits, device=packed.device)
     codes = (words[:, None] >> positions) & (2**bits - 1)
-    return codes.reshape(-1)[:count].to(torch.int32)
+    return codes.reshape(-1)[:count].to(torch.uint8)
+
+
+_TABLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _byte_table(bits: int, device: torch.device) -> torch.Tensor:
+    """uint8 ``[256, 8 // bits]``: the codes each byte value holds, in stream order."""
+    key = (bits, str(device))
+    if key not in _TABLES:
+        shifts = torch.arange(0, 8, bits, dtype=torch.int64)
+        table = (torch.arange(256)[:, None] >> shifts) & (2**bits - 1)
+        _TABLES[key] = table.to(device=device, dtype=torch.uint8)
+    return _TABLES[key]
 
 
 def _check(bits: int) -> None:
@@ -210,7 +224,7 @@ def decode(
     if form == SPARSE:
         values = pieces["values"]
         n = math.prod(shape)
-        mask = unpack(pieces["mask"], 1, n).bool()
+        mask = unpack(pieces["mask"], 1, n).view(torch.bool)  # codes 0 and 1
         out = torch.zeros(n, dtype=values.dtype, device=values.device)
         return out.masked_scatter_(mask, values).view(shape)
     if form == CODES:
