@@ -9,8 +9,9 @@ executor's workers use. The tensors come back through Ray's object store, in the
 jobs' order, and the building process writes each block file atomically as
 before, so the files are byte for byte those of an in-process build and an
 interrupted build resumes at the first unfinished block. While the workers
-compress a block, the building process forwards the next one (unless the next
-block's inputs go through this block's start variants).
+compress a block, the building process writes the block before and forwards the
+next one (when the next block's inputs go through this block's start variants,
+after the workers are done with it).
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def _compress(job: UnitJob, threads: int) -> dict[str, torch.Tensor]:
     return compress_unit(job)
 
 
+def _work(job: UnitJob) -> int:
+    """A unit's compression work, relatively: rows x columns^2 (SparseGPT's and GPTQ's
+    column sweeps; a fair order for the cheaper compressors too)."""
+    comp = job.compressor
+    return comp.rows * comp.columns**2 * len(job.keys)
+
+
 class RayCompressUnits:
     """:class:`~evocomp.supernet.database.CompressUnits` on Ray tasks, sized like a
     :class:`~evocomp.search.executor.RayExecutor`'s workers: each task reserves
@@ -49,9 +57,9 @@ class RayCompressUnits:
     """
 
     ahead = 1
-    """One block is compressed while the next block's statistics are accumulated:
-    the workers stay busy across block boundaries, and the building process holds
-    at most two blocks' tensors."""
+    """A block is compressed while the building process writes the block before and
+    accumulates the next block's statistics, so it holds at most two blocks'
+    tensors."""
 
     def __init__(self, params: RayExecutorParams) -> None:
         self.params = params
@@ -95,12 +103,15 @@ class RayCompressUnits:
         if self._task is None:
             self._connect()
         threads = self.params.threads_per_worker
-        refs = [self._task.remote(job, threads) for job in jobs]
+        # Largest first: a block's biggest layer (e.g. an MLP's down projection, near
+        # half a Llama block's work) would otherwise start last and finish alone.
+        order = sorted(range(len(jobs)), key=lambda i: -_work(jobs[i]))
+        refs = {i: self._task.remote(jobs[i], threads) for i in order}
 
         def wait() -> dict[str, torch.Tensor]:
             tensors: dict[str, torch.Tensor] = {}
-            for job, ref in zip(jobs, refs, strict=True):
-                tensors.update(self._get(ref, job))
+            for i, job in enumerate(jobs):
+                tensors.update(self._get(refs[i], job))
             return tensors
 
         return wait

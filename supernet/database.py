@@ -700,9 +700,15 @@ def _build_database(
                         del compressors, jobs  # free the statistics once compressed
                     else:
                         pending.append((b, None))
-                    # The next block's inputs go through this one's start variants:
-                    # it (and every block before) is finished first.
-                    tensors = finish(0 if start else compress.ahead)
+                    # Earlier blocks are written while this one is being compressed.
+                    tensors = finish(compress.ahead)
+                    if start and todo and pending:
+                        # The next block's inputs go through this one's start variants:
+                        # wait for them here, and write the block later.
+                        _, wait = pending.pop()
+                        assert wait is not None  # b has units to build
+                        tensors = wait()
+                        pending.append((b, _ready(tensors)))
                     if start:
                         # A finished block's start variants are read back as stored, so a
                         # resumed build propagates exactly what an uninterrupted one did.
@@ -718,6 +724,11 @@ def _build_database(
     manifest["complete"] = True
     _atomic_write_json(root / "manifest.json", manifest)
     return True
+
+
+def _ready(tensors: dict[str, torch.Tensor]) -> Callable[[], dict[str, torch.Tensor]]:
+    """A wait for ``tensors``, which are already here."""
+    return lambda: tensors
 
 
 def _forget(root: Path, manifest: dict[str, Any], damaged: dict[int, str]) -> None:
@@ -884,8 +895,9 @@ class CompressUnits(Protocol):
 
     ahead: int
     """Blocks whose compression may still be running while the build feeds the next
-    block's statistics (0: each block is compressed before the next is forwarded).
-    Builds that propagate through a block's start variants wait for it regardless."""
+    block's statistics (0: each block is compressed and written before the next is
+    forwarded). Builds that propagate through a block's start variants wait for its
+    tensors before the next block, but still write it that many blocks later."""
 
     def __call__(self, jobs: Sequence[UnitJob]) -> Callable[[], dict[str, torch.Tensor]]:
         """Start compressing one block's ``jobs``; the returned function waits for
