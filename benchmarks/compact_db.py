@@ -19,6 +19,7 @@ import json
 import random
 import shutil
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -188,14 +189,16 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, help="only the first N blocks' linears")
     args = ap.parse_args()
     torch.manual_seed(0)
-    figures: dict[str, Any] = {}
-    if RESULT.exists():  # a run measuring the remaining configs keeps the others'
-        figures = {k: v for k, v in json.loads(RESULT.read_text()).items() if k in NAMES.values()}
     loaded = None
+    mine: dict[str, Any] = {}
     for config in args.configs:
-        figures[NAMES[config]], loaded = measure(
-            config, args.dir, args.switches, loaded, args.blocks
-        )
+        mine[NAMES[config]], loaded = measure(config, args.dir, args.switches, loaded, args.blocks)
+        mine[NAMES[config]]["command"] = " ".join(["python", *sys.argv])
+        figures: dict[str, Any] = {}
+        if RESULT.exists():  # runs measuring other configs (maybe at once) keep theirs
+            old = json.loads(RESULT.read_text())
+            figures = {k: v for k, v in old.items() if k in NAMES.values()}
+        figures.update(mine)
         measured = [v for k, v in figures.items() if k in NAMES.values()]
         figures["load_ms_per_switch"] = {
             side: round(statistics.fmean(v["load_ms_per_switch"][side] for v in measured), 3)
