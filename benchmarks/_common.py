@@ -116,3 +116,15 @@ def pruned_weights(
     finally:
         for module, original in saved:
             module.weight.data = original
+
+
+def uniform_baseline_config(cfg: Any, compressor: str) -> Any:
+    """``cfg`` with another compressor whose database holds only the uniform level
+    (one level each side, its own default path): a uniform baseline's config."""
+    from evocomp.config import Config
+
+    data = cfg.dump()
+    data["compressor"] = {"name": compressor}
+    data["space"] = {**data["space"], "levels": 1}
+    data["database"] = {**data["database"], "path": None}
+    return Config.model_validate(data)

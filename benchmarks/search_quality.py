@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from _common import write_result
+from _common import uniform_baseline_config, write_result
 
 from evocomp.runner import Experiment, RunDir, load_best, load_run_config
 
@@ -29,16 +29,7 @@ def main() -> None:
     best = load_best(run)
     ppl = {k: v["ppl"] for k, v in exp.heldout({"dense": None, "searched": best}).items()}
     for name in ("magnitude", "wanda", "sparsegpt"):
-        # Baselines only need the uniform level: one level each side keeps the build small.
-        baseline_cfg = cfg.model_copy(
-            update={
-                "compressor": type(cfg.compressor)(name=name),
-                "space": type(cfg.space)(
-                    name=cfg.space.name, **{**cfg.space.params.model_dump(), "levels": 1}
-                ),
-                "database": cfg.database.model_copy(update={"path": None}),
-            }
-        )
+        baseline_cfg = uniform_baseline_config(cfg, name)
         base = Experiment(baseline_cfg, progress=False)
         base.loaded = exp.loaded  # same model object: no second load
         base.splits = exp.splits
