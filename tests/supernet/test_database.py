@@ -583,3 +583,4 @@ def test_a_database_from_a_newer_evocomp_is_refused(built):
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EvocompError, match="written by a newer evocomp"):
         open_database(root, spec)
+
