@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from evocomp.errors import EvocompError
-from evocomp.search.executor import RayExecutorParams, forwarded_env, start_ray
+from evocomp.search.executor import RayExecutorParams, forwarded_env, ray_get, start_ray
 from evocomp.supernet.database import UnitJob, compress_unit
 
 
@@ -117,20 +117,8 @@ class RayCompressUnits:
         return wait
 
     def _get(self, ref: Any, job: UnitJob) -> dict[str, torch.Tensor]:
-        """``ray.get`` with failures turned into what the caller can act on."""
-        exc = self._ray.exceptions
-        try:
-            return self._ray.get(ref)
-        except exc.RayTaskError as err:
-            if isinstance(err.cause, EvocompError):
-                raise err.cause from None
-            raise  # a bug: keep the worker's traceback, which the error carries
-        except exc.RayError as err:  # the worker or its node died (killed, OOM, lost)
-            raise EvocompError(
-                f"a Ray worker died while compressing {job.unit.name}: {err}\n(out of "
-                "memory? the workers' logs are in Ray's session directory, e.g. "
-                "/tmp/ray/session_latest/logs); building again resumes at this block"
-            ) from err
+        return ray_get(self._ray, ref, f"a Ray worker died while compressing {job.unit.name}",
+                       "; building again resumes at this block")
 
     def close(self) -> None:
         """Stop the local Ray started here, if any; safe to call more than once."""

@@ -179,6 +179,25 @@ def start_ray(address: str | None, *, who: str, num_cpus: int | None = None) -> 
     return True
 
 
+def ray_get(ray: Any, ref: Any, died: str, then: str = "") -> Any:
+    """``ray.get(ref)`` with failures turned into what the caller can act on: an
+    :class:`EvocompError` raised by the task is raised again as it was; a worker or
+    node that died (killed, out of memory, lost) becomes an EvocompError saying
+    ``died``, where the logs are, and ``then``."""
+    exc = ray.exceptions
+    try:
+        return ray.get(ref)
+    except exc.RayTaskError as err:
+        if isinstance(err.cause, EvocompError):
+            raise err.cause from None
+        raise  # a bug: keep the worker's traceback, which the error carries
+    except exc.RayError as err:
+        raise EvocompError(
+            f"{died}: {err}\n(out of memory? the workers' logs are in Ray's session "
+            f"directory, e.g. /tmp/ray/session_latest/logs){then}"
+        ) from err
+
+
 class RayExecutorParams(ExecutorParams):
     """Options of :class:`RayExecutor`."""
 
@@ -331,20 +350,8 @@ class RayExecutor(Executor[RayExecutorParams]):
         log.info("ray executor: %d workers ready", p.num_workers)
 
     def _get(self, ref: Any, worker: int, doing: str) -> Any:
-        """``ray.get`` with failures turned into what the caller can act on."""
-        exc = self._ray.exceptions
-        try:
-            return self._ray.get(ref)
-        except exc.RayTaskError as err:
-            if isinstance(err.cause, EvocompError):
-                raise err.cause from None
-            raise  # a bug: keep the actor's traceback, which the error carries
-        except exc.RayError as err:  # the actor or its node died (killed, OOM, lost)
-            raise EvocompError(
-                f"Ray worker {worker} of {len(self._actors)} died while {doing}: {err}\n"
-                "(out of memory? the workers' logs are in Ray's session directory, "
-                "e.g. /tmp/ray/session_latest/logs)"
-            ) from err
+        return ray_get(self._ray, ref, f"Ray worker {worker} of {len(self._actors)} died "
+                       f"while {doing}")
 
     def map(self, jobs: Sequence[Request]) -> Iterator[Result]:
         if not self._actors:

@@ -271,3 +271,20 @@ def flip_bytes(path: Path, count: int = 16) -> None:
     for i in range(middle, middle + count):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def tiny_spec(model, compressor: str, params, variants, through=None):
+    """The :class:`~evocomp.supernet.database.DatabaseSpec` of a test database:
+    ``compressor`` with ``params`` on ``model``, a fixed calibration name, float32."""
+    from evocomp.supernet.database import DatabaseSpec
+    from evocomp.supernet.models import model_fingerprint
+
+    return DatabaseSpec(
+        model_fingerprint=model_fingerprint(model),
+        compressor=compressor,
+        compressor_params=params.model_dump(mode="json"),
+        calibration_fingerprint="calib-0",
+        dtype="float32",
+        variants=variants,
+        through=through,
+    )

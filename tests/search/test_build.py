@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
-from conftest import search_config
+from conftest import search_config, tiny_spec
 
 from evocomp.config import load_config
 from evocomp.errors import EvocompError
@@ -18,13 +18,11 @@ from evocomp.supernet import database
 from evocomp.supernet.compressors import COMPRESSORS
 from evocomp.supernet.database import (
     CompressHere,
-    DatabaseSpec,
     UnitJob,
     build_database,
     compress_unit,
     open_database,
 )
-from evocomp.supernet.models import model_fingerprint
 from evocomp.supernet.units import find_linear_units
 
 LEVELS = {
@@ -45,15 +43,7 @@ def _setup(model, compressor: str):
     through = None
     if cls.needs_start(params):  # sparsegpt: the next block's inputs go through these
         through = {name: levels[1] for name, levels in variants.items()}
-    spec = DatabaseSpec(
-        model_fingerprint=model_fingerprint(model),
-        compressor=compressor,
-        compressor_params=params.model_dump(mode="json"),
-        calibration_fingerprint="calib-0",
-        dtype="float32",
-        variants=variants,
-        through=through,
-    )
+    spec = tiny_spec(model, compressor, params, variants, through=through)
     return units, spec, params
 
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from conftest import block_stamps, flip_bytes, stored_tensors
+from conftest import block_stamps, flip_bytes, stored_tensors, tiny_spec
 from safetensors import safe_open
 
 from evocomp.errors import EvocompError
@@ -21,7 +21,6 @@ from evocomp.supernet.database import (
     variant_name,
     verify_database,
 )
-from evocomp.supernet.models import model_fingerprint
 from evocomp.supernet.quantizers import QuantizedWeight
 from evocomp.supernet.swap import Swapper
 from evocomp.supernet.units import find_linear_units
@@ -35,14 +34,7 @@ def _setup(model, compressor="sparsegpt", **space_kw):
     units = find_linear_units(model)
     space = SparsitySpace(units, SparsitySpace.Params(target=0.5, step=0.1, levels=2, **space_kw))
     params = COMPRESSORS.get(compressor).Params()
-    spec = DatabaseSpec(
-        model_fingerprint=model_fingerprint(model),
-        compressor=compressor,
-        compressor_params=params.model_dump(mode="json"),
-        calibration_fingerprint="calib-0",
-        dtype="float32",
-        variants=space.variants(),
-    )
+    spec = tiny_spec(model, compressor, params, space.variants())
     return units, space, spec, params
 
 
@@ -88,14 +80,7 @@ def test_tuple_keys_store_and_load_prune_quantize_variants(tiny_model, tmp_path)
     units = [u for u in find_linear_units(tiny_model) if u.name in names]
     params = PruneQuantize.Params()  # sparsegpt, then gptq
     variants = {u.name: [(0, 4), (u.numel // 2, 3)] for u in units}
-    spec = DatabaseSpec(
-        model_fingerprint=model_fingerprint(tiny_model),
-        compressor="prune-quantize",
-        compressor_params=params.model_dump(mode="json"),
-        calibration_fingerprint="calib-0",
-        dtype="float32",
-        variants=variants,  # type: ignore[arg-type]
-    )
+    spec = tiny_spec(tiny_model, "prune-quantize", params, variants)
     assert build_database(tiny_model, units, spec, tmp_path, _calibration(), params=params,
                           progress=False)
     # What JSON gives back (lists) names the same database.
@@ -405,14 +390,7 @@ def test_a_quantized_database_built_before_grids_were_stored_is_rebuilt_with_the
 ):
     units = [u for u in find_linear_units(tiny_model) if u.block == 0][:2]
     params = COMPRESSORS.get("rtn").Params(group_size=32)
-    spec = DatabaseSpec(
-        model_fingerprint=model_fingerprint(tiny_model),
-        compressor="rtn",
-        compressor_params=params.model_dump(mode="json"),
-        calibration_fingerprint="calib-0",
-        dtype="float32",
-        variants={u.name: [3, 4] for u in units},
-    )
+    spec = tiny_spec(tiny_model, "rtn", params, {u.name: [3, 4] for u in units})
     assert build_database(tiny_model, units, spec, tmp_path, _calibration(), params=params,
                           progress=False)
     weights = {u.name: open_database(tmp_path, spec).get(u.name, 3) for u in units}
@@ -472,14 +450,7 @@ def test_compact_variants_read_back_exactly_as_the_dense_layout_stores_them(
         variants = _setup(tiny_model, compressor)[2].variants
     else:
         variants = _quantized_variants(units, compressor)
-    spec = DatabaseSpec(
-        model_fingerprint=model_fingerprint(tiny_model),
-        compressor=compressor,
-        compressor_params=params.model_dump(mode="json"),
-        calibration_fingerprint="calib-0",
-        dtype="float32",
-        variants=variants,
-    )
+    spec = tiny_spec(tiny_model, compressor, params, variants)
     monkeypatch.setattr(database, "_ENCODE", False)
     build_database(tiny_model, units, spec, tmp_path / "dense", _calibration(), params=params,
                    progress=False)
@@ -517,15 +488,8 @@ def test_start_variants_are_decoded_when_a_resumed_build_propagates_through_them
 ):
     units = find_linear_units(tiny_model)
     params = COMPRESSORS.get("gptq").Params(group_size=32)
-    spec = DatabaseSpec(
-        model_fingerprint=model_fingerprint(tiny_model),
-        compressor="gptq",
-        compressor_params=params.model_dump(mode="json"),
-        calibration_fingerprint="calib-0",
-        dtype="float32",
-        variants={u.name: [3, 4] for u in units},
-        through={u.name: 3 for u in units},
-    )
+    spec = tiny_spec(tiny_model, "gptq", params, {u.name: [3, 4] for u in units},
+                     through={u.name: 3 for u in units})
     whole = tmp_path / "whole"
     build_database(tiny_model, units, spec, whole, _calibration(), params=params, progress=False)
 

@@ -4,16 +4,15 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_spec
 
 from evocomp.spaces import SparsitySpace
 from evocomp.supernet.compressors import SparseGPT
 from evocomp.supernet.database import (
-    DatabaseSpec,
     build_database,
     open_database,
 )
 from evocomp.supernet.metric import one_shot
-from evocomp.supernet.models import model_fingerprint
 from evocomp.supernet.units import find_linear_units
 
 
@@ -27,15 +26,7 @@ def _spec(model, params: SparseGPT.Params):
     through = None
     if SparseGPT.needs_start(params):  # as the runner does
         through = {u.name: k for u, k in space.placements(space.uniform())}
-    spec = DatabaseSpec(
-        model_fingerprint=model_fingerprint(model),
-        compressor="sparsegpt",
-        compressor_params=params.model_dump(mode="json"),
-        calibration_fingerprint="calib-0",
-        dtype="float32",
-        variants=space.variants(),
-        through=through,
-    )
+    spec = tiny_spec(model, "sparsegpt", params, space.variants(), through=through)
     starts = {u.name: k for u, k in space.placements(space.uniform())}
     return units, spec, starts
 

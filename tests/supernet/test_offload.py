@@ -5,12 +5,11 @@ which block is visiting shows as parameters that are not their CPU tensors."""
 import copy
 
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_spec
 
 from evocomp.spaces import SparsitySpace
 from evocomp.supernet.compressors import COMPRESSORS, SparseGPT
 from evocomp.supernet.database import (
-    DatabaseSpec,
     build_database,
     capture_block_inputs,
     open_database,
@@ -43,15 +42,8 @@ def _spec(model):
     units = find_linear_units(model)
     space = SparsitySpace(units, SparsitySpace.Params(target=0.5, step=0.1, levels=2))
     params = COMPRESSORS.get("sparsegpt").Params()  # propagate: level, through the uniform
-    spec = DatabaseSpec(
-        model_fingerprint=model_fingerprint(model),
-        compressor="sparsegpt",
-        compressor_params=params.model_dump(mode="json"),
-        calibration_fingerprint="calib-0",
-        dtype="float32",
-        variants=space.variants(),
-        through={u.name: k for u, k in space.placements(space.uniform())},
-    )
+    through = {u.name: k for u, k in space.placements(space.uniform())}
+    spec = tiny_spec(model, "sparsegpt", params, space.variants(), through=through)
     return units, space, spec, params
 
 

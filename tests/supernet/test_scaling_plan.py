@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_spec
 
 from evocomp.spaces import BitsSpace, SparsitySpace
 from evocomp.supernet import database
 from evocomp.supernet.compressors import COMPRESSORS
-from evocomp.supernet.database import DatabaseSpec, build_database
-from evocomp.supernet.models import model_fingerprint
+from evocomp.supernet.database import build_database
 from evocomp.supernet.units import find_linear_units
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,14 +55,7 @@ def _storage(monkeypatch, encode: bool) -> None:
 
 
 def _build(model, space, compressor, params, root):
-    spec = DatabaseSpec(
-        model_fingerprint=model_fingerprint(model),
-        compressor=compressor,
-        compressor_params=params.model_dump(mode="json"),
-        calibration_fingerprint="calib-0",
-        dtype="float32",
-        variants=space.variants(),
-    )
+    spec = tiny_spec(model, compressor, params, space.variants())
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     build_database(model, space.units, spec, root, calib, params=params, progress=False)
     return spec
