@@ -110,6 +110,7 @@ def test_generative_tasks_resolve_offline_with_lm_evals_prompts():
         assert task.OUTPUT_TYPE == "generate_until" and len(task.eval_docs) == size, name
         assert task.config.generation_kwargs["until"] == ["\n", ".", ","], name
         assert task.config.generation_kwargs["do_sample"] is False, name
+        assert task.config.generation_kwargs["max_gen_toks"] == 32, name
     trivia, nq = tasks["triviaqa"].eval_docs[0], tasks["nq_open"].eval_docs[0]
     assert tasks["triviaqa"].doc_to_text(trivia) == (  # lm-eval's "?" after the "?"
         "Question: Which Lloyd Webber musical premiered in the US on 10th December 1993??"
@@ -162,12 +163,17 @@ def test_task_configs_are_lm_evals_own_except_where_the_data_differs():
         "winogrande": {"doc_to_text", "doc_to_target", "doc_to_choice"},
         "boolq": {"doc_to_target", "metric_list"},  # a bool `answer`; defaults written out
         "lambada_openai": {"doc_to_text", "doc_to_target", "doc_to_decontamination_query"},
-        "triviaqa": {"tag"},  # `trivia_qa`, the dataset's name, as a second spelling
+        # `trivia_qa`, the dataset's name, as a second spelling; answers capped at 32
+        # tokens (max_gen_toks, docs/downstream.md)
+        "triviaqa": {"tag", "generation_kwargs"},
+        "nq_open": {"generation_kwargs"},
     }
     for ours, lm_evals in pairs.items():
         a, b = _task_yaml(task_dir() / f"{ours}.yaml"), _task_yaml(theirs / lm_evals)
         differ = {k for k in (set(a) | set(b)) - where if a.get(k) != b.get(k)}
         assert differ == expected.get(ours, set()), ours
+        if "generation_kwargs" in differ:  # only the cap added
+            assert {**b["generation_kwargs"], "max_gen_toks": 32} == a["generation_kwargs"]
 
 
 def test_document_functions_match_lm_evals_own():
