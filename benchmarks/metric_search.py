@@ -3,13 +3,15 @@ metric that beats Wanda, at 50% unstructured and at 2:4?
 
     python benchmarks/metric_search.py [--population 24] [--generations 8]
         [--offspring 8] [--propagate dense] [--pattern unstructured]
-        [--alloc-generations 10] [--set k=v ...]
+        [--also-at 2:4] [--alloc-generations 10] [--set k=v ...]
 
 1. ``evocomp search metric`` (50% ``--pattern``, KL to dense on the search tokens)
    with the given GP budget; X's inputs are propagated as ``--propagate`` says
    during the search (``dense``: measured once, so a metric costs no forward).
-   A search at another pattern than unstructured writes
-   ``results/metric_search_<N>of<M>.json`` and skips step 3.
+   ``--also-at`` scores every metric at further patterns too (``space.also_at``:
+   the fitness is the geometric mean of the KLs). A search at another pattern
+   than unstructured writes ``results/metric_search_<N>of<M>.json`` and skips
+   step 3; one at several writes ``results/metric_search_<p1>+<p2>.json``.
 2. Every metric is then applied one-shot the way its authors do it (inputs
    propagated through the blocks already pruned, per-row comparison; N:M per
    group) at both patterns, and scored on the held-out split: magnitude, Wanda,
@@ -84,6 +86,8 @@ def main() -> None:
                     "one-shot with pruned propagation)")
     ap.add_argument("--pattern", default="unstructured",
                     help="the pattern searched at ('unstructured' or N:M, e.g. 2:4)")
+    ap.add_argument("--also-at", nargs="*", default=[],
+                    help="further patterns every metric is scored at in the search")
     ap.add_argument("--alloc-generations", type=int, default=10,
                     help="EvoPress generations of the allocation search with the found "
                     "metric (0: skip it)")
@@ -97,6 +101,7 @@ def main() -> None:
                 f"search.generations={args.generations}", f"search.offspring={args.offspring}",
                 f"space.propagate={args.propagate}", f"search.seeds={args.seeds}",
                 f"space.pattern='{args.pattern}'", "final_eval.enabled=false",
+                "space.also_at=[" + ", ".join(f"'{p}'" for p in args.also_at) + "]",
                 *args.overrides]
         argv = ["-q", "search", "metric"]
         for s in sets:
@@ -109,7 +114,8 @@ def main() -> None:
         found = best["expression"]
         print(f"found {found} (search KL {best['fitness']:.4f}) in {searched:.0f} s", flush=True)
         figures["found"] = found
-        figures["searched_at"] = args.pattern
+        patterns = [args.pattern, *args.also_at]
+        figures["searched_at"] = patterns if args.also_at else args.pattern
         figures["budget"] = {
             "population": args.population, "generations": args.generations,
             "offspring": args.offspring, "propagate": args.propagate, "seeds": args.seeds,
@@ -125,7 +131,7 @@ def main() -> None:
         expressions = {**METHODS, "found": found}
         for pattern, nm in (("unstructured", None), ("2:4", 4)):
             cfg = load_config("metric", [*sets, f"space.pattern='{pattern}'",
-                                         "space.propagate=pruned"])
+                                         "space.propagate=pruned", "space.also_at=[]"])
             exp = Experiment(cfg, progress=False)
             scores = _heldout(exp, expressions, nm)
             figures["ppl"][pattern] = {k: v["ppl"] for k, v in scores.items()}
@@ -151,7 +157,7 @@ def main() -> None:
                 "ppl": {k: round(v, 3) for k, v in result["ppl"].items()},
                 "seconds": round(time.perf_counter() - started, 1),
             }
-    suffix = "" if args.pattern == "unstructured" else "_" + args.pattern.replace(":", "of")
+    suffix = "" if patterns == ["unstructured"] else "_" + "+".join(patterns).replace(":", "of")
     write_result("metric_search" + suffix, figures)
 
 

@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -245,6 +245,10 @@ class Experiment:
         # Copied (once) before the candidate is applied: the teacher is the dense model.
         teacher = self.teacher if train is not None and train.loss == "kd" else None
         try:
+            scored = self.swapper.scored_as(genome)
+            if len(scored) > 1:
+                assert train is None, "only level genomes are trained"
+                return self._scored_as(scored, tokens), time.perf_counter() - started
             with self.swapper.apply(genome) as model:
                 if train is None and (prefix := self.prefix) is not None:
                     signature = block_signature(prefix.n_blocks, self.space.placements(genome))
@@ -260,6 +264,23 @@ class Experiment:
             log.info("%s", err)
             metrics = {type(self.evaluator).metric: math.inf, "invalid": 1.0}
         return metrics, time.perf_counter() - started
+
+    def _scored_as(
+        self, scored: list[tuple[str, AbstractContextManager[torch.nn.Module]]],
+        tokens: int | None,
+    ) -> dict[str, float]:
+        """A genome scored as several models (a metric at several patterns): each
+        model's metrics under ``<metric>@<label>``, and as the fitness the geometric
+        mean of the models' metric, which no model's scale can dominate (a ratio
+        to any fixed reference ranks alike)."""
+        key = type(self.evaluator).metric
+        metrics: dict[str, float] = {}
+        for label, applied in scored:
+            with applied as model:
+                metrics[f"{key}@{label}"] = self.evaluator.evaluate(model, tokens)[key]
+        values = [metrics[f"{key}@{label}"] for label, _ in scored]
+        metrics[key] = math.prod(values) ** (1 / len(values))
+        return metrics
 
     @cached_property
     def teacher(self) -> torch.nn.Module:

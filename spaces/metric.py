@@ -326,6 +326,30 @@ def decode(genome: Sequence[int]) -> Expr:
 _PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
+def pattern_nm(pattern: str) -> tuple[int, int] | None:
+    """(N, M) of an N:M pattern, None when ``pattern`` is 'unstructured'."""
+    m = _PATTERN.match(pattern)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _check_pattern(pattern: Any) -> Any:
+    if isinstance(pattern, int):
+        # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124.
+        raise ValueError(
+            f"pattern {pattern} is a number; write an N:M pattern in quotes, e.g. "
+            "pattern: '2:4' (unquoted, YAML reads 2:4 as 124)"
+        )
+    if pattern == "unstructured" or not isinstance(pattern, str):
+        return pattern  # a non-string is refused by the type check
+    m = _PATTERN.match(pattern)
+    if m is None or not 0 < int(m.group(1)) < int(m.group(2)):
+        raise ValueError(
+            f"pattern {pattern!r} is neither 'unstructured' nor 'N:M' with 0 < N < M "
+            "(e.g. '2:4')"
+        )
+    return pattern
+
+
 class MetricParams(StrictModel):
     """Options of the ``metric`` space."""
 
@@ -354,24 +378,28 @@ class MetricParams(StrictModel):
         "also the search's reported baseline",
     )
 
+    also_at: list[str] = Field(
+        default_factory=list,
+        description="further patterns every metric is scored at during the search "
+        "(each 'unstructured' or 'N:M', pruning the share `pattern` prunes): the "
+        "fitness is then the geometric mean of the evaluator's metric over `pattern` "
+        "and these, so each pattern counts alike whatever its scale; the run's model "
+        "(eval, export) uses `pattern`",
+    )
+
     @field_validator("pattern", mode="before")
     @classmethod
     def _pattern(cls, pattern: Any) -> Any:
-        if isinstance(pattern, int):
-            # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124.
-            raise ValueError(
-                f"pattern {pattern} is a number; write an N:M pattern in quotes, e.g. "
-                "pattern: '2:4' (unquoted, YAML reads 2:4 as 124)"
-            )
-        if pattern == "unstructured" or not isinstance(pattern, str):
-            return pattern  # a non-string is refused by the type check
-        m = _PATTERN.match(pattern)
-        if m is None or not 0 < int(m.group(1)) < int(m.group(2)):
-            raise ValueError(
-                f"pattern {pattern!r} is neither 'unstructured' nor 'N:M' with 0 < N < M "
-                "(e.g. '2:4')"
-            )
-        return pattern
+        return _check_pattern(pattern)
+
+    @field_validator("also_at", mode="before")
+    @classmethod
+    def _also_at(cls, patterns: Any) -> Any:
+        if isinstance(patterns, (str, int)):
+            patterns = [patterns]
+        if isinstance(patterns, list):
+            return [_check_pattern(p) for p in patterns]
+        return patterns  # refused by the type check
 
     @field_validator("baseline")
     @classmethod
@@ -389,11 +417,31 @@ class MetricParams(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _also_at_alike(self) -> MetricParams:
+        seen = {self.pattern}
+        for p in self.also_at:
+            if p in seen:
+                raise ValueError(f"also_at repeats the pattern {p!r}")
+            seen.add(p)
+            nm = pattern_nm(p)
+            if nm is not None and abs(nm[0] / nm[1] - self.sparsity) > 1e-9:
+                raise ValueError(
+                    f"also_at pattern {p!r} prunes {nm[0]}/{nm[1]} of the weights, pattern "
+                    f"{self.pattern!r} prunes {self.sparsity:g}: every pattern a metric is "
+                    "scored at must prune the same share"
+                )
+        return self
+
     @property
     def nm(self) -> tuple[int, int] | None:
         """(N, M) of an N:M pattern, None when unstructured."""
-        m = _PATTERN.match(self.pattern)
-        return (int(m.group(1)), int(m.group(2))) if m else None
+        return pattern_nm(self.pattern)
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """Every pattern a metric is scored at in the search: ``pattern`` first."""
+        return (self.pattern, *self.also_at)
 
     @property
     def sparsity(self) -> float:
@@ -422,22 +470,24 @@ class MetricSpace(SearchSpace[MetricParams]):
         super().__init__(units, params)
         if any(u.family != "linear" for u in units):
             raise EvocompError("the metric space applies to linear units only")
-        nm = params.nm
-        if nm is not None:
-            bad = [u for u in units if u.shape[1] % nm[1]]
+        for field, pattern in (("pattern", params.pattern),
+                               *(("also_at", p) for p in params.also_at)):
+            nm = pattern_nm(pattern)
+            bad = [u for u in units if nm is not None and u.shape[1] % nm[1]]
             if bad:
                 raise EvocompError(
-                    f"space.pattern={params.pattern!r}: {bad[0].name} has {bad[0].shape[1]} "
+                    f"space.{field}={pattern!r}: {bad[0].name} has {bad[0].shape[1]} "
                     f"inputs, not a multiple of {nm[1]}; choose another pattern or narrow "
                     "units.targets"
                 )
         self._zeros = [self.zeros(u) for u in self.units]
 
-    def zeros(self, unit: Unit) -> int:
-        """How many of ``unit``'s weights every metric prunes: the same share of each
-        output row (N:M: exactly N of every M)."""
+    def zeros(self, unit: Unit, pattern: str | None = None) -> int:
+        """How many of ``unit``'s weights every metric prunes at ``pattern`` (default
+        ``space.pattern``): the same share of each output row (N:M: exactly N of
+        every M)."""
         rows, columns = unit.shape
-        nm = self.params.nm
+        nm = pattern_nm(self.params.pattern if pattern is None else pattern)
         if nm is not None:
             return rows * columns // nm[1] * nm[0]
         return rows * round(self.params.sparsity * columns)
@@ -512,8 +562,11 @@ class MetricSpace(SearchSpace[MetricParams]):
         ]
 
     def summary(self, genome: Genome) -> dict[str, Any]:
-        return {"expression": str(self.expression(genome)), "pattern": self.params.pattern,
-                "sparsity": self.params.sparsity}
+        out = {"expression": str(self.expression(genome)), "pattern": self.params.pattern,
+               "sparsity": self.params.sparsity}
+        if self.params.also_at:
+            out["also_scored_at"] = list(self.params.also_at)
+        return out
 
     def cost_axis(self) -> CostAxis:
         return CostAxis(float(sum(u.numel for u in self.units)), "kept weights (fraction)")

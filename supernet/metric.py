@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from evocomp.errors import EvocompError
-from evocomp.spaces.metric import Expr, MetricSpace, parse, ranking_form
+from evocomp.spaces.metric import Expr, MetricSpace, parse, pattern_nm, ranking_form
 from evocomp.spaces.units import Unit
 from evocomp.supernet.compressors import (
     COMPRESSORS,
@@ -220,7 +220,9 @@ class OneShotPruner:
         self.batch_size = batch_size
         self._modules = {u.name: model.get_submodule(u.name) for u in space.units}
         self._stats: dict[str, tuple[torch.Tensor, int]] | None = None  # propagate: dense
-        self._masks: OrderedDict[tuple[int, ...], dict[str, np.ndarray]] = OrderedDict()
+        self._masks: OrderedDict[tuple[tuple[int, ...], str], dict[str, np.ndarray]] = (
+            OrderedDict()
+        )
         self._cache_bytes = cache_bytes
         self._cached = 0
         self._active = False
@@ -231,13 +233,22 @@ class OneShotPruner:
     def narrowed(self, genome: tuple[int, ...]) -> list[tuple[Unit, torch.Tensor]]:
         return []
 
+    def scored_as(
+        self, genome: tuple[int, ...]
+    ) -> list[tuple[str, AbstractContextManager[nn.Module]]]:
+        """The models a search scores ``genome`` as, each labelled by its pattern:
+        ``space.pattern``, then every pattern of ``space.also_at``."""
+        return [(p, self.apply(genome, pattern=p)) for p in self.space.params.patterns]
+
     @contextmanager
-    def apply(self, genome: tuple[int, ...], *, export: bool = False) -> Iterator[nn.Module]:
-        """The model pruned with ``genome``'s metric (``export`` changes nothing: the
-        zeros are real)."""
+    def apply(
+        self, genome: tuple[int, ...], *, export: bool = False, pattern: str | None = None
+    ) -> Iterator[nn.Module]:
+        """The model pruned with ``genome``'s metric at ``pattern`` (default
+        ``space.pattern``; ``export`` changes nothing: the zeros are real)."""
         if self._active:
             raise RuntimeError("OneShotPruner.apply is not re-entrant")
-        kept = self.kept(genome)
+        kept = self.kept(genome, pattern)
         swapped: list[tuple[nn.Module, torch.Tensor]] = []
         self._active = True
         try:
@@ -253,16 +264,20 @@ class OneShotPruner:
                 module.weight.data = original
             self._active = False
 
-    def kept(self, genome: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """Which weights ``genome``'s metric keeps, per unit (bool ``[out, in]``)."""
-        packed = self._masks.get(genome)
+    def kept(
+        self, genome: tuple[int, ...], pattern: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Which weights ``genome``'s metric keeps at ``pattern`` (default
+        ``space.pattern``), per unit (bool ``[out, in]``)."""
+        key = (genome, self.space.params.pattern if pattern is None else pattern)
+        packed = self._masks.get(key)
         if packed is None:
-            masks = self._prune(self.space.expression(genome))
+            masks = self._prune(self.space.expression(genome), key[1])
             self._remember(
-                genome, {n: np.packbits(m.cpu().numpy().ravel()) for n, m in masks.items()}
+                key, {n: np.packbits(m.cpu().numpy().ravel()) for n, m in masks.items()}
             )
             return masks
-        self._masks.move_to_end(genome)
+        self._masks.move_to_end(key)
         return {
             u.name: torch.from_numpy(
                 np.unpackbits(packed[u.name], count=u.numel).astype(bool)
@@ -270,16 +285,18 @@ class OneShotPruner:
             for u in self.space.units
         }
 
-    def _remember(self, genome: tuple[int, ...], packed: dict[str, np.ndarray]) -> None:
-        self._masks[genome] = packed
+    def _remember(
+        self, key: tuple[tuple[int, ...], str], packed: dict[str, np.ndarray]
+    ) -> None:
+        self._masks[key] = packed
         self._cached += sum(a.nbytes for a in packed.values())
         while self._cached > self._cache_bytes and len(self._masks) > 1:
             _, old = self._masks.popitem(last=False)
             self._cached -= sum(a.nbytes for a in old.values())
 
-    def _prune(self, expr: Expr) -> dict[str, torch.Tensor]:
-        """Masks of kept weights for every searched unit."""
-        nm = self.space.params.nm
+    def _prune(self, expr: Expr, pattern: str) -> dict[str, torch.Tensor]:
+        """Masks of kept weights at ``pattern`` for every searched unit."""
+        nm = pattern_nm(pattern)
         params = MetricCompressorParams(
             expression=str(expr), nm_group=None if nm is None else nm[1]
         )
@@ -304,7 +321,8 @@ class OneShotPruner:
 
         units = self.space.units
         pruned = one_shot(
-            self.model, units, self.calibration, make, {u.name: self.space.zeros(u) for u in units},
+            self.model, units, self.calibration, make,
+            {u.name: self.space.zeros(u, pattern) for u in units},
             feed=reads_x and not dense, batch_size=self.batch_size,
         )
         return {name: w != 0 for name, w in pruned.items()}

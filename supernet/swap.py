@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -34,6 +34,11 @@ class Swapper:
         self.database = database
         self._modules = {u.name: model.get_submodule(u.name) for u in space.units}
         self._active = False
+
+    def scored_as(self, genome: Genome) -> list[tuple[str, AbstractContextManager[nn.Module]]]:
+        """The models a search scores ``genome`` as: the one it assembles (spaces
+        whose genomes are scored as several models have appliers that say so)."""
+        return [("", self.apply(genome))]
 
     @contextmanager
     def apply(self, genome: Genome, *, export: bool = False) -> Iterator[nn.Module]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,6 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from evocomp import runner
 from evocomp.cli import main
+from evocomp.config import Config
+from evocomp.search.store import decode_genome
 from evocomp.supernet.metric import Metric
 from evocomp.supernet.units import find_linear_units
 
@@ -145,3 +148,35 @@ def test_a_found_metric_is_a_compressor_of_the_sparsity_space(tmp_path, uneven_m
     key = pz.database.variants(u.name)[-1]
     assert not torch.equal(pz.database.get(u.name, key), wanda.database.get(u.name, key))
     assert (pz.database.get(u.name, key) == 0).sum().item() == key
+
+
+def test_a_metric_scored_at_two_patterns_has_the_geometric_mean_of_their_kls_as_fitness(
+    tmp_path, uneven_model_dir
+):
+    """``space.also_at``: each part is the KL of the metric applied at that pattern
+    alone, on the same tokens; the search's model stays at ``space.pattern``."""
+    cfg = search_config(tmp_path, uneven_model_dir, name="both",
+                        space={"name": "metric", "also_at": ["2:4"]},
+                        search={**GP, "generations": 1, "seeds": ["wanda", "magnitude"]},
+                        final_eval={"enabled": False})
+    assert main(["-q", "search", cfg]) == 0
+    run = tmp_path / "runs" / "both"
+    trials = pd.read_parquet(run / "trials.parquet")
+    if "metric.invalid" in trials:
+        trials = trials[trials["metric.invalid"].isna()]
+    parts = trials[["metric.kl@unstructured", "metric.kl@2:4"]].to_numpy()
+    np.testing.assert_allclose(trials.fitness, np.sqrt(parts.prod(axis=1)), rtol=1e-12)
+    assert (parts[:, 0] != parts[:, 1]).all()  # two patterns, two prunings
+    best = json.loads((run / "best.json").read_text())
+    assert best["also_scored_at"] == ["2:4"] and best["pattern"] == "unstructured"
+
+    exp = _experiment(run)
+    row = trials.sort_values("fitness").iloc[0]
+    genome = decode_genome(row.genome)
+    for pattern in ("unstructured", "2:4"):
+        dump = exp.cfg.dump()
+        dump["space"].update(pattern=pattern, also_at=[])
+        alone = runner.Experiment(Config.model_validate(dump), progress=False)
+        with alone.applied(genome) as model:
+            kl = alone.evaluator.evaluate(model, int(row.tokens))["kl"]
+        assert kl == pytest.approx(row[f"metric.kl@{pattern}"], rel=1e-9)

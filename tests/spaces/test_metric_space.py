@@ -167,9 +167,27 @@ def test_n_m_patterns_prune_n_of_every_m():
         _space(pattern="1:16")
 
 
+def test_further_patterns_prune_the_same_share_each_their_own_way():
+    space = _space(also_at=["2:4", "4:8"])
+    assert space.params.patterns == ("unstructured", "2:4", "4:8")
+    assert [space.zeros(u, "2:4") for u in UNITS] == [u.numel // 2 for u in UNITS]
+    assert [space.zeros(u) for u in UNITS] == [u.numel // 2 for u in UNITS]
+    assert space.summary(space.uniform())["also_scored_at"] == ["2:4", "4:8"]
+    assert "also_scored_at" not in _space().summary(space.uniform())
+    assert _space(also_at="2:4").params.also_at == ["2:4"]  # one pattern needs no list
+    assert _space(pattern="2:4", also_at=["unstructured"]).params.sparsity == 0.5
+    with pytest.raises(EvocompError, match="space.also_at='1:16'"):
+        _space(target=1 / 16, also_at=["1:16"])
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [
+        ({"also_at": ["2:4", "2:4"]}, "repeats the pattern '2:4'"),
+        ({"also_at": ["unstructured"]}, "repeats the pattern 'unstructured'"),
+        ({"also_at": ["1:4"]}, "prunes 1/4 of the weights, pattern 'unstructured' prunes 0.5"),
+        ({"also_at": [124]}, "write an N:M pattern in quotes"),
+        ({"also_at": ["2-4"]}, "neither 'unstructured' nor 'N:M'"),
         ({"pattern": "4:2"}, "pattern"),
         ({"pattern": "half"}, "pattern"),
         ({"pattern": "2:4", "target": 0.6}, "contradicts"),

@@ -195,19 +195,28 @@ def test_dense_propagation_measures_x_once_on_the_dense_model(tiny_model, monkey
     assert pruner.kept(pruner.space.genome("mul(sqr(W), X)"))
 
 
-def test_masks_are_cached_per_genome(tiny_model, monkeypatch):
+def test_masks_are_cached_per_genome_and_pattern(tiny_model, monkeypatch):
     calibration = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
-    pruner = _pruner(tiny_model, calibration, pattern="2:4")
+    pruner = _pruner(tiny_model, calibration, pattern="2:4", also_at=["unstructured"])
     calls = []
     real = OneShotPruner._prune
-    monkeypatch.setattr(OneShotPruner, "_prune", lambda self, e: calls.append(e) or real(self, e))
+    monkeypatch.setattr(OneShotPruner, "_prune",
+                        lambda self, e, p: calls.append((e, p)) or real(self, e, p))
     genome = pruner.space.genome("mul(W, X)")
     first = pruner.kept(genome)
-    again = pruner.kept(genome)
+    again = pruner.kept(genome, "2:4")
     assert len(calls) == 1
     assert all(torch.equal(first[n], again[n]) for n in first)
     for u in pruner.space.units:
         assert (first[u.name].reshape(-1, 4).sum(1) == 2).all()
+    # The search scores it at both patterns; the unstructured masks are pruned once.
+    assert [label for label, _ in pruner.scored_as(genome)] == ["2:4", "unstructured"]
+    rows = pruner.kept(genome, "unstructured")
+    assert pruner.kept(genome, "unstructured") is not rows and len(calls) == 2
+    for u in pruner.space.units:
+        kept = rows[u.name].sum(1)
+        assert (kept == kept[0]).all() and int(kept[0]) == u.shape[1] // 2
+        assert not (rows[u.name].reshape(-1, 4).sum(1) == 2).all()
 
 
 def test_an_invalid_metric_raises_before_the_model_changes(tiny_model):
