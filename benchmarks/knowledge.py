@@ -42,6 +42,7 @@ from evocomp.final_eval import heldout_corpora
 from evocomp.runner import Experiment, load_best, load_run_config
 
 STEPS = ("baselines", "dtm", "tasks", "merge")
+TASKS = ("trivia_qa", "nq_open", "mmlu")
 
 BASELINES = ("magnitude", "wanda")
 """Uniform baselines scored here; SparseGPT-uniform (the run's own) is in eval.json."""
@@ -72,6 +73,8 @@ def main() -> None:
     ap.add_argument("--mmlu-limit", type=int, default=5, help="MMLU documents per subject")
     ap.add_argument("--num-fewshot", type=int, default=5)
     ap.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
+                    help="the tasks step's tasks")
     args = ap.parse_args()
     started = time.perf_counter()
 
@@ -128,9 +131,13 @@ def main() -> None:
         }
         if args.fitness_run is not None:
             genomes["searched_dtm"] = load_best(load_run_config(args.fitness_run)[1])
-        figures["limit"] = {"trivia_qa": args.limit, "nq_open": args.limit,
-                            "mmlu_per_subject": args.mmlu_limit}
-        figures["num_fewshot"] = args.num_fewshot
+        limits = {"trivia_qa": args.limit, "nq_open": args.limit,
+                  "mmlu_per_subject": args.mmlu_limit}
+        if (figures.get("limit"), figures.get("num_fewshot")) != (limits, args.num_fewshot):
+            # Scores measured under other limits are not comparable: start the tasks over.
+            figures.pop("tasks", None)
+            figures.pop("task_seconds", None)
+        figures["limit"], figures["num_fewshot"] = limits, args.num_fewshot
         tasks: dict[str, dict[str, Any]] = figures.setdefault("tasks", {})
         task_seconds: dict[str, dict[str, float]] = figures.setdefault("task_seconds", {})
         for task, limit, key in (
@@ -138,9 +145,15 @@ def main() -> None:
             ("nq_open", args.limit, "nq_open"),
             ("mmlu", args.mmlu_limit, "mmlu"),
         ):
+            if key not in args.tasks:
+                continue
             params = DownstreamParams(tasks=[task], limit=limit, num_fewshot=args.num_fewshot)
-            tasks[key], task_seconds[key] = {}, {}
+            tasks.setdefault(key, {})
+            task_seconds.setdefault(key, {})
             for name, genome in genomes.items():
+                # A rerun scores only the models a stopped run left out (same limits).
+                if name in tasks[key]:
+                    continue
                 t1 = time.perf_counter()
                 with exp.applied(genome) as model:
                     scores = downstream_scores(
