@@ -3,15 +3,18 @@ metric that beats Wanda, at 50% unstructured and at 2:4?
 
     python benchmarks/metric_search.py [--population 24] [--generations 8]
         [--offspring 8] [--propagate dense] [--pattern unstructured]
-        [--also-at 2:4] [--alloc-generations 10] [--set k=v ...]
+        [--also-at [2:4]] [--alloc-generations 10] [--set k=v ...]
 
 1. ``evocomp search metric`` (50% ``--pattern``, KL to dense on the search tokens)
    with the given GP budget; X's inputs are propagated as ``--propagate`` says
    during the search (``dense``: measured once, so a metric costs no forward).
-   ``--also-at`` scores every metric at further patterns too (``space.also_at``:
-   the fitness is the geometric mean of the KLs). A search at another pattern
-   than unstructured writes ``results/metric_search_<N>of<M>.json`` and skips
-   step 3; one at several writes ``results/metric_search_<p1>+<p2>.json``.
+   ``--also-at`` (default ``2:4``) scores every metric at further patterns too
+   (``space.also_at``: the fitness is the geometric mean of the KLs), so one
+   metric is searched for both. Searched at unstructured and 2:4 the figures go
+   to ``results/metric_search.json``; at other patterns to
+   ``results/metric_search_<p1>[+<p2>...].json`` (``--also-at`` alone: at
+   unstructured only, ``metric_search_unstructured.json``). Step 3 runs only
+   when the searched pattern is unstructured.
 2. Every metric is then applied one-shot the way its authors do it (inputs
    propagated through the blocks already pruned, per-row comparison; N:M per
    group) at both patterns, and scored on the held-out split: magnitude, Wanda,
@@ -86,13 +89,15 @@ def main() -> None:
                     "one-shot with pruned propagation)")
     ap.add_argument("--pattern", default="unstructured",
                     help="the pattern searched at ('unstructured' or N:M, e.g. 2:4)")
-    ap.add_argument("--also-at", nargs="*", default=[],
-                    help="further patterns every metric is scored at in the search")
+    ap.add_argument("--also-at", nargs="*", default=["2:4"],
+                    help="further patterns every metric is scored at in the search "
+                    "(default 2:4: one metric for both; none: --also-at)")
     ap.add_argument("--alloc-generations", type=int, default=10,
                     help="EvoPress generations of the allocation search with the found "
                     "metric (0: skip it)")
     add_overrides(ap)
     args = ap.parse_args()
+    args.also_at = [p for p in args.also_at if p != args.pattern]
     figures: dict = {"ppl": {}, "kl": {}}
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "search"
@@ -122,6 +127,8 @@ def main() -> None:
             "evaluations": int(len(trials)),
             "invalid": int(trials.get("metric.invalid", pd.Series(dtype=float)).fillna(0).sum()),
             "tokens": int(trials.tokens.sum()),
+            # Each evaluation prunes and scores the model once per pattern.
+            "forward_tokens": int(trials.tokens.sum()) * len(patterns),
         }
         figures["seconds"] = round(searched, 1)
         figures["search_kl"] = best["fitness"]
@@ -157,7 +164,8 @@ def main() -> None:
                 "ppl": {k: round(v, 3) for k, v in result["ppl"].items()},
                 "seconds": round(time.perf_counter() - started, 1),
             }
-    suffix = "" if patterns == ["unstructured"] else "_" + "+".join(patterns).replace(":", "of")
+    both = patterns == ["unstructured", "2:4"]
+    suffix = "" if both else "_" + "+".join(patterns).replace(":", "of")
     write_result("metric_search" + suffix, figures)
 
 
