@@ -249,7 +249,7 @@ class Experiment:
             if len(scored) > 1:
                 assert train is None, "only level genomes are trained"
                 return self._scored_as(scored, tokens), time.perf_counter() - started
-            with self.swapper.apply(genome) as model:
+            with scored[0][1] as model:
                 if train is None and (prefix := self.prefix) is not None:
                     signature = block_signature(prefix.n_blocks, self.space.placements(genome))
                     metrics = self.evaluator.evaluate(
