@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -31,7 +31,9 @@ class Evaluator(ABC, Generic[P]):
 
     ``evaluate(model, budget_tokens)`` uses the first ``ceil(budget / seq_len)``
     sequences, so every evaluator is multi-fidelity and results at one budget are
-    comparable across candidates. Lower ``metric`` is better.
+    comparable across candidates. Evaluators that :meth:`resamples` take an
+    ``order`` of their rows instead (one draw of a resampling search) and use its
+    first sequences. Lower ``metric`` is better.
 
     When each hook is called: :meth:`create` once per process that evaluates (the
     runner, each Ray worker), with the dense model; :meth:`evaluate` for every
@@ -53,6 +55,14 @@ class Evaluator(ABC, Generic[P]):
     :meth:`evaluate`, so a resume and every worker score alike."""
 
     Params: ClassVar[type[EvaluatorParams]] = EvaluatorParams
+
+    @classmethod
+    def resamples(cls, params: Any) -> bool:
+        """Whether, with options ``params``, :meth:`evaluate` scores the token rows an
+        ``order`` names, first ones first (a fresh draw of the search sequences per
+        generation, ``search.resample``). Those that do not always score their first
+        sequences (or their own prompts), and a resampling search refuses them."""
+        return False
 
     @classmethod
     def create(
@@ -80,6 +90,22 @@ class Evaluator(ABC, Generic[P]):
             return n
         return max(1, min(n, math.ceil(budget_tokens / seq_len)))
 
+    def rows_for(self, budget_tokens: int | None, order: Sequence[int] | None = None) -> list[int]:
+        """The token rows a budget scores: the first :meth:`sequences_for` of
+        ``order`` (default: in their stored order)."""
+        n = self.sequences_for(budget_tokens)
+        if order is None:
+            return list(range(n))
+        if sorted(order) != list(range(self.tokens.shape[0])):
+            raise ValueError(f"order must be a permutation of the {self.tokens.shape[0]} rows")
+        return list(order[:n])
+
+    def batches(self, rows: Sequence[int]) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        """``rows`` in forwards of ``batch_size`` sequences: (tokens, their row numbers)."""
+        for start in range(0, len(rows), self.batch_size):
+            chunk = list(rows[start : start + self.batch_size])
+            yield self.tokens[chunk], chunk
+
     def measure_baseline(self, model: nn.Module) -> dict[str, float]:
         """What :meth:`set_baseline` needs, measured on ``model`` with the baseline
         genome applied (evaluators that :attr:`needs_baseline`)."""
@@ -91,17 +117,19 @@ class Evaluator(ABC, Generic[P]):
 
     @abstractmethod
     def evaluate(
-        self, model: nn.Module, budget_tokens: int | None = None, *, forward: Forward | None = None
+        self, model: nn.Module, budget_tokens: int | None = None, *,
+        forward: Forward | None = None, order: Sequence[int] | None = None,
     ) -> dict[str, float]:
-        """Metrics of ``model`` on the first sequences covering ``budget_tokens``.
-        Evaluators that :attr:`takes_forward` get their logits from ``forward(batch,
-        first_row)`` when given (default: :func:`forward_logits` of ``model``); the
-        others ignore it."""
+        """Metrics of ``model`` on the first sequences covering ``budget_tokens``
+        (of ``order``, a permutation of the rows, for evaluators that
+        :meth:`resamples`; the others are never given one). Evaluators that
+        :attr:`takes_forward` get their logits from ``forward(batch, rows)`` when
+        given (default: :func:`forward_logits` of ``model``); the others ignore it."""
 
 
-Forward = Callable[[torch.Tensor, int], torch.Tensor]
-"""``forward(batch, first_row)``: float32 logits ``[batch, seq, vocab]`` of the token
-rows ``batch``, rows ``first_row, first_row + 1, ...`` of the evaluator's tokens."""
+Forward = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
+"""``forward(batch, rows)``: float32 logits ``[batch, seq, vocab]`` of the token rows
+``batch``, which are rows ``rows`` of the evaluator's tokens."""
 
 
 def forward_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ like every part. A part may also carry its evaluator's options:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -120,6 +121,14 @@ class CombinedEvaluator(Evaluator[CombinedParams]):
 
     Params = CombinedParams
 
+    @classmethod
+    def resamples(cls, params: Any) -> bool:
+        """Only when every part scores token rows: a draw must mean the same to all."""
+        return all(
+            EVALUATORS.get(name).resamples(part_params(name, part))
+            for name, part in params.parts.items()
+        )
+
     def __init__(
         self, tokens: torch.Tensor, parts: dict[str, tuple[float, Evaluator[Any]]], *,
         batch_size: int = 4,
@@ -163,7 +172,8 @@ class CombinedEvaluator(Evaluator[CombinedParams]):
         self.baseline = dict(values)
 
     def evaluate(
-        self, model: nn.Module, budget_tokens: int | None = None, *, forward: Forward | None = None
+        self, model: nn.Module, budget_tokens: int | None = None, *,
+        forward: Forward | None = None, order: Sequence[int] | None = None,
     ) -> dict[str, float]:
         if self.baseline is None:
             raise RuntimeError("CombinedEvaluator.set_baseline must be called before evaluate")
@@ -171,7 +181,7 @@ class CombinedEvaluator(Evaluator[CombinedParams]):
         out: dict[str, float] = {}
         for name, (weight, ev) in self.parts.items():
             given = forward if ev.takes_forward else None
-            metrics = ev.evaluate(model, budget_tokens, forward=given)
+            metrics = ev.evaluate(model, budget_tokens, forward=given, order=order)
             value = metrics[ev.metric]
             total += weight * value / self.baseline[name]
             out[name] = value

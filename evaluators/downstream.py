@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stderr
 from typing import TYPE_CHECKING, Any
 
@@ -153,7 +153,8 @@ class LMEvalEvaluator(Evaluator[LMEvalEvaluatorParams]):
         return share if full is None else max(1, math.ceil(full * share))
 
     def evaluate(
-        self, model: nn.Module, budget_tokens: int | None = None, *, forward: Forward | None = None
+        self, model: nn.Module, budget_tokens: int | None = None, *,
+        forward: Forward | None = None, order: Sequence[int] | None = None,
     ) -> dict[str, float]:
         """lm-eval metrics of ``model`` as it is now, plus ``accuracy`` and ``error``."""
         # HFLM holds the model object; the genome is applied to that same object in

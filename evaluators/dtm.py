@@ -31,7 +31,7 @@ import hashlib
 import inspect
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -230,7 +230,8 @@ class DTMEvaluator(Evaluator[DTMParams]):
         return max(1, min(n, math.ceil(n * budget_tokens / self.max_tokens)))
 
     def evaluate(
-        self, model: nn.Module, budget_tokens: int | None = None, *, forward: Forward | None = None
+        self, model: nn.Module, budget_tokens: int | None = None, *,
+        forward: Forward | None = None, order: Sequence[int] | None = None,
     ) -> dict[str, float]:
         n = self.prompts_for(budget_tokens)
         agreed = []

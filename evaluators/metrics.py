@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -62,9 +64,9 @@ def _kl_and_nll(
 
 
 def _logits(
-    model: nn.Module, batch: torch.Tensor, first_row: int, forward: Forward | None
+    model: nn.Module, batch: torch.Tensor, rows: Sequence[int], forward: Forward | None
 ) -> torch.Tensor:
-    return forward_logits(model, batch) if forward is None else forward(batch, first_row)
+    return forward_logits(model, batch) if forward is None else forward(batch, rows)
 
 
 def perplexity(mean_nll: float) -> float:
@@ -97,6 +99,10 @@ class KLEvaluator(Evaluator[KLEvaluatorParams]):
 
     Params = KLEvaluatorParams
 
+    @classmethod
+    def resamples(cls, params: Any) -> bool:
+        return True
+
     def __init__(
         self, tokens: torch.Tensor, reference: DenseReference, *, batch_size: int = 4
     ) -> None:
@@ -122,21 +128,21 @@ class KLEvaluator(Evaluator[KLEvaluatorParams]):
         return cls(tokens, reference.to(device), batch_size=params.batch_size)
 
     def evaluate(
-        self, model: nn.Module, budget_tokens: int | None = None, *, forward: Forward | None = None
+        self, model: nn.Module, budget_tokens: int | None = None, *,
+        forward: Forward | None = None, order: Sequence[int] | None = None,
     ) -> dict[str, float]:
-        n = self.sequences_for(budget_tokens)
+        rows = self.rows_for(budget_tokens, order)
         kl_sum, nll_sum, count = 0.0, 0.0, 0
         with torch.inference_mode():
-            for start in range(0, n, self.batch_size):
-                batch = self.tokens[start : min(n, start + self.batch_size)]
-                logits = _logits(model, batch, start, forward)
+            for batch, chunk in self.batches(rows):
+                logits = _logits(model, batch, chunk, forward)
                 batch = batch.to(logits.device)
-                for row in range(batch.shape[0]):
-                    kl, nll = _kl_and_nll(self.reference, start + row, logits[row], batch[row, 1:])
+                for i, row in enumerate(chunk):
+                    kl, nll = _kl_and_nll(self.reference, row, logits[i], batch[i, 1:])
                     kl_sum += kl
                     nll_sum += nll
                 count += batch.numel()
-        n_pred = count - n  # the last position of each sequence predicts nothing we hold
+        n_pred = count - len(rows)  # the last position of each sequence predicts nothing we hold
         return {
             "kl": kl_sum / count,
             "ppl": perplexity(nll_sum / n_pred),
@@ -152,18 +158,23 @@ class PerplexityEvaluator(Evaluator[EvaluatorParams]):
     metric = "ppl"
     takes_forward = True
 
+    @classmethod
+    def resamples(cls, params: Any) -> bool:
+        return True
+
     def evaluate(
-        self, model: nn.Module, budget_tokens: int | None = None, *, forward: Forward | None = None
+        self, model: nn.Module, budget_tokens: int | None = None, *,
+        forward: Forward | None = None, order: Sequence[int] | None = None,
     ) -> dict[str, float]:
-        n = self.sequences_for(budget_tokens)
+        rows = self.rows_for(budget_tokens, order)
         nll_sum, count = 0.0, 0
         with torch.inference_mode():
-            for start in range(0, n, self.batch_size):
-                batch = self.tokens[start : min(n, start + self.batch_size)]
-                logits = _logits(model, batch, start, forward)[:, :-1]
+            for batch, chunk in self.batches(rows):
+                logits = _logits(model, batch, chunk, forward)[:, :-1]
                 target = batch[:, 1:].to(logits.device)
                 nll_sum += torch.nn.functional.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
                 ).item()
                 count += target.numel()
-        return {"ppl": perplexity(nll_sum / count), "tokens": float(n * self.tokens.shape[1])}
+        tokens = len(rows) * self.tokens.shape[1]
+        return {"ppl": perplexity(nll_sum / count), "tokens": float(tokens)}

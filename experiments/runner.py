@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -236,29 +237,31 @@ class Experiment:
         return PrefixCache(self.model, forward_logits, max_bytes=int(gb * 2**30))
 
     def evaluate(
-        self, genome: Genome, tokens: int | None, train: Training | None = None
+        self, genome: Genome, tokens: int | None, train: Training | None = None, draw: int = 0
     ) -> tuple[dict[str, float], float]:
-        """Metrics of ``genome`` on the search tokens, and the seconds it took; with
-        ``train``, after fine-tuning it on calibration tokens (the weights are as
-        before once it returns), and ``train_tokens`` among the metrics."""
+        """Metrics of ``genome`` on the search tokens (of draw ``draw``, see
+        :meth:`order`), and the seconds it took; with ``train``, after fine-tuning it
+        on calibration tokens (the weights are as before once it returns), and
+        ``train_tokens`` among the metrics."""
         started = time.perf_counter()
+        order = self.order(draw)
         # Copied (once) before the candidate is applied: the teacher is the dense model.
         teacher = self.teacher if train is not None and train.loss == "kd" else None
         try:
             scored = self.swapper.scored_as(genome)
             if len(scored) > 1:
                 assert train is None, "only level genomes are trained"
-                return self._scored_as(scored, tokens), time.perf_counter() - started
+                return self._scored_as(scored, tokens, order), time.perf_counter() - started
             with scored[0][1] as model:
                 if train is None and (prefix := self.prefix) is not None:
                     signature = block_signature(prefix.n_blocks, self.space.placements(genome))
                     metrics = self.evaluator.evaluate(
-                        model, tokens, forward=prefix.forward(signature)
+                        model, tokens, forward=prefix.forward(signature), order=order
                     )
                 elif train is None:
-                    metrics = self.evaluator.evaluate(model, tokens)
+                    metrics = self.evaluator.evaluate(model, tokens, order=order)
                 else:
-                    metrics = self._trained(model, genome, tokens, train, teacher)
+                    metrics = self._trained(model, genome, tokens, train, teacher, order)
         except InvalidMetric as err:
             # A failure of this candidate, not of the search: recorded, worst fitness.
             log.info("%s", err)
@@ -267,7 +270,7 @@ class Experiment:
 
     def _scored_as(
         self, scored: list[tuple[str, AbstractContextManager[torch.nn.Module]]],
-        tokens: int | None,
+        tokens: int | None, order: list[int] | None,
     ) -> dict[str, float]:
         """A genome scored as several models (a metric at several patterns): each
         model's metrics under ``<metric>@<label>``, and as the fitness the geometric
@@ -277,7 +280,7 @@ class Experiment:
         metrics: dict[str, float] = {}
         for label, applied in scored:
             with applied as model:
-                metrics[f"{key}@{label}"] = self.evaluator.evaluate(model, tokens)[key]
+                metrics[f"{key}@{label}"] = self.evaluator.evaluate(model, tokens, order=order)[key]
         values = [metrics[f"{key}@{label}"] for label, _ in scored]
         metrics[key] = math.prod(values) ** (1 / len(values))
         return metrics
@@ -296,7 +299,7 @@ class Experiment:
 
     def _trained(
         self, model: torch.nn.Module, genome: Genome, tokens: int | None, train: Training,
-        teacher: torch.nn.Module | None,
+        teacher: torch.nn.Module | None, order: list[int] | None,
     ) -> dict[str, float]:
         kd = teacher is not None
         params = TrainParams(
@@ -310,8 +313,17 @@ class Experiment:
             frozen=self.quantized(genome), teacher=teacher,
         ) as trainer:
             done = trainer.run()
-            metrics = self.evaluator.evaluate(model, tokens)
+            metrics = self.evaluator.evaluate(model, tokens, order=order)
         return {**metrics, "train_tokens": float(done.tokens)}
+
+    def order(self, draw: int) -> list[int] | None:
+        """The search sequences in the order draw ``draw`` scores them: as stored for
+        draw 0, else a permutation seeded by the run's seed and the draw, so every
+        process (a Ray worker, a resume) scores a draw on the same sequences."""
+        if draw == 0:
+            return None
+        rows = self.splits.search.shape[0]
+        return random.Random(f"evocomp-draw:{self.cfg.seed}:{draw}").sample(range(rows), rows)
 
     def evaluation(self, baseline: dict[str, float] | None = None) -> ExperimentEvaluation:
         """This experiment's scoring as the picklable callable executors map: here
@@ -362,6 +374,14 @@ class Experiment:
                         f"(data.{split}={getattr(cfg.data, split)} x data.seq_len="
                         f"{cfg.data.seq_len}); lower it or raise data.{split}"
                     )
+        evaluator = EVALUATORS.get(cfg.evaluator.name)
+        if optimizer.resamples and not evaluator.resamples(cfg.evaluator.params):
+            raise EvocompError(
+                f"search.resample needs an evaluator that scores draws of the search "
+                f"sequences: evaluator {cfg.evaluator.name!r} does not; choose "
+                f"{choices(_resampling_evaluators())} (or a combined of them), or "
+                "search.resample: false"
+            )
         if final_eval and self.splits.heldout.shape[0] == 0:
             raise EvocompError(
                 "data.heldout is 0 but the search ends with a held-out evaluation: "
@@ -451,6 +471,18 @@ def prepare_optimizer(
     optimizer.prepare(measured)
 
 
+def _resampling_evaluators() -> list[str]:
+    """Evaluators that score draws of the search sequences at their default options
+    (those whose options have no defaults, like combined, depend on them)."""
+    out = []
+    for name in EVALUATORS.names():
+        cls = EVALUATORS.get(name)
+        with contextlib.suppress(ValueError):  # pydantic's ValidationError is one
+            if cls.resamples(cls.Params()):
+                out.append(name)
+    return out
+
+
 class ExperimentEvaluation(Evaluation):
     """Scores genomes for one config: pickles as the config alone, and builds the
     :class:`Experiment` (model, database, dense outputs) where it is first set up
@@ -476,12 +508,12 @@ class ExperimentEvaluation(Evaluation):
             self._exp.evaluator.set_baseline(self.baseline)
 
     def __call__(
-        self, genome: Genome, tokens: int | None, train: Training | None = None
+        self, genome: Genome, tokens: int | None, train: Training | None = None, draw: int = 0
     ) -> tuple[dict[str, float], float]:
         if self._exp is None:  # a copy that was never set up (the hot path skips this)
             self.setup()
         assert self._exp is not None
-        return self._exp.evaluate(genome, tokens, train)
+        return self._exp.evaluate(genome, tokens, train, draw)
 
 
 # -- run directories ------------------------------------------------------------
@@ -734,7 +766,8 @@ class _Evaluations:
         jobs: dict[Key, Job] = {}
         for req in requests:
             self.train[req.tokens] = req.train
-            if (req.genome, req.tokens) in jobs or store.lookup(req.genome, req.tokens):
+            key = (req.genome, req.tokens, req.draw)
+            if key in jobs or store.lookup(*key):
                 continue
             budgeted = self.budgeted and not req.probe  # probes may leave the budget
             ok = space.is_feasible(req.genome) if budgeted else space.is_valid(req.genome)
@@ -744,7 +777,7 @@ class _Evaluations:
             role = "probe" if req.probe else "candidate"
             role = "baseline" if req.genome == self.uniform else role
             cost = space.cost(req.genome)
-            jobs[(req.genome, req.tokens)] = Job(req.genome, req.tokens, cost, role)
+            jobs[key] = Job(req.genome, req.tokens, cost, role, req.draw)
         self.reused += len(requests) - len(jobs)
         pending = list(jobs)
         while pending:
@@ -759,7 +792,7 @@ class _Evaluations:
             pending = [k for k in pending if store.lookup(*k) is None]
         out = []
         for req in requests:
-            rec = store.lookup(req.genome, req.tokens)
+            rec = store.lookup(req.genome, req.tokens, req.draw)
             assert rec is not None
             out.append(rec)
         return out
@@ -767,7 +800,10 @@ class _Evaluations:
     def _run(self, claims: list[Claim]) -> None:
         done: set[int] = set()
         try:
-            jobs = [Request(c.job.genome, c.job.tokens, self.train[c.job.tokens]) for c in claims]
+            jobs = [
+                Request(c.job.genome, c.job.tokens, self.train[c.job.tokens], draw=c.job.draw)
+                for c in claims
+            ]
             for i, metrics, seconds in self.executor.map(jobs):
                 self.store.complete(claims[i], metrics[self.metric], metrics, seconds)
                 done.add(i)
@@ -875,14 +911,16 @@ def _write_trials(run: RunDir, store: TrialStore) -> None:
     trials = store.to_dataframe()
     trials.to_parquet(run.trials)
     if not trials.empty:
-        final = trials[trials.tokens == trials.tokens.max()]
+        # Scores on other draws than the stored order (draw 0) do not compare.
+        final = trials[(trials.tokens == trials.tokens.max()) & (trials.draw == 0)]
         pareto_front(final).to_parquet(run.pareto)
 
 
 def _uniform_fitness(store: TrialStore, uniform: Genome, best: Genome) -> float:
-    """The baseline's fitness on the most tokens the best genome was scored on (NaN
-    when it was not scored there: the two would not compare)."""
-    records = store.records()
+    """The baseline's fitness on the most tokens the best genome was scored on, of
+    the search sequences in their stored order (NaN when it was not scored there:
+    the two would not compare)."""
+    records = [r for r in store.records() if r.draw == 0]
     tokens = max((r.tokens for r in records if r.genome == best), default=None)
     recs = [r for r in records if r.genome == uniform and r.tokens == tokens]
     return recs[0].fitness if recs else math.nan

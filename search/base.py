@@ -79,9 +79,10 @@ class TrainAware(StrictModel):
 
 @dataclass(frozen=True)
 class Request:
-    """Evaluate ``genome`` on the first ``tokens`` evaluation tokens (after
-    ``train``, when given). Within one search a token budget always comes with the
-    same training, so ``(genome, tokens)`` identifies an evaluation."""
+    """Evaluate ``genome`` on the first ``tokens`` evaluation tokens of draw
+    ``draw`` (after ``train``, when given). Within one search a token budget always
+    comes with the same training, so ``(genome, tokens, draw)`` identifies an
+    evaluation."""
 
     genome: Genome
     tokens: int
@@ -90,6 +91,11 @@ class Request:
     """A look at the landscape rather than a candidate: the genome need only be valid
     (``is_valid``), even for a budgeted optimizer, which never keeps it as
     ``best_genome`` (sensitivity probes: one unit moved off the uniform level)."""
+    draw: int = 0
+    """Which sequences of the search split: 0 their stored order; ``d > 0`` the
+    ``d``-th fresh draw (a seeded permutation of them, the same in every process),
+    so that a resampling search scores each generation on other text than the last
+    (EvoPress samples a new minibatch per selection step)."""
 
 
 MeasurementKind = Literal["block_influence", "outlier_ratio"]
@@ -151,6 +157,12 @@ class Optimizer(ABC, Generic[P]):
     valid (``is_valid``), and ``best_genome`` is the best one within the budget. A class
     or instance attribute (``OptunaSearch`` decides per run, from its params): read it
     from the optimizer, not its class."""
+
+    @property
+    def resamples(self) -> bool:
+        """Whether its requests name draws other than 0 (:attr:`Request.draw`): the
+        runner then refuses an evaluator that cannot score a draw."""
+        return False
 
     def __init__(self, space: SearchSpace[Any], params: P, *, seed: int = 0) -> None:
         self.space = space

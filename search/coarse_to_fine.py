@@ -117,6 +117,10 @@ class CoarseToFine(GeneratorOptimizer[CoarseToFineParams]):
         """Iterations finished."""
         return self._iteration
 
+    @property
+    def resamples(self) -> bool:
+        return self._inner.resamples
+
     def token_budgets(self) -> dict[str, int]:
         return {f"inner.{k}": v for k, v in self._inner.token_budgets().items()}
 

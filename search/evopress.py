@@ -70,6 +70,13 @@ class EvoPressParams(StrictModel):
         description="selection steps [{tokens, keep}]: token budgets grow, keep shrinks to 1",
     )
 
+    resample: bool = Field(
+        False,
+        description="score each generation on a fresh draw of the search sequences (as "
+        "EvoPress's code samples a minibatch per selection step) rather than always the "
+        "first ones, so the search cannot fit a few fixed sequences; the last parent is "
+        "then scored on the first sequences too, so its fitness compares with the start's",
+    )
     surrogate: SurrogateParams | None = Field(
         None,
         description="pre-screening: {pool, explore, ridge, warmup}: make `pool` children, "
@@ -96,6 +103,12 @@ class EvoPressParams(StrictModel):
     @model_validator(mode="after")
     def _stages_sieve(self) -> EvoPressParams:
         check_sieve(self.stages)
+        if self.resample and self.surrogate is not None:
+            # Its model is fitted to first-stage scores as if all were on one text.
+            raise ValueError(
+                "resample scores each generation on other sequences, which surrogate's "
+                "model of first-stage scores cannot mix; set one of them off"
+            )
         tokens = [s.tokens for s in self.stages]
         if self.train is not None:
             if len(self.train.tokens) != len(self.stages):
@@ -116,7 +129,9 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
     1..``max_switches`` level switches), then sieves parent + children through
     the stages: cheap, few-token stages discard most children, the last stage
     picks the next parent. The parent competes at every stage, so the search
-    never gets worse, and its scores are reused from the trial store."""
+    never gets worse on the sequences it scores, and its scores are reused from the
+    trial store. With ``resample`` each generation scores a fresh draw of the
+    search sequences (the parent again too), as the reference code does."""
 
     name = "evopress"
 
@@ -125,6 +140,10 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
     @property
     def generation(self) -> int:
         return self._generation
+
+    @property
+    def resamples(self) -> bool:
+        return self.params.resample
 
     def token_budgets(self) -> dict[str, int]:
         stages = {f"stages[{k}].tokens": s.tokens for k, s in enumerate(self.params.stages)}
@@ -223,8 +242,11 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
             if screen is not None:
                 children = screen.pick(children, p.offspring, self.rng, exclude=parent)
             pool = [parent, *children]
+            draw = gen + 1 if p.resample else 0
             for k, stage in enumerate(p.stages):
-                scores = yield [Request(g, stage.tokens, self._train(k)) for g in pool]
+                scores = yield [
+                    Request(g, stage.tokens, self._train(k), draw=draw) for g in pool
+                ]
                 if k == 0 and screen is not None:
                     screen.observe(pool, scores)  # the first stage scores them all alike
                 # sorted() is stable, so the parent (first) wins ties.
@@ -232,5 +254,13 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
                 pool = [pool[i] for i in ranked]
                 best_score = scores[ranked[0]]
             parent = pool[0]
-            self.consider(parent, best_score)
+            if p.resample:
+                # Scores of different draws do not compare: the parent, elitist on each
+                # draw, is the search's answer.
+                self.best_genome, self.best_fitness = parent, best_score
+            else:
+                self.consider(parent, best_score)
             self._generation = gen + 1
+        if p.resample and p.generations:
+            (score,) = yield [Request(parent, final, self._train(last))]
+            self.best_genome, self.best_fitness = parent, score

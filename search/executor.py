@@ -54,10 +54,11 @@ class Evaluation(ABC):
 
     @abstractmethod
     def __call__(
-        self, genome: Genome, tokens: int | None, train: Training | None = None
+        self, genome: Genome, tokens: int | None, train: Training | None = None, draw: int = 0
     ) -> tuple[dict[str, float], float]:
         """``(metrics, seconds the evaluation took)`` of ``genome`` at ``tokens``
-        (``None``: every evaluation token), fine-tuned first as ``train`` says (and
+        (``None``: every evaluation token) of the ``draw``-th draw of the search
+        sequences (:attr:`Request.draw`), fine-tuned first as ``train`` says (and
         the trained weights discarded after scoring) when it is given."""
 
 
@@ -129,7 +130,7 @@ class LocalExecutor(Executor[ExecutorParams]):
 
     def map(self, jobs: Sequence[Request]) -> Iterator[Result]:
         for index, job in enumerate(jobs):
-            metrics, seconds = self.evaluation(job.genome, job.tokens, job.train)
+            metrics, seconds = self.evaluation(job.genome, job.tokens, job.train, job.draw)
             yield index, metrics, seconds
 
 
@@ -361,7 +362,9 @@ class RayExecutor(Executor[RayExecutorParams]):
 
         def submit(worker: int) -> None:
             index, job = queue.popleft()
-            ref = self._actors[worker].evaluate.remote(job.genome, job.tokens, job.train)
+            ref = self._actors[worker].evaluate.remote(
+                job.genome, job.tokens, job.train, job.draw
+            )
             running[ref] = (index, worker)
 
         for worker in range(min(len(self._actors), len(queue))):
@@ -425,10 +428,10 @@ class _Worker:
         return os.getpid()
 
     def evaluate(
-        self, genome: Genome, tokens: int | None, train: Training | None = None
+        self, genome: Genome, tokens: int | None, train: Training | None = None, draw: int = 0
     ) -> tuple[dict[str, float], float]:
         self.evaluations += 1
-        return self.evaluation(genome, tokens, train)
+        return self.evaluation(genome, tokens, train, draw)
 
     def count(self) -> int:
         """Evaluations done so far (for tests)."""

@@ -56,7 +56,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import optuna
 import pandas as pd
@@ -69,8 +69,9 @@ from evocomp.spaces.base import Genome
 
 log = logging.getLogger("evocomp")
 
-Key = tuple[Genome, int]
-"""What an evaluation is of: (genome, tokens)."""
+Key = tuple[Genome, int, int]
+"""What an evaluation is of: (genome, tokens, draw); draw 0 is the search split's first
+sequences, draw ``d > 0`` a resampling search's ``d``-th draw of them."""
 
 _Held = tuple[int, int, FrozenTrial]
 """A trial holding a job: (trial number, trial id, trial)."""
@@ -100,6 +101,11 @@ class Record:
     role: str = "candidate"  # or "baseline"
     number: int = -1
     worker: str = ""
+    draw: int = 0
+
+    @property
+    def key(self) -> Key:
+        return self.genome, self.tokens, self.draw
 
 
 @dataclass(frozen=True)
@@ -111,10 +117,11 @@ class Job:
     tokens: int
     cost: int
     role: str = "candidate"
+    draw: int = 0
 
     @property
     def key(self) -> Key:
-        return self.genome, self.tokens
+        return self.genome, self.tokens, self.draw
 
 
 @dataclass(frozen=True)
@@ -310,10 +317,10 @@ class TrialStore:
                 rec = _to_record(trial)
                 # Two completions of one job can only come from stores written before
                 # claims existed; the first one stands.
-                self._index.setdefault((rec.genome, rec.tokens), rec)
+                self._index.setdefault(rec.key, rec)
 
-    def lookup(self, genome: Genome, tokens: int) -> Record | None:
-        return self._index.get((genome, tokens))
+    def lookup(self, genome: Genome, tokens: int, draw: int = 0) -> Record | None:
+        return self._index.get((genome, tokens, draw))
 
     def records(self) -> list[Record]:
         return sorted(self._index.values(), key=lambda r: r.number)
@@ -353,8 +360,7 @@ class TrialStore:
         holders: dict[Key, list[_Held]] = {}
         for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=_HELD):
             if t.user_attrs.get("genome") in ours:
-                key = (decode_genome(t.user_attrs["genome"]), int(t.user_attrs["tokens"]))
-                holders.setdefault(key, []).append((t.number, t._trial_id, t))
+                holders.setdefault(_key(t.user_attrs), []).append((t.number, t._trial_id, t))
         won: list[Claim] = []
         for job, trial_id in mine:
             number, owner, _ = min(holders[job.key])
@@ -400,6 +406,7 @@ class TrialStore:
             role=job.role,
             number=number,
             worker=self.worker,
+            draw=job.draw,
         )
         self._seen.add(trial_id)
         self._index[job.key] = rec
@@ -467,8 +474,7 @@ class TrialStore:
         for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=running):
             a = t.user_attrs
             if "genome" in a:
-                key = (decode_genome(a["genome"]), int(a["tokens"]))
-                out.setdefault(key, []).append((t.number, t._trial_id, t))
+                out.setdefault(_key(a), []).append((t.number, t._trial_id, t))
         return out
 
     def _claim_attrs(self, job: Job) -> dict[str, object]:
@@ -479,6 +485,8 @@ class TrialStore:
             "role": job.role,
             "worker": self.worker,
         }
+        if job.draw:  # absent in stores of searches that never resample
+            attrs["draw"] = job.draw
         if self.run_id:
             attrs["run"] = self.run_id
         return attrs
@@ -566,13 +574,14 @@ class TrialStore:
 
     # -- export --------------------------------------------------------------------
     def to_dataframe(self) -> pd.DataFrame:
-        """One row per evaluation: number, role, tokens, fitness, cost, seconds,
+        """One row per evaluation: number, role, tokens, draw, fitness, cost, seconds,
         worker, every metric, and the genome as a string."""
         rows = [
             {
                 "number": r.number,
                 "role": r.role,
                 "tokens": r.tokens,
+                "draw": r.draw,
                 "fitness": r.fitness,
                 "cost": r.cost,
                 "seconds": r.seconds,
@@ -583,6 +592,10 @@ class TrialStore:
             for r in self.records()
         ]
         return pd.DataFrame(rows)
+
+
+def _key(attrs: dict[str, Any]) -> Key:
+    return decode_genome(attrs["genome"]), int(attrs["tokens"]), int(attrs.get("draw", 0))
 
 
 def _to_record(trial: FrozenTrial) -> Record:
@@ -598,4 +611,5 @@ def _to_record(trial: FrozenTrial) -> Record:
         role=str(a.get("role", "candidate")),
         number=trial.number,
         worker=str(a.get("worker", "")),
+        draw=int(a.get("draw", 0)),
     )

@@ -14,7 +14,7 @@ are bit for bit those of a full forward of the same row.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -30,9 +30,9 @@ Signature = tuple[tuple[tuple[str, Hashable], ...], ...]
 block's function. Two genomes with equal signatures up to block ``k`` give the same
 hidden states at block ``k``'s input."""
 
-Forward = Callable[[torch.Tensor, int], torch.Tensor]
-"""``forward(batch, first_row)``: float32 logits of the token rows ``batch``, which are
-rows ``first_row, first_row + 1, ...`` of the evaluator's token set."""
+Forward = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
+"""``forward(batch, rows)``: float32 logits of the token rows ``batch``, which are rows
+``rows`` of the evaluator's token set."""
 
 
 def block_signature(n_blocks: int, placements: Iterable[tuple[Unit, Hashable]]) -> Signature:
@@ -112,11 +112,9 @@ class PrefixCache:
         if len(signature) != self.n_blocks:
             raise ValueError(f"signature has {len(signature)} blocks, model has {self.n_blocks}")
 
-        def run(batch: torch.Tensor, first_row: int) -> torch.Tensor:
-            rows = [
-                self._row(signature, first_row + i, batch[i : i + 1]) for i in range(len(batch))
-            ]
-            return rows[0] if len(rows) == 1 else torch.cat(rows)
+        def run(batch: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+            out = [self._row(signature, row, batch[i : i + 1]) for i, row in enumerate(rows)]
+            return out[0] if len(out) == 1 else torch.cat(out)
 
         return run
 

@@ -65,13 +65,13 @@ def test_parts_that_take_a_forward_get_it():
     ev.set_baseline({"kl": 1.0, "dtm": 1.0})
     calls = []
 
-    def forward(batch, first_row):
-        calls.append(first_row)
+    def forward(batch, rows):
+        calls.append(list(rows))
         return forward_logits(model, batch)
 
     assert CombinedEvaluator.takes_forward
     ev.evaluate(model, forward=forward)
-    assert calls == [0]  # kl's one batch of four sequences; dtm decodes on its own
+    assert calls == [[0, 1, 2, 3]]  # kl's one batch of four sequences; dtm decodes on its own
 
 
 def test_unusable_baselines_are_refused():

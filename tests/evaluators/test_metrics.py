@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from evocomp.evaluators import (
     EVALUATORS,
@@ -122,3 +123,27 @@ def test_a_diverged_model_scores_infinite_perplexity_instead_of_failing(tiny_mod
     assert ppl["ppl"] == math.inf
     m = kl.evaluate(tiny_model)
     assert m["ppl"] == math.inf and math.isfinite(m["kl"]) and m["kl"] > 100
+
+
+
+@pytest.mark.parametrize("name", ["kl", "ppl"])
+def test_an_order_scores_its_first_rows_as_an_evaluator_of_those_rows_alone(name):
+    model = tiny_llama()
+    tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    order, budget = [2, 0, 3, 1], 32  # two sequences: rows 2 and 0
+
+    def evaluator(rows):  # the KL reference is the dense model's
+        if name == "ppl":
+            return PerplexityEvaluator(tokens[rows], batch_size=3)
+        return KLEvaluator.create(model, tokens[rows], KLEvaluator.Params(batch_size=3),
+                                  progress=False)
+
+    drawn, alone = evaluator([0, 1, 2, 3]), evaluator([2, 0])
+    with torch.no_grad():  # pruned, so that the KL is not zero
+        model.model.layers[0].mlp.down_proj.weight[:, ::2] = 0
+    assert drawn.rows_for(budget, order) == [2, 0]
+    value = drawn.evaluate(model, budget, order=order)[name]
+    assert value > 0 and value == pytest.approx(alone.evaluate(model)[name], rel=1e-6)
+    assert value != pytest.approx(drawn.evaluate(model, budget)[name], rel=1e-6)  # rows 0, 1
+    with pytest.raises(ValueError, match="permutation"):
+        drawn.rows_for(budget, [0, 0, 1, 2])

@@ -149,3 +149,49 @@ def test_training_aware_stages_ask_for_their_own_training():
 def test_bad_training_settings_are_refused(stages, train, message):
     with pytest.raises(ValidationError, match=message):
         EvoPress.Params(stages=stages, train=train)
+
+
+def _true(space: SparsitySpace, genome) -> float:
+    rows = space.describe(genome)
+    return sum(w * r["sparsity"] ** 2 for w, r in zip(WEIGHTS, rows, strict=True))
+
+
+def _drawn_loss(space: SparsitySpace, request) -> float:
+    # Each draw of sequences favours some genomes by chance, as a few fixed
+    # sequences do: an error per (genome, draw) as large as a good move's gain.
+    luck = (hash((request.genome, request.draw, 7919)) % 1000) / 1000 - 0.5
+    return _true(space, request.genome) + 0.3 * luck
+
+
+def _drawn_run(seed: int, resample: bool):
+    space = _space()
+    params = EvoPress.Params(generations=30, offspring=8, resample=resample)
+    opt = EvoPress(space, params, seed=seed)
+    asked = []
+    while requests := opt.ask():
+        asked.append(requests)
+        opt.tell([_drawn_loss(space, r) for r in requests])
+    return space, opt, asked
+
+
+def test_resampling_scores_each_generation_on_its_own_draw_and_confirms_on_draw_0():
+    space, opt, asked = _drawn_run(0, resample=True)
+    start, *gens, last = asked
+    assert {r.draw for r in start} == {0}
+    stages = len(EvoPress.Params().stages)
+    for g in range(30):
+        for batch in gens[g * stages : (g + 1) * stages]:
+            assert {r.draw for r in batch} == {g + 1}
+    # The last parent, scored once more on the stored order, is the answer.
+    (final,) = last
+    assert final.draw == 0 and final.tokens == EvoPress.Params().stages[-1].tokens
+    assert opt.best_genome == final.genome
+    assert opt.best_fitness == _drawn_loss(space, final)
+    _, fixed, asked_fixed = _drawn_run(0, resample=False)
+    assert {r.draw for batch in asked_fixed for r in batch} == {0}
+
+
+
+def test_resampling_with_surrogate_screening_is_refused():
+    with pytest.raises(ValidationError, match="surrogate"):
+        EvoPress.Params(resample=True, surrogate={"pool": 32})

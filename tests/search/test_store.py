@@ -103,7 +103,7 @@ def test_a_dead_workers_claims_are_taken_over_after_the_grace_period(url):
         assert mine == [] and len(waiting) == 2
         again = alive.wait(waiting)
         assert sorted(again) == sorted(waiting) and time.time() - claimed >= 0.5
-        mine, waiting = alive.claim([Job(g, t, 0) for g, t in again])
+        mine, waiting = alive.claim([Job(g, t, 0, draw=d) for g, t, d in again])
         assert len(mine) == 2 and waiting == []
         for claim in mine:
             alive.complete(claim, 2.0, {"kl": 2.0}, 0.1)
