@@ -55,37 +55,63 @@ METHODS: dict[str, list[str]] = {
         "search.offspring=8", PLAIN_STAGES, "search.surrogate=null", "search.start_from=[]",
         "database.prefix_gb=0",
     ],
+    # The default scoring each generation on a fresh draw of the search sequences
+    # (with a search split larger than the last stage, e.g. --set data.search=32).
+    "resample": ["search.resample=true"],
     "owl": ["search.name=owl"],
     # One level either way per unit: 2 probes per unit (radius 2 would spend ~430k tokens).
     "sensitivity": ["search.name=sensitivity", "search.radius=1"],
 }
 GROWING = {"default", "default_no_prefix", "surrogate", "owl_start", "levers",
-           "evopress_plain"}
+           "evopress_plain", "resample"}
 """Methods whose generations run until the token budget is spent."""
 
 
 def generations(config: str, overrides: list[str], max_tokens: int) -> int:
     """EvoPress generations that spend about ``max_tokens``: each scores its children
     on the first stage and, on average, 1.5 new genomes on each later stage (the
-    parent's scores are reused)."""
+    parent's scores are reused); a resampling one scores the parent again at every
+    stage."""
     p = load_config(config, overrides).search.params
-    per_gen = p.offspring * p.stages[0].tokens + sum(1.5 * s.tokens for s in p.stages[1:])
+    if getattr(p, "resample", False):
+        kept = [s.keep for s in p.stages]
+        per_gen = (p.offspring + 1) * p.stages[0].tokens + sum(
+            k * s.tokens for k, s in zip(kept, p.stages[1:], strict=False)
+        )
+    else:
+        per_gen = p.offspring * p.stages[0].tokens + sum(1.5 * s.tokens for s in p.stages[1:])
     return max(1, math.ceil(max_tokens / per_gen))
 
 
 def checkpoints(trials: pd.DataFrame, marks: list[int]) -> dict[int, tuple]:
     """The best genome at the run's largest token budget within each mark of spent
-    evaluation tokens (marks the run never reached are left out)."""
-    trials = trials.sort_values("number")
+    evaluation tokens (marks the run never reached are left out). Scores of one draw
+    compare (``search.resample`` scores each generation on its own): the answer at a
+    mark is the best of the latest draw whose final-stage scores all lie within it,
+    that is a resampling search's parent then, or its confirmed last parent."""
+    trials = trials.sort_values("number").reset_index(drop=True)
     spent = trials["tokens"].cumsum()
-    top = trials["tokens"].max()
+    top = trials[trials["tokens"] == trials["tokens"].max()]
+    last_of_draw = top.groupby("draw")["number"].idxmax()
+    resampled = top["draw"].max() > 0
     out = {}
     for mark in marks:
         if spent.iloc[-1] < mark and mark != marks[0]:
             break
-        done = trials[(spent <= mark) & (trials["tokens"] == top)]
-        if len(done):
-            out[mark] = decode_genome(done.loc[done["fitness"].idxmin(), "genome"])
+        within = top[spent[top.index] <= mark]
+        groups = {
+            d: rows for d, rows in within.groupby("draw")
+            if d == 0 or rows.index.max() == last_of_draw[d]  # a whole generation
+        }
+        if not groups:
+            continue
+        draw = max(groups, key=lambda d: groups[d].index.max())
+        rows = groups[draw]
+        if draw == 0 and resampled and rows.index.max() > top.index[0]:
+            pick = rows.index.max()  # the last parent, confirmed on the stored order
+        else:
+            pick = rows["fitness"].idxmin()
+        out[mark] = decode_genome(trials.loc[pick, "genome"])
     return out
 
 
