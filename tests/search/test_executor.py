@@ -23,11 +23,14 @@ def exp(tmp_path, tiny_model_dir, monkeypatch):
 
 def jobs_for(exp):
     """Uniform plus a few random feasible genomes, each at several token budgets
-    (the tiny config has 4 search sequences of 64 tokens; None means all of them)."""
+    (the tiny config has 4 search sequences of 64 tokens; None means all of them),
+    and on another draw of the sequences (a resampling search's)."""
     rng = random.Random(0)
     genomes = [exp.space.uniform(), *(exp.space.random(rng) for _ in range(3))]
     assert len(set(genomes)) == 4
-    return [Request(g, t) for g in genomes for t in (64, 192, None)]
+    return [Request(g, t) for g in genomes for t in (64, 192, None)] + [
+        Request(g, 64, draw=2) for g in genomes
+    ]
 
 
 def test_registry():
@@ -44,8 +47,12 @@ def test_local_executor_yields_every_job_once(exp):
         results = list(ex.map(jobs))
     assert sorted(i for i, _, _ in results) == list(range(len(jobs)))
     for i, metrics, seconds in results:
-        assert metrics == exp.evaluate(jobs[i].genome, jobs[i].tokens)[0]
+        assert metrics == exp.evaluate(jobs[i].genome, jobs[i].tokens, draw=jobs[i].draw)[0]
         assert seconds > 0
+    # Draw 2 starts with another sequence than the stored order.
+    by_job = {(jobs[i].genome, jobs[i].tokens, jobs[i].draw): m for i, m, _ in results}
+    assert exp.order(2)[0] != 0
+    assert all(by_job[(g, 64, 2)] != by_job[(g, 64, 0)] for g, _, d in by_job if d == 2)
     assert list(ex.map([])) == []
 
 
