@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -56,6 +56,12 @@ class EvoPressParams(StrictModel):
     generations: int = Field(50, ge=0, description="generations after the start")
     offspring: int = Field(16, ge=1, description="children of the parent per generation")
     max_switches: int = Field(3, ge=1, description="level switches per child, 1..this")
+    switches: Literal["fewer", "uniform"] = Field(
+        "fewer",
+        description="how many switches a child gets: fewer = the smaller of two uniform "
+        "draws from 1..max_switches, as EvoPress's code does (with 3: one switch 5/9 of "
+        "the time, three 1/9); uniform = each count equally often",
+    )
     init_samples: int = Field(
         0, ge=0, description="start from the best of uniform + N random feasible genomes"
     )
@@ -185,6 +191,15 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
                     "choose stage tokens that differ from it"
                 )
 
+    def _switches(self) -> int:
+        top = self.params.max_switches
+        count = self.rng.randint(1, top)
+        if self.params.switches == "fewer":
+            # Most children stay one switch from the parent: small steps succeed more
+            # often near a good allocation, and share more of its prefix.
+            count = min(count, self.rng.randint(1, top))
+        return count
+
     def measurement(self) -> Measurement | None:
         """What the ``start_from`` baselines need measured (ShortGPT: importance, OWL:
         outlier ratios), their spans one after another."""
@@ -236,8 +251,7 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
         for gen in range(p.generations):
             n = p.offspring if screen is None else screen.size(p.offspring)
             children = [
-                self.space.mutate(parent, self.rng, switches=self.rng.randint(1, p.max_switches))
-                for _ in range(n)
+                self.space.mutate(parent, self.rng, switches=self._switches()) for _ in range(n)
             ]
             if screen is not None:
                 children = screen.pick(children, p.offspring, self.rng, exclude=parent)

@@ -195,3 +195,24 @@ def test_resampling_scores_each_generation_on_its_own_draw_and_confirms_on_draw_
 def test_resampling_with_surrogate_screening_is_refused():
     with pytest.raises(ValidationError, match="surrogate"):
         EvoPress.Params(resample=True, surrogate={"pool": 32})
+
+
+@pytest.mark.parametrize("switches, share_of_one", [("fewer", 5 / 9), ("uniform", 1 / 3)])
+def test_children_get_fewer_switches_as_in_the_reference_code(switches, share_of_one):
+    space = _space()
+    counts = []
+    mutate = space.mutate
+
+    def recorded(genome, rng, *, switches):
+        counts.append(switches)
+        return mutate(genome, rng, switches=switches)
+
+    space.mutate = recorded
+    opt = EvoPress(space, EvoPress.Params(generations=150, offspring=8, switches=switches))
+    while requests := opt.ask():
+        opt.tell([_loss(space, r.genome, r.tokens) for r in requests])
+    assert set(counts) == {1, 2, 3}
+    assert counts.count(1) / len(counts) == pytest.approx(share_of_one, abs=0.05)
+    assert counts.count(3) / len(counts) == pytest.approx(
+        1 / 9 if switches == "fewer" else 1 / 3, abs=0.05
+    )
