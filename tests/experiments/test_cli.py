@@ -114,11 +114,11 @@ def test_resume_after_a_kill_reevaluates_nothing(
     calls = {"n": 0}
     original = runner.Experiment.evaluate
 
-    def dying(self, genome, tokens, train=None):
+    def dying(self, genome, tokens, train=None, draw=0):
         calls["n"] += 1
         if calls["n"] == 9:
             raise KeyboardInterrupt
-        return original(self, genome, tokens, train)
+        return original(self, genome, tokens, train, draw)
 
     monkeypatch.setattr(runner.Experiment, "evaluate", dying)
     assert main(["-q", "search", cfg]) == 130
