@@ -61,17 +61,17 @@ def main() -> None:
             for batch in rows.split(ev.batch_size):
                 forward_logits(exp.model, batch)
 
-    def plain(genome, tokens):  # type: ignore[no-untyped-def]
+    def plain(genome, tokens, draw):  # type: ignore[no-untyped-def]
         with exp.swapper.apply(genome) as model:
-            return ev.evaluate(model, tokens)
+            return ev.evaluate(model, tokens, order=exp.order(draw))
 
-    def paired(genome, tokens, train=None):  # type: ignore[no-untyped-def]
+    def paired(genome, tokens, train=None, draw=0):  # type: ignore[no-untyped-def]
         seen["calls"] += 1
         if train is not None or seen["calls"] % args.every:
-            return search_evaluate(genome, tokens, train)
-        _, d = timed(lambda: dense(ev.tokens[: ev.sequences_for(tokens)]))
-        (metrics, _), s = timed(lambda: search_evaluate(genome, tokens, train))
-        reference, p = timed(lambda: plain(genome, tokens))
+            return search_evaluate(genome, tokens, train, draw)
+        _, d = timed(lambda: dense(ev.tokens[ev.rows_for(tokens, exp.order(draw))]))
+        (metrics, _), s = timed(lambda: search_evaluate(genome, tokens, train, draw))
+        reference, p = timed(lambda: plain(genome, tokens, draw))
         if reference != metrics:
             raise AssertionError(f"prefix reuse changed a score: {metrics} != {reference}")
         sums["dense"] += d
