@@ -58,15 +58,14 @@ METHODS: dict[str, list[str]] = {
     # The default scoring each generation on a fresh draw of the search sequences
     # (with a search split larger than the last stage, e.g. --set data.search=32).
     "resample": ["search.resample=true"],
-    # The default with each child's switch count drawn uniformly from 1..3 (the
-    # default before EvoPress's bias to fewer switches was adopted).
-    "uniform_switches": ["search.switches=uniform"],
+    # The default with EvoPress's bias to fewer switches per child.
+    "fewer_switches": ["search.switches=fewer"],
     "owl": ["search.name=owl"],
     # One level either way per unit: 2 probes per unit (radius 2 would spend ~430k tokens).
     "sensitivity": ["search.name=sensitivity", "search.radius=1"],
 }
 GROWING = {"default", "default_no_prefix", "surrogate", "owl_start", "levers",
-           "evopress_plain", "resample", "uniform_switches"}
+           "evopress_plain", "resample", "fewer_switches"}
 """Methods whose generations run until the token budget is spent."""
 
 
