@@ -35,7 +35,7 @@ from evocomp.config import Config
 from evocomp.errors import EvocompError
 from evocomp.results import markdown_table, pareto_front
 from evocomp.runner import RunDir, load_run_config, searched_space
-from evocomp.search.store import decode_genome, encode_genome
+from evocomp.search.store import at_final_fidelity, decode_genome, encode_genome
 from evocomp.spaces.base import Genome, SearchSpace
 from evocomp.spaces.units import Unit
 
@@ -132,13 +132,6 @@ class Run:
         """The largest token budget of any evaluation (the final fidelity)."""
         return int(self._raw_trials.tokens.max())
 
-    def final(self, trials: pd.DataFrame) -> pd.Series:
-        """Which rows of ``trials`` are at the final fidelity, on the search sequences
-        in their stored order (draw 0): the scores that compare with each other (a
-        resampling search scores its generations on other draws)."""
-        mask = trials.tokens == self.tokens
-        return mask & (trials.draw == 0) if "draw" in trials else mask
-
     # -- tables ------------------------------------------------------------------------
     @cached_property
     def trials(self) -> pd.DataFrame:
@@ -149,7 +142,7 @@ class Run:
         before the first of them."""
         df = self._raw_trials.sort_values("number", kind="stable").reset_index(drop=True)
         df.insert(0, "evaluation", np.arange(1, len(df) + 1))
-        final = self.final(df)
+        final = at_final_fidelity(df)
         # Multi-objective runs also evaluate genomes over the budget; counting those
         # would make the curve track the least compressed genome, not the search.
         if self.budget is not None:
@@ -164,7 +157,7 @@ class Run:
         if self._dir.pareto.exists():
             front = pd.read_parquet(self._dir.pareto)
         else:
-            front = pareto_front(self._raw_trials[self.final(self._raw_trials)])
+            front = pareto_front(self._raw_trials[at_final_fidelity(self._raw_trials)])
         evaluation = dict(zip(self.trials.number, self.trials.evaluation, strict=True))
         front.insert(0, "evaluation", front.number.map(evaluation))
         return front.reset_index(drop=True)
@@ -405,7 +398,7 @@ def _cost_axis(run: Run) -> tuple[float, str]:
 
 def _final(run: Run) -> pd.DataFrame:
     t = run.trials
-    return t[run.final(t)]
+    return t[at_final_fidelity(t)]
 
 
 def plot_pareto(
@@ -472,7 +465,7 @@ def plot_progress(
         seen = t.best_so_far.notna()
         ax.step(where[seen], t.best_so_far[seen], where="post", color=color,
                 label=run.name, gid=f"progress:{run.name}")
-        base = t[(t.role == "baseline") & run.final(t)]
+        base = t[(t.role == "baseline") & at_final_fidelity(t)]
         if not base.empty:
             ax.axhline(base.fitness.iloc[0], color=color, linestyle=":", linewidth=1,
                        label=f"{run.name} baseline", gid=f"baseline:{run.name}")
@@ -625,7 +618,7 @@ def write_report(run: Run | PathLike, out: PathLike | None = None) -> Path:
           if run.space.compressor_kind is not None else []),
         f"- optimizer: {_options(cfg.search.dump())}, seed {cfg.seed}",
         f"- evaluator: {_options(cfg.evaluator.dump())}",
-        f"- evaluations: {len(t)} ({int(run.final(t).sum())} at the largest "
+        f"- evaluations: {len(t)} ({int(at_final_fidelity(t).sum())} at the largest "
         f"token budget, {run.tokens} tokens)",
     ]
     if run.budget is not None:
@@ -638,11 +631,11 @@ def write_report(run: Run | PathLike, out: PathLike | None = None) -> Path:
             f"{best['cost']}" + (f" ({best['cost'] / scale:.4g} {label})" if per else "")
         )
         number = t.number[(t.genome == encode_genome(tuple(best["genome"])))
-                          & run.final(t)]
+                          & at_final_fidelity(t)]
         if not number.empty:
             lines[-1] += f", trial {int(number.iloc[0])}"
         lines += [f"- {k}: `{v}`" for k, v in run.space.summary(tuple(best["genome"])).items()]
-    base = t[(t.role == "baseline") & run.final(t)]
+    base = t[(t.role == "baseline") & at_final_fidelity(t)]
     if not base.empty:
         lines.append(f"- baseline (uniform) {run.metric}: {base.fitness.iloc[0]:.6g}")
     ev = run.eval

@@ -41,6 +41,7 @@ from evocomp.search.store import (
     Key,
     Record,
     TrialStore,
+    at_final_fidelity,
     check_storage,
     storage_url,
 )
@@ -911,9 +912,7 @@ def _write_trials(run: RunDir, store: TrialStore) -> None:
     trials = store.to_dataframe()
     trials.to_parquet(run.trials)
     if not trials.empty:
-        # Scores on other draws than the stored order (draw 0) do not compare.
-        final = trials[(trials.tokens == trials.tokens.max()) & (trials.draw == 0)]
-        pareto_front(final).to_parquet(run.pareto)
+        pareto_front(trials[at_final_fidelity(trials)]).to_parquet(run.pareto)
 
 
 def _uniform_fitness(store: TrialStore, uniform: Genome, best: Genome) -> float:

@@ -594,6 +594,15 @@ class TrialStore:
         return pd.DataFrame(rows)
 
 
+def at_final_fidelity(trials: pd.DataFrame) -> pd.Series:
+    """Which rows of a trials table (:meth:`TrialStore.to_dataframe`) are at its
+    largest token budget on the search sequences in their stored order (draw 0):
+    the scores that compare with each other (a resampling search scores its
+    generations on other draws; tables written before draws existed have none)."""
+    mask = trials.tokens == trials.tokens.max()
+    return mask & (trials.draw == 0) if "draw" in trials else mask
+
+
 def _key(attrs: dict[str, Any]) -> Key:
     return decode_genome(attrs["genome"]), int(attrs["tokens"]), int(attrs.get("draw", 0))
 
