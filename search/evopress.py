@@ -61,7 +61,7 @@ class EvoPressParams(StrictModel):
         description="how many switches a child gets: uniform = each count in "
         "1..max_switches equally often; fewer = the smaller of two such draws, as "
         "EvoPress's code does (with 3: one switch 5/9 of the time, three 1/9), which "
-        "gained less per evaluation token on SmolLM2 (one seed)",
+        "gained less per evaluation token on SmolLM2 (two seeds)",
     )
     init_samples: int = Field(
         0, ge=0, description="start from the best of uniform + N random feasible genomes"
@@ -195,9 +195,7 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
     def _switches(self) -> int:
         top = self.params.max_switches
         count = self.rng.randint(1, top)
-        if self.params.switches == "fewer":
-            # Most children stay one switch from the parent: small steps succeed more
-            # often near a good allocation, and share more of its prefix.
+        if self.params.switches == "fewer":  # the reference's bias towards one switch
             count = min(count, self.rng.randint(1, top))
         return count
 
