@@ -60,9 +60,10 @@ METHODS: dict[str, list[str]] = {
     "resample": ["search.resample=true"],
     # The default with EvoPress's bias to fewer switches per child.
     "fewer_switches": ["search.switches=fewer"],
-    # A larger last stage, so the parent is chosen on more text (needs
-    # --set data.search=8 or 16): the default fits its 4 sequences by 254k tokens.
-    "final_4096": ["search.stages=[{tokens: 512, keep: 2}, {tokens: 4096, keep: 1}]"],
+    # A larger last stage, so the parent is chosen on more text (needs a search
+    # split of 8 and 16 sequences, e.g. --set data.search=16): the default fits
+    # its 4 sequences by 254k tokens.
+    "final_4096": [PLAIN_STAGES],
     "final_8192": ["search.stages=[{tokens: 512, keep: 2}, {tokens: 8192, keep: 1}]"],
     "owl": ["search.name=owl"],
     # One level either way per unit: 2 probes per unit (radius 2 would spend ~430k tokens).
