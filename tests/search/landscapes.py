@@ -27,6 +27,28 @@ def sparsity_space() -> SparsitySpace:
     return SparsitySpace(units, SparsitySpace.Params(target=0.5, step=0.1, levels=4))
 
 
+def flat_space(genes: int = 210, spread: float = 0.3) -> tuple[SparsitySpace, list[float]]:
+    """Many equal layers of mildly unequal sensitivity (lognormal weights, for
+    :func:`weighted_loss`): uniform is close to the optimum, as on a compressed LLM,
+    and only small moves improve on it (with a large ``spread``, few genes: far from
+    it)."""
+    rng = random.Random(7)
+    weights = [rng.lognormvariate(0, spread) for _ in range(genes)]
+    units = [Unit(f"l{i}", "linear", i, (16, 16)) for i in range(genes)]
+    return SparsitySpace(units, SparsitySpace.Params(target=0.5, step=0.1, levels=3)), weights
+
+
+def weighted_loss(space: SparsitySpace, weights: list[float], genome) -> float:
+    """Weighted squared sparsity, with the weights of :func:`flat_space`."""
+    rows = space.describe(genome)
+    return sum(w * r["sparsity"] ** 2 for w, r in zip(weights, rows, strict=True))
+
+
+def moved(genome, start) -> int:
+    """How many genes ``genome`` sets to another level than ``start``."""
+    return sum(a != b for a, b in zip(genome, start, strict=True))
+
+
 def bits_space() -> BitsSpace:
     units = [Unit(f"l{i}", "linear", i, (16, 16)) for i in range(len(WEIGHTS))]
     return BitsSpace(units, BitsSpace.Params(target=4, bits=[2, 3, 4, 5, 6, 8]))

@@ -8,14 +8,17 @@ from landscapes import (
     drive_valid,
     exact_front,
     extremes,
+    flat_space,
     hypervolume,
     joint_space,
     loss,
+    moved,
     points,
     random_best,
     random_valid,
     reference,
     sparsity_space,
+    weighted_loss,
 )
 from pydantic import ValidationError
 
@@ -147,7 +150,9 @@ def test_non_finite_fitness_fails_the_trial_without_stopping_the_search():
     "params",
     [
         {"typo": 1},
-        {"sampler": "cmaes"},
+        {"sampler": "cmaes", "objectives": "quality+cost"},
+        {"sampler": "bogus"},
+        {"sigma": 0},
         {"objectives": "cost"},
         {"population": 1},
         {"trials": 0},
@@ -177,6 +182,59 @@ def test_nsga2_sampler_keeps_the_budget_and_learns_it_as_a_constraint():
     proposals = [t for t in opt.study.trials if t.state.name == "COMPLETE"]
     assert any(_constraints(t)[0] > 0 for t in proposals)
     assert _search(space, 0, **params)[1] == asked  # seeded
+
+
+# -- CMA-ES: small moves from a strong uniform start -----------------------------------
+
+
+def _best_over_uniform(space, weights, seed, **params) -> tuple[float, list]:
+    opt = OptunaSearch(space, OptunaSearch.Params(tokens=64, **params), seed=seed)
+    asked = []
+    while requests := opt.ask():
+        assert all(space.is_feasible(r.genome) for r in requests)
+        asked += requests
+        opt.tell([weighted_loss(space, weights, r.genome) for r in requests])
+    assert opt.best_fitness == min(weighted_loss(space, weights, r.genome) for r in asked)
+    return opt.best_fitness / weighted_loss(space, weights, space.uniform()), asked
+
+
+def test_cmaes_leaves_a_strong_uniform_start_where_tpe_cannot():
+    """210 genes, 62 trials (the SmolLM2 optimizer benchmark's shape): TPE's per-gene
+    draws change too many genes and never beat the start; CMA-ES around it does."""
+    space, weights = flat_space()
+    for seed in (0, 1):
+        tpe, _ = _best_over_uniform(space, weights, seed, sampler="tpe", trials=62)
+        cma, asked = _best_over_uniform(space, weights, seed, sampler="cmaes", trials=62)
+        assert cma < tpe == 1.0, (seed, tpe, cma)
+        genomes = [r.genome for r in asked]
+        assert genomes[0] == space.uniform() and len(set(genomes)) == len(genomes) == 62
+        # Small moves: a typical proposal keeps most genes at the uniform level.
+        genes = sorted(moved(g, space.uniform()) for g in genomes[1:])
+        assert 0 < genes[len(genes) // 2] < len(space) // 5, genes
+
+
+def test_tpe_beats_cmaes_where_uniform_is_far_from_good():
+    """Ten genes of very unequal weight: large moves pay, which TPE makes."""
+    space, weights = flat_space(genes=10, spread=1.0)
+    tpe = sum(_best_over_uniform(space, weights, s, sampler="tpe", trials=62)[0] for s in (0, 1))
+    cma = sum(_best_over_uniform(space, weights, s, sampler="cmaes", trials=62)[0] for s in (0, 1))
+    assert tpe < cma, (tpe, cma)
+
+
+def test_cmaes_is_seeded_replays_and_sets_no_constraint():
+    space, weights = flat_space(genes=40)
+    params = {"sampler": "cmaes", "trials": 24, "population": 8, "batch": 8}
+    _, asked = _best_over_uniform(space, weights, 3, **params)
+    assert _best_over_uniform(space, weights, 3, **params)[1] == asked
+    assert _best_over_uniform(space, weights, 4, **params)[1] != asked
+    stored = {r.genome: weighted_loss(space, weights, r.genome) for r in asked}
+    replay = OptunaSearch(space, OptunaSearch.Params(tokens=64, **params), seed=3)
+    again = []
+    while requests := replay.ask():
+        again += requests
+        replay.tell([stored[r.genome] for r in requests])
+    assert again == asked
+    assert all(not _constraints(t) for t in replay.study.trials)
 
 
 def _front_search(space, seed=0, **params):
