@@ -128,3 +128,18 @@ def uniform_baseline_config(cfg: Any, compressor: str) -> Any:
     data["space"] = {**data["space"], "levels": 1}
     data["database"] = {**data["database"], "path": None}
     return Config.model_validate(data)
+
+
+def evopress_tokens_per_generation(params: Any) -> float:
+    """Evaluation tokens one EvoPress generation spends on average (``params``: its
+    search options): its children on the first stage and, on average, 1.5 new genomes
+    on each later stage (the parent's scores are reused); a resampling one scores the
+    parent again at every stage."""
+    if getattr(params, "resample", False):
+        kept = [s.keep for s in params.stages]
+        return (params.offspring + 1) * params.stages[0].tokens + sum(
+            k * s.tokens for k, s in zip(kept, params.stages[1:], strict=False)
+        )
+    return params.offspring * params.stages[0].tokens + sum(
+        1.5 * s.tokens for s in params.stages[1:]
+    )

@@ -1,14 +1,17 @@
 """Every single-objective optimizer on the same problem and the same token budget.
 
-    python benchmarks/optimizers.py [--seeds 0 1] [--budget 40000]
-                                    [--optimizers evopress ga optuna random]
+    python benchmarks/optimizers.py [--seeds 0 1] [--budget 40000] [--config quickstart]
+        [--optimizers evopress ga optuna optuna_cmaes random] [--name optimizers]
 
-The problem is the quickstart's: 50% average sparsity on SmolLM2-135M over
-SparseGPT variants, candidates scored by KL to the dense model on the search
-tokens. Each optimizer gets about ``--budget`` evaluation tokens per search
-(settings below), one search per seed; the best genome of each search is then
-scored on held-out text. Figures: held-out KL and perplexity per optimizer and
-seed, search wall time, tokens and evaluations actually spent.
+The problem is a built-in config's, by default the quickstart's: 50% average
+sparsity on SmolLM2-135M over SparseGPT variants, candidates scored by KL to the
+dense model on the search tokens. ``optuna`` is its default sampler (TPE),
+``optuna_cmaes`` the CMA-ES sampler; ``ga_random`` the GA with a random first
+population. Each optimizer gets about ``--budget``
+evaluation tokens per search (settings below), one search per seed; the best
+genome of each search is then scored on held-out text. Figures: held-out KL and
+perplexity per optimizer and seed, search wall time, tokens and evaluations
+actually spent.
 """
 
 from __future__ import annotations
@@ -18,23 +21,32 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-from _common import add_overrides, heldout_metrics, timed_search, write_result
+from _common import (
+    add_overrides,
+    evopress_tokens_per_generation,
+    heldout_metrics,
+    timed_search,
+    write_result,
+)
+
+from evocomp.config import load_config
 
 TOKENS = 512
 """Tokens per evaluation for the one-fidelity optimizers (one search sequence)."""
 
 
-def settings(name: str, budget: int) -> list[str]:
-    """Config overrides that spend about ``budget`` evaluation tokens."""
+def settings(name: str, budget: int, config: str, overrides: list[str]) -> list[str]:
+    """Config overrides that spend about ``budget`` evaluation tokens (at most)."""
     evals = budget // TOKENS
     if name == "evopress":
-        # The quickstart's stages: 8 children on 512 tokens, the best 2 on 2,048
-        # (the parent's score is reused), after one start evaluation on 2,048.
-        per_generation = 8 * TOKENS + 2 * 2048
-        return [f"search.generations={max(1, (budget - 2048) // per_generation)}"]
-    if name == "ga":
+        params = load_config(config, overrides).search.params
+        start = params.stages[-1].tokens  # the uniform start, scored on the last stage
+        per_generation = evopress_tokens_per_generation(params)
+        return [f"search.generations={max(1, int((budget - start) // per_generation))}"]
+    if name in ("ga", "ga_random"):
         return [
             "search.name=ga",
+            f"search.init={'random' if name == 'ga_random' else 'mutants'}",
             "search.population=8",
             "search.offspring=8",
             f"search.generations={max(1, evals // 8 - 1)}",
@@ -49,6 +61,14 @@ def settings(name: str, budget: int) -> list[str]:
             "search.startup=16",
             f"search.tokens={TOKENS}",
         ]
+    if name == "optuna_cmaes":
+        return [
+            "search.name=optuna",
+            "search.sampler=cmaes",
+            f"search.trials={evals}",
+            "search.batch=8",
+            f"search.tokens={TOKENS}",
+        ]
     if name == "random":
         return ["search.name=random", f"search.samples={evals}", f"search.tokens={TOKENS}"]
     raise SystemExit(f"unknown optimizer {name!r}")
@@ -58,7 +78,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--budget", type=int, default=40_000, help="evaluation tokens per search")
-    ap.add_argument("--optimizers", nargs="+", default=["evopress", "ga", "optuna", "random"])
+    ap.add_argument(
+        "--optimizers", nargs="+", default=["evopress", "ga", "optuna", "optuna_cmaes", "random"]
+    )
+    ap.add_argument("--config", default="quickstart", help="the problem (a built-in config)")
+    ap.add_argument("--name", default="optimizers", help="results/<name>.json")
     add_overrides(ap)
     args = ap.parse_args()
 
@@ -69,9 +93,12 @@ def main() -> None:
         for name in args.optimizers:
             for seed in args.seeds:
                 run_dir = Path(tmp) / f"{name}-{seed}"
-                overrides = [*settings(name, args.budget), f"seed={seed}", f"run_dir={run_dir}"]
+                overrides = [
+                    *settings(name, args.budget, args.config, args.overrides),
+                    f"seed={seed}", f"run_dir={run_dir}",
+                ]
                 exp, result, seconds = timed_search(
-                    "quickstart", [*overrides, *args.overrides], loaded
+                    args.config, [*overrides, *args.overrides], loaded
                 )
                 loaded = exp.loaded
                 trials = pd.read_parquet(run_dir / "trials.parquet")
@@ -90,7 +117,7 @@ def main() -> None:
         return {n: [runs[n][s][key] for s in args.seeds] for n in runs}
 
     write_result(
-        "optimizers",
+        args.name,
         {
             "best_kl": {n: [held["kl"][f"{n}-{s}"] for s in args.seeds] for n in runs},
             "best_ppl": {n: [held["ppl"][f"{n}-{s}"] for s in args.seeds] for n in runs},

@@ -27,7 +27,13 @@ from typing import Any
 
 import pandas as pd
 import torch
-from _common import add_overrides, heldout_metrics, timed_search, write_result
+from _common import (
+    add_overrides,
+    evopress_tokens_per_generation,
+    heldout_metrics,
+    timed_search,
+    write_result,
+)
 
 from evocomp.config import load_config
 from evocomp.evaluators.base import forward_logits
@@ -75,18 +81,8 @@ GROWING = {"default", "default_no_prefix", "surrogate", "owl_start", "levers",
 
 
 def generations(config: str, overrides: list[str], max_tokens: int) -> int:
-    """EvoPress generations that spend about ``max_tokens``: each scores its children
-    on the first stage and, on average, 1.5 new genomes on each later stage (the
-    parent's scores are reused); a resampling one scores the parent again at every
-    stage."""
-    p = load_config(config, overrides).search.params
-    if getattr(p, "resample", False):
-        kept = [s.keep for s in p.stages]
-        per_gen = (p.offspring + 1) * p.stages[0].tokens + sum(
-            k * s.tokens for k, s in zip(kept, p.stages[1:], strict=False)
-        )
-    else:
-        per_gen = p.offspring * p.stages[0].tokens + sum(1.5 * s.tokens for s in p.stages[1:])
+    """EvoPress generations that spend about ``max_tokens``."""
+    per_gen = evopress_tokens_per_generation(load_config(config, overrides).search.params)
     return max(1, math.ceil(max_tokens / per_gen))
 
 

@@ -3,7 +3,7 @@ same recovery fine-tune: does fine-tuning candidates during selection pick a gen
 that recovers better?
 
     python benchmarks/training_aware.py [--tiny] [--generations 8]
-        [--train 1024 4096] [--lr 1e-4] [--recover 16384] [--set k=v ...]
+        [--train 1024 4096] [--lr 1e-4] [--recover 16384] [--name N] [--set k=v ...]
 
 Both searches are the same EvoPress width search (the built-in ``width`` config,
 50% of block parameters; ``--tiny``: the tiny uneven Llama of the tests, built in
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--recover", type=int, default=16384, help="recovery fine-tune tokens")
     ap.add_argument("--recover-lr", type=float, help="its learning rate (default: --lr)")
+    ap.add_argument("--name", help="results/<name>.json (default: training_aware[.tiny])")
     add_overrides(ap)
     args = ap.parse_args()
     stages = "[{tokens: 512, keep: 2}, {tokens: 2048, keep: 1}]"
@@ -95,7 +96,8 @@ def main() -> None:
         "generations": args.generations, "offspring": args.offspring,
     }
     figures["model"] = "tiny uneven Llama" if args.tiny else "SmolLM2-135M"
-    write_result("training_aware.tiny" if args.tiny else "training_aware", figures)
+    default = "training_aware.tiny" if args.tiny else "training_aware"
+    write_result(args.name or default, figures)
 
 
 if __name__ == "__main__":
