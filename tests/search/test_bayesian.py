@@ -37,7 +37,7 @@ def test_tpe_beats_random_search_at_equal_evaluations():
     tpe, rnd = [], []
     for seed in range(2):
         space = sparsity_space()
-        opt, asked = _search(space, seed, trials=128, startup=32, tokens=64)
+        opt, asked = _search(space, seed, sampler="tpe", trials=128, startup=32, tokens=64)
         assert len(asked) == 128 and opt.progress == (128, 128)
         assert space.cost(opt.best_genome) <= space.budget
         tpe.append(opt.best_fitness)
@@ -82,7 +82,7 @@ def _constraints(trial) -> list[float]:
 
 def test_sampler_learns_the_budget_as_a_constraint():
     space = sparsity_space()
-    opt, asked = _search(space, 0, trials=32, startup=8, tokens=64)
+    opt, asked = _search(space, 0, sampler="tpe", trials=32, startup=8, tokens=64)
     trials = opt.study.trials
     evaluated = {r.genome for r in asked}
     over = 0
@@ -120,7 +120,7 @@ def test_replay_from_recorded_fitness_gives_the_same_search():
 
 def test_a_search_that_finds_nothing_new_stops():
     space = _small(genes=2, levels=1)
-    opt, asked = _search(space, 0, trials=50, startup=4, batch=2)
+    opt, asked = _search(space, 0, sampler="tpe", trials=50, startup=4, batch=2)
     # Two equal layers, three levels each, on budget: only 3 genomes exist.
     assert sorted(r.genome for r in asked) == [(0, 2), (1, 1), (2, 0)]
     assert opt.progress == (3, 50)
@@ -164,6 +164,12 @@ def test_non_finite_fitness_fails_the_trial_without_stopping_the_search():
 def test_bad_params_are_rejected(params):
     with pytest.raises(ValidationError):
         OptunaSearch.Params(**params)
+
+
+def test_default_sampler_is_cmaes_for_quality_and_tpe_for_fronts():
+    assert OptunaSearch.Params().sampler == "cmaes"
+    assert OptunaSearch.Params(objectives="quality+cost").sampler == "tpe"
+    assert OptunaSearch.Params(objectives="quality+cost", sampler="nsga2").sampler == "nsga2"
 
 
 def test_registered_by_name():
