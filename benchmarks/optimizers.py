@@ -5,11 +5,11 @@
 
 The problem is a built-in config's, by default the quickstart's: 50% average
 sparsity on SmolLM2-135M over SparseGPT variants, candidates scored by KL to the
-dense model on the search tokens. ``optuna`` is its default sampler (TPE),
-``optuna_cmaes`` the CMA-ES sampler; ``ga_random`` the GA with a random first
-population. Each optimizer gets about ``--budget``
-evaluation tokens per search (settings below), one search per seed; the best
-genome of each search is then scored on held-out text. Figures: held-out KL and
+dense model on the search tokens. ``optuna`` runs the TPE sampler, ``optuna_cmaes``
+the CMA-ES sampler (the default); ``ga_random`` the GA with a random first
+population. Each optimizer gets about ``--budget`` evaluation tokens per search
+(settings below), one search per seed; the best genome of each search is then
+scored on held-out text. Figures: held-out KL and
 perplexity per optimizer and seed, search wall time, tokens and evaluations
 actually spent.
 """
@@ -52,7 +52,7 @@ def settings(name: str, budget: int, config: str, overrides: list[str]) -> list[
             f"search.generations={max(1, evals // 8 - 1)}",
             f"search.tokens={TOKENS}",
         ]
-    if name == "optuna":
+    if name == "optuna":  # TPE, the default before CMA-ES
         return [
             "search.name=optuna",
             "search.sampler=tpe",
