@@ -9,9 +9,8 @@ dense model on the search tokens. ``optuna`` runs the TPE sampler, ``optuna_cmae
 the CMA-ES sampler (the default); ``ga_random`` the GA with a random first
 population. Each optimizer gets about ``--budget`` evaluation tokens per search
 (settings below), one search per seed; the best genome of each search is then
-scored on held-out text. Figures: held-out KL and
-perplexity per optimizer and seed, search wall time, tokens and evaluations
-actually spent.
+scored on held-out text. Figures: held-out KL and perplexity per optimizer and
+seed, search wall time, tokens and evaluations actually spent.
 """
 
 from __future__ import annotations

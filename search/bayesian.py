@@ -1,6 +1,6 @@
-"""Model-based search with Optuna's samplers (TPE, Gaussian process, NSGA-II,
-CMA-ES, random), driven through ``study.ask()`` / ``study.tell()``; single-objective under
-the budget, or multi-objective over quality and cost.
+"""Model-based search with Optuna's samplers (CMA-ES, TPE, Gaussian process,
+NSGA-II, random), driven through ``study.ask()`` / ``study.tell()``;
+single-objective under the budget, or multi-objective over quality and cost.
 
 Design
 ------
@@ -167,11 +167,12 @@ class OptunaSearchParams(OneBudgetParams):
 
 @OPTIMIZERS.register("optuna")
 class OptunaSearch(GeneratorOptimizer[OptunaSearchParams]):
-    """An Optuna sampler (``tpe``, ``gp``, ``nsga2``, ``cmaes`` or ``random``) over
-    the genes' levels. With ``objectives: quality`` proposals are repaired onto the budget and
-    the sampler learns the budget as a constraint; with ``quality+cost`` they are
-    only made valid and the sampler minimises (fitness, cost): one run, a whole
-    front (:meth:`front`). See the module docstring for the design."""
+    """An Optuna sampler (``cmaes``, ``tpe``, ``gp``, ``nsga2`` or ``random``) over
+    the genes' levels. With ``objectives: quality`` proposals are repaired onto the
+    budget (and every sampler but CMA-ES learns the budget as a constraint); with
+    ``quality+cost`` they are only made valid and the sampler minimises (fitness,
+    cost): one run, a whole front (:meth:`front`). See the module docstring for the
+    design."""
 
     name = "optuna"
 
@@ -227,10 +228,6 @@ class OptunaSearch(GeneratorOptimizer[OptunaSearchParams]):
                     seed=seed, population_size=p.population or 50, **extra
                 )
             if p.sampler == "cmaes":
-                # CMA-ES samples a Gaussian around its mean: started at the uniform
-                # genome with a step well under one level, its proposals are small
-                # moves from a good point, as EvoPress's children are, where TPE's
-                # per-gene kernels redraw a large share of many genes at once.
                 # Optuna maps each gene's levels onto [0, 1], one level = 1/n_levels.
                 levels = max(self.space.n_levels(i) for i in range(len(self.space)))
                 return optuna.samplers.CmaEsSampler(

@@ -255,9 +255,10 @@ class GeneticAlgorithmParams(_VariationParams):
 @OPTIMIZERS.register("ga")
 class GeneticAlgorithm(_Evolution[GeneticAlgorithmParams]):
     """(μ+λ) evolution: a population of ``population`` genomes (the uniform start
-    plus its mutants, or random feasible genomes) makes ``offspring`` children per generation by
-    crossover + repair or by level-switch mutation; the best ``population`` of
-    parents and children survive. See the module docstring for the design."""
+    plus its mutants, or random feasible genomes) makes ``offspring`` children per
+    generation by crossover + repair or by level-switch mutation; the best
+    ``population`` of parents and children survive. See the module docstring for
+    the design."""
 
     name = "ga"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +85,16 @@ def loss(space, genome) -> float:
     return sum((1 + i % 5) * g for i, g in enumerate(genome))
 
 
-def drive(opt, space) -> list:
-    """Run ``opt`` to the end on :func:`loss`; every request must be feasible."""
+def drive(opt, space, fitness=None) -> list:
+    """Run ``opt`` to the end on ``fitness(genome)`` (default: :func:`loss`); every
+    request must be feasible."""
+    fitness = fitness or partial(loss, space)
     asked = []
     while requests := opt.ask():
         for r in requests:
             assert space.is_feasible(r.genome), r.genome
         asked += requests
-        opt.tell([loss(space, r.genome) for r in requests])
+        opt.tell([fitness(r.genome) for r in requests])
     return asked
 
 

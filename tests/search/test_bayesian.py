@@ -1,3 +1,5 @@
+from functools import partial
+
 import optuna
 import pytest
 from landscapes import (
@@ -195,13 +197,10 @@ def test_nsga2_sampler_keeps_the_budget_and_learns_it_as_a_constraint():
 
 def _best_over_uniform(space, weights, seed, **params) -> tuple[float, list]:
     opt = OptunaSearch(space, OptunaSearch.Params(tokens=64, **params), seed=seed)
-    asked = []
-    while requests := opt.ask():
-        assert all(space.is_feasible(r.genome) for r in requests)
-        asked += requests
-        opt.tell([weighted_loss(space, weights, r.genome) for r in requests])
-    assert opt.best_fitness == min(weighted_loss(space, weights, r.genome) for r in asked)
-    return opt.best_fitness / weighted_loss(space, weights, space.uniform()), asked
+    fitness = partial(weighted_loss, space, weights)
+    asked = drive(opt, space, fitness)
+    assert opt.best_fitness == min(fitness(r.genome) for r in asked)
+    return opt.best_fitness / fitness(space.uniform()), asked
 
 
 def test_cmaes_leaves_a_strong_uniform_start_where_tpe_cannot():

@@ -1,4 +1,5 @@
 import random
+from functools import partial
 
 import deap.creator
 import pytest
@@ -71,9 +72,9 @@ def _flat_best(init: str, seed: int) -> float:
     space, weights = flat_space()
     params = {"population": 8, "offspring": 8, "generations": 6, "tokens": 64, "init": init}
     opt = GeneticAlgorithm(space, GeneticAlgorithm.Params(**params), seed=seed)
-    while requests := opt.ask():
-        opt.tell([weighted_loss(space, weights, r.genome) for r in requests])
-    return opt.best_fitness / weighted_loss(space, weights, space.uniform())
+    fitness = partial(weighted_loss, space, weights)
+    drive(opt, space, fitness)
+    return opt.best_fitness / fitness(space.uniform())
 
 
 def test_a_first_population_of_mutants_gains_more_from_a_strong_start():
