@@ -71,19 +71,29 @@ METHODS: dict[str, list[str]] = {
     # its 4 sequences by 254k tokens.
     "final_4096": [PLAIN_STAGES],
     "final_8192": ["search.stages=[{tokens: 512, keep: 2}, {tokens: 8192, keep: 1}]"],
+    # The GA (init: mutants), 8 + 8 per generation, each genome scored on one
+    # sequence (as in optimizers.py) or on the 4 the default's last stage uses.
+    "ga": ["search.name=ga", "search.population=8", "search.offspring=8", "search.tokens=512"],
+    "ga_2048": [
+        "search.name=ga", "search.population=8", "search.offspring=8", "search.tokens=2048",
+    ],
     "owl": ["search.name=owl"],
     # One level either way per unit: 2 probes per unit (radius 2 would spend ~430k tokens).
     "sensitivity": ["search.name=sensitivity", "search.radius=1"],
 }
 GROWING = {"default", "default_no_prefix", "surrogate", "owl_start", "levers",
-           "evopress_plain", "resample", "fewer_switches", "final_4096", "final_8192"}
+           "evopress_plain", "resample", "fewer_switches", "final_4096", "final_8192",
+           "ga", "ga_2048"}
 """Methods whose generations run until the token budget is spent."""
 
 
 def generations(config: str, overrides: list[str], max_tokens: int) -> int:
-    """EvoPress generations that spend about ``max_tokens``."""
-    per_gen = evopress_tokens_per_generation(load_config(config, overrides).search.params)
-    return max(1, math.ceil(max_tokens / per_gen))
+    """Generations (EvoPress's or the GA's) that spend about ``max_tokens``."""
+    search = load_config(config, overrides).search
+    if search.name == "ga":  # a first population, then `offspring` genomes a generation
+        p = search.params
+        return max(1, math.ceil((max_tokens - p.population * p.tokens) / (p.offspring * p.tokens)))
+    return max(1, math.ceil(max_tokens / evopress_tokens_per_generation(search.params)))
 
 
 def checkpoints(trials: pd.DataFrame, marks: list[int]) -> dict[int, tuple]:
