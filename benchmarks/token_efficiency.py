@@ -72,10 +72,21 @@ METHODS: dict[str, list[str]] = {
     "final_4096": [PLAIN_STAGES],
     "final_8192": ["search.stages=[{tokens: 512, keep: 2}, {tokens: 8192, keep: 1}]"],
     # The GA (init: mutants), 8 + 8 per generation, each genome scored on one
-    # sequence (as in optimizers.py) or on the 4 the default's last stage uses.
+    # sequence (as in optimizers.py), on two, or on the 4 the default's last stage uses.
     "ga": ["search.name=ga", "search.population=8", "search.offspring=8", "search.tokens=512"],
+    "ga_1024": [
+        "search.name=ga", "search.population=8", "search.offspring=8", "search.tokens=1024",
+    ],
     "ga_2048": [
         "search.name=ga", "search.population=8", "search.offspring=8", "search.tokens=2048",
+    ],
+    # The GA for the first half of 254k tokens, then EvoPress (the default's stages)
+    # from its genome: the GA gains fastest early, EvoPress's last stage picks
+    # parents on more text later.
+    "ga_then_evopress": [
+        "search={name: chain, steps: [{name: ga, population: 8, offspring: 8, tokens: 512, "
+        "generations: 30}, {name: evopress, offspring: 8, max_switches: 3, generations: 18, "
+        "stages: [{tokens: 512, keep: 2}, {tokens: 2048, keep: 1}]}]}",
     ],
     "owl": ["search.name=owl"],
     # One level either way per unit: 2 probes per unit (radius 2 would spend ~430k tokens).
@@ -83,7 +94,7 @@ METHODS: dict[str, list[str]] = {
 }
 GROWING = {"default", "default_no_prefix", "surrogate", "owl_start", "levers",
            "evopress_plain", "resample", "fewer_switches", "final_4096", "final_8192",
-           "ga", "ga_2048"}
+           "ga", "ga_1024", "ga_2048"}
 """Methods whose generations run until the token budget is spent."""
 
 
@@ -97,20 +108,23 @@ def generations(config: str, overrides: list[str], max_tokens: int) -> int:
 
 
 def checkpoints(trials: pd.DataFrame, marks: list[int]) -> dict[int, tuple]:
-    """The best genome at the run's largest token budget within each mark of spent
-    evaluation tokens (marks the run never reached are left out). Scores of one draw
+    """The best genome at the largest token budget the run had scored within each mark
+    of spent evaluation tokens (marks the run never reached are left out). Scores of one draw
     compare (``search.resample`` scores each generation on its own): the answer at a
     mark is the best of the latest draw whose final-stage scores all lie within it,
     that is a resampling search's parent then, or its confirmed last parent."""
     trials = trials.sort_values("number").reset_index(drop=True)
     spent = trials["tokens"].cumsum()
-    top = trials[trials["tokens"] == trials["tokens"].max()]
-    last_of_draw = top.groupby("draw")["number"].idxmax()
-    resampled = top["draw"].max() > 0
     out = {}
     for mark in marks:
         if spent.iloc[-1] < mark and mark != marks[0]:
             break
+        # The largest budget scored so far (a chain's GA step scores on less text
+        # than the EvoPress step after it; other searches score it from the start).
+        budget = trials.loc[spent <= mark, "tokens"].max()
+        top = trials[trials["tokens"] == budget]
+        last_of_draw = top.groupby("draw")["number"].idxmax()
+        resampled = top["draw"].max() > 0
         within = top[spent[top.index] <= mark]
         groups = {
             d: rows for d, rows in within.groupby("draw")

@@ -4,6 +4,7 @@ from evocomp.search.allocation import OWL, Sensitivity
 from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Optimizer, Request
 from evocomp.search.baselines import SLEB, DropLast, Probing, ShortGPT
 from evocomp.search.bayesian import OptunaSearch
+from evocomp.search.chain import Chain
 from evocomp.search.coarse_to_fine import CoarseToFine
 from evocomp.search.evopress import EvoPress, Stage
 from evocomp.search.genetic import NSGA2, GeneticAlgorithm
@@ -16,6 +17,7 @@ __all__ = [
     "OPTIMIZERS",
     "OWL",
     "SLEB",
+    "Chain",
     "CoarseToFine",
     "DropLast",
     "EvoPress",

@@ -150,6 +150,9 @@ class Optimizer(ABC, Generic[P]):
     genome_kind: ClassVar[GenomeKind] = "levels"
     """The genomes it searches; the runner pairs it only with spaces of the same
     :attr:`~evocomp.spaces.base.SearchSpace.genome_kind`."""
+    composite: ClassVar[bool] = False
+    """Whether it runs other optimizers (coarse-to-fine, chain): such a search cannot
+    be nested in another."""
     budgeted: bool = True
     """Whether every request keeps the space's budget (``is_feasible``; probes,
     :attr:`Request.probe`, need only be valid). Multi-objective

@@ -12,43 +12,16 @@ one trial store and a resumed search replays them all.
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import replace
 from typing import Any
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field
 
-from evocomp.errors import EvocompError, choices
+from evocomp.errors import EvocompError
 from evocomp.registry import StrictModel
 from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Optimizer, Request
+from evocomp.search.nested import InnerSearch, check_nestable, run_inner
 from evocomp.spaces.base import LevelSpace, SearchSpace
 from evocomp.spaces.window import Window
-
-
-class InnerSearch(StrictModel):
-    """The optimizer each iteration runs: ``{name: <optimizer>, <its options>...}``."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str = "evopress"
-
-    @model_validator(mode="after")
-    def _known(self) -> InnerSearch:
-        self.params()  # unknown names and bad options fail when the config is read
-        return self
-
-    def params(self) -> StrictModel:
-        """The inner optimizer's validated options."""
-        allowed = [n for n in OPTIMIZERS.names() if n != CoarseToFine.name]
-        if self.name not in allowed:
-            raise ValueError(f"unknown inner optimizer {self.name!r}; allowed: {choices(allowed)}")
-        cls = OPTIMIZERS.get(self.name)
-        try:
-            return cls.Params(**(self.model_extra or {}))
-        except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                for e in err.errors()
-            )
-            raise ValueError(f"bad options for inner optimizer {self.name!r}: {problems}") from None
 
 
 class CoarseToFineParams(StrictModel):
@@ -76,6 +49,7 @@ class CoarseToFine(GeneratorOptimizer[CoarseToFineParams]):
 
     name = "coarse-to-fine"
     Params = CoarseToFineParams
+    composite = True
 
     @classmethod
     def space_params(
@@ -95,22 +69,12 @@ class CoarseToFine(GeneratorOptimizer[CoarseToFineParams]):
         self._iteration = 0  # iterations finished
         self._current = 0  # the iteration self._inner runs
         self._inner = self._make_inner(space.uniform(), 0)
-        if not self._inner.budgeted:
-            raise EvocompError(
-                f"search.inner.name={params.inner.name!r} trades cost against quality; "
-                "coarse-to-fine nests only optimizers that keep the budget"
-            )
-        if self._inner.measurement() is not None:
-            raise EvocompError(
-                f"search.inner.name={params.inner.name!r} measures the model first "
-                "(start_from); coarse-to-fine cannot nest it"
-            )
+        check_nestable(self._inner, "search.inner.name", "coarse-to-fine")
 
     def _make_inner(self, centre: tuple[int, ...], iteration: int) -> Optimizer[Any]:
         step = self.fine.grid_step / 2**iteration
         self.window = Window(self.fine, centre, step=step, radius=self.params.levels)
-        cls = OPTIMIZERS.get(self.params.inner.name)
-        return cls(self.window, self.params.inner.params(), seed=self._seed + iteration)
+        return self.params.inner.build(self.window, seed=self._seed + iteration)
 
     @property
     def iteration(self) -> int:
@@ -138,10 +102,7 @@ class CoarseToFine(GeneratorOptimizer[CoarseToFineParams]):
         for iteration in range(self.params.iterations):
             inner = self._inner if iteration == 0 else self._make_inner(centre, iteration)
             self._inner, window, self._current = inner, self.window, iteration
-            inner.prepare(None)
-            while requests := inner.ask():
-                scores = yield [replace(r, genome=window.lift(r.genome)) for r in requests]
-                inner.tell(scores)
+            yield from run_inner(inner, window)
             if inner.best_genome is not None:
                 centre = window.lift(inner.best_genome)
                 self.consider(centre, inner.best_fitness)

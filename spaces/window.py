@@ -18,12 +18,15 @@ from evocomp.spaces.units import VariantKey
 class Window(LevelSpace[Any]):
     """Per gene, the levels of ``fine`` nearest the positions ``centre ± k·step``
     (``k = 0..radius``, on :meth:`~LevelSpace.position`'s axis), merged where they
-    round to the same level; costs, variants and the budget are the fine space's,
-    and :meth:`uniform` is the centre.
+    round to the same level, or without a ``step`` every level of ``fine``; costs,
+    variants and the budget are the fine space's, and :meth:`uniform` is the centre.
 
     ``centre`` must be a feasible genome of ``fine``."""
 
-    def __init__(self, fine: LevelSpace[Any], centre: Genome, *, step: float, radius: int) -> None:
+    def __init__(
+        self, fine: LevelSpace[Any], centre: Genome, *, step: float | None = None,
+        radius: int = 0,
+    ) -> None:
         super().__init__(fine.units, fine.params)
         if not fine.is_feasible(centre):
             raise ValueError("the centre of a window must be a feasible genome of the fine space")
@@ -35,6 +38,9 @@ class Window(LevelSpace[Any]):
         self._levels: list[list[int]] = []
         for gene, c in enumerate(centre):
             options = range(fine.n_levels(gene))
+            if step is None:  # the whole space, started at the centre (a chain's steps)
+                self._levels.append(list(options))
+                continue
             at = [fine.position(gene, lv) for lv in options]
             wanted = [at[c] + k * step for k in range(-radius, radius + 1)]
             # Nearest fine level per wanted position; ties go to the later level, as
@@ -73,7 +79,7 @@ class Window(LevelSpace[Any]):
 
     @property
     def grid_step(self) -> float:
-        return self.step
+        return self.fine.grid_step if self.step is None else self.step
 
     @property
     def trade_share(self) -> float:

@@ -249,6 +249,17 @@ HAND: list[Case] = [
     Case("c2f.inner.tokens",
          _search("search={name: coarse-to-fine, inner: {stages: [{tokens: 99999, keep: 1}]}}"),
          "search.inner.stages[0].tokens"),
+    Case("chain.one-step", _search("search={name: chain, steps: [{name: ga}]}"), "steps"),
+    Case("chain.joint", _search(
+        "space={name: joint, spaces: [{name: sparsity, target: 0.25, step: 0.125, levels: 2}, "
+        "{name: bits, bits: [2, 4], target: 3}]}",
+        "compressor={name: prune-quantize, prune: {name: magnitude}, quantize: {name: rtn}}",
+        "search={name: chain, steps: [{name: ga}, {name: evopress}]}"), "space 'joint'"),
+    Case("chain.nsga2", _search("search={name: chain, steps: [{name: ga}, {name: nsga2}]}"),
+         "search.steps[1].name"),
+    Case("chain.tokens",
+         _search("search={name: chain, steps: [{name: ga, tokens: 99999}, {name: evopress}]}"),
+         "search.steps[0].tokens"),
     Case("train.calibration", _search("search.train={tokens: [64, 99999]}"),
          "search.train.tokens[1]"),
     Case("train.per-stage", _search("search.train={tokens: [64]}"), "train.tokens"),

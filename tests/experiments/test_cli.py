@@ -99,6 +99,15 @@ RESUMABLE = {
         "inner": {"name": "evopress", "generations": 2, "offspring": 3,
                   "stages": [{"tokens": 64, "keep": 1}]},
     },
+    # killed in its second step: the replay rebuilds it around the first step's genome
+    "chain": {
+        "name": "chain",
+        "steps": [
+            {"name": "ga", "population": 3, "offspring": 3, "generations": 1, "tokens": 64},
+            {"name": "evopress", "generations": 2, "offspring": 3,
+             "stages": [{"tokens": 64, "keep": 1}]},
+        ],
+    },
 }
 
 

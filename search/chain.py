@@ -1,0 +1,105 @@
+"""A chain of searches: each runs on the whole space, started at the genome the
+one before found (e.g. a GA, which gains fastest in its first tens of thousands of
+evaluation tokens, then EvoPress, whose larger last stage picks parents on more
+text)."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from pydantic import Field
+
+from evocomp.errors import EvocompError
+from evocomp.registry import StrictModel
+from evocomp.search.base import OPTIMIZERS, GeneratorOptimizer, Optimizer, Request
+from evocomp.search.nested import InnerSearch, check_nestable, run_inner
+from evocomp.spaces.base import Genome, LevelSpace, SearchSpace
+from evocomp.spaces.window import Window
+
+
+class ChainParams(StrictModel):
+    """Options of :class:`Chain`."""
+
+    steps: list[InnerSearch] = Field(
+        min_length=2,
+        description="the searches to run in order ({name, options} each); each starts from "
+        "the genome the one before found",
+    )
+
+
+@OPTIMIZERS.register("chain")
+class Chain(GeneratorOptimizer[ChainParams]):
+    """The ``steps`` searches one after another on the whole space, each started at
+    the best genome of the one before (the first at the uniform genome): every
+    step's start is the ``uniform`` genome of its space, scored as such by the step
+    (EvoPress scores it on its last stage, the GA puts it in its first population).
+
+    ``best_genome`` is the best of the last step that finished, at that step's
+    token budget: scores of different steps may be on different text and are not
+    compared. Needs a space of levels; every step must keep the budget."""
+
+    name = "chain"
+    Params = ChainParams
+    composite = True
+
+    def __init__(self, space: SearchSpace[Any], params: ChainParams, *, seed: int = 0) -> None:
+        super().__init__(space, params, seed=seed)
+        if not isinstance(space, LevelSpace):
+            raise EvocompError(f"search.name=chain cannot restart searches on space {space.name!r}")
+        self.levels: LevelSpace[Any] = space
+        self._seed = seed
+        self._current = 0  # the step running
+        # Every step as it would start from uniform: their budgets and sizes are
+        # known before the search (each is rebuilt around the genome found).
+        self._steps = [self._make(i, space.uniform()) for i in range(len(params.steps))]
+        for i, (step, _) in enumerate(self._steps):
+            check_nestable(step, f"search.steps[{i}].name", "chain")
+
+    def _make(self, index: int, start: Genome) -> tuple[Optimizer[Any], Window]:
+        window = Window(self.levels, start)
+        return self.params.steps[index].build(window, seed=self._seed + index), window
+
+    @property
+    def step(self) -> int:
+        """The step running (steps finished, once the chain is over)."""
+        return self._current
+
+    @property
+    def resamples(self) -> bool:
+        return any(step.resamples for step, _ in self._steps)
+
+    def token_budgets(self) -> dict[str, int]:
+        return {
+            f"steps[{i}].{k}": v
+            for i, (step, _) in enumerate(self._steps)
+            for k, v in step.token_budgets().items()
+        }
+
+    def train_budgets(self) -> dict[str, int]:
+        return {
+            f"steps[{i}].{k}": v
+            for i, (step, _) in enumerate(self._steps)
+            for k, v in step.train_budgets().items()
+        }
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        planned = [max(step.progress[1], 1) for step, _ in self._steps]
+        if self._current >= len(self._steps):
+            return sum(planned), sum(planned)
+        done = min(self._steps[self._current][0].progress[0], planned[self._current])
+        return sum(planned[: self._current]) + done, sum(planned)
+
+    def run(self) -> Generator[list[Request], list[float], None]:
+        start = self.levels.uniform()
+        for index in range(len(self._steps)):
+            if index:
+                self._steps[index] = self._make(index, start)
+            self._current = index
+            inner, window = self._steps[index]
+            yield from run_inner(inner, window)
+            if inner.best_genome is not None:
+                start = window.lift(inner.best_genome)
+                self.best_genome, self.best_fitness = start, inner.best_fitness
+        self._current = len(self._steps)
