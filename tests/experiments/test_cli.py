@@ -160,7 +160,7 @@ def test_resume_after_a_kill_reevaluates_nothing(
         (["serch.generations=3"], "did you mean 'search'"),
         (["search.generation=3"], "did you mean 'generations'"),
         (["search.name=cmaes"],
-         "unknown optimizer 'cmaes'; allowed: 'coarse-to-fine', 'drop-last'"),
+         "unknown optimizer 'cmaes'; allowed: 'chain', 'coarse-to-fine', 'drop-last'"),
         (["executor.name=dask"], "unknown executor 'dask'; allowed: 'local', 'ray'"),
         (["executor.num_workers=2"], "bad options for executor 'local': num_workers"),
         (["data.corpus=nope"], "allowed:"),
