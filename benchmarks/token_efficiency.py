@@ -85,7 +85,7 @@ METHODS: dict[str, list[str]] = {
     # parents on more text later.
     "ga_then_evopress": [
         "search={name: chain, steps: [{name: ga, population: 8, offspring: 8, tokens: 512, "
-        "generations: 30}, {name: evopress, offspring: 8, max_switches: 3, generations: 18, "
+        "generations: 30}, {name: evopress, offspring: 8, max_switches: 3, generations: 19, "
         "stages: [{tokens: 512, keep: 2}, {tokens: 2048, keep: 1}]}]}",
     ],
     "owl": ["search.name=owl"],
