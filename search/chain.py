@@ -53,12 +53,11 @@ class Chain(GeneratorOptimizer[ChainParams]):
         # Every step as it would start from uniform: their budgets and sizes are
         # known before the search (each is rebuilt around the genome found).
         self._steps = [self._make(i, space.uniform()) for i in range(len(params.steps))]
-        for i, (step, _) in enumerate(self._steps):
+        for i, step in enumerate(self._steps):
             check_nestable(step, f"search.steps[{i}].name", "chain")
 
-    def _make(self, index: int, start: Genome) -> tuple[Optimizer[Any], Window]:
-        window = Window(self.levels, start)
-        return self.params.steps[index].build(window, seed=self._seed + index), window
+    def _make(self, index: int, start: Genome) -> Optimizer[Any]:
+        return self.params.steps[index].build(Window(self.levels, start), seed=self._seed + index)
 
     @property
     def step(self) -> int:
@@ -67,28 +66,28 @@ class Chain(GeneratorOptimizer[ChainParams]):
 
     @property
     def resamples(self) -> bool:
-        return any(step.resamples for step, _ in self._steps)
+        return any(step.resamples for step in self._steps)
 
     def token_budgets(self) -> dict[str, int]:
         return {
             f"steps[{i}].{k}": v
-            for i, (step, _) in enumerate(self._steps)
+            for i, step in enumerate(self._steps)
             for k, v in step.token_budgets().items()
         }
 
     def train_budgets(self) -> dict[str, int]:
         return {
             f"steps[{i}].{k}": v
-            for i, (step, _) in enumerate(self._steps)
+            for i, step in enumerate(self._steps)
             for k, v in step.train_budgets().items()
         }
 
     @property
     def progress(self) -> tuple[int, int]:
-        planned = [max(step.progress[1], 1) for step, _ in self._steps]
+        planned = [max(step.progress[1], 1) for step in self._steps]
         if self._current >= len(self._steps):
             return sum(planned), sum(planned)
-        done = min(self._steps[self._current][0].progress[0], planned[self._current])
+        done = min(self._steps[self._current].progress[0], planned[self._current])
         return sum(planned[: self._current]) + done, sum(planned)
 
     def run(self) -> Generator[list[Request], list[float], None]:
@@ -97,9 +96,9 @@ class Chain(GeneratorOptimizer[ChainParams]):
             if index:
                 self._steps[index] = self._make(index, start)
             self._current = index
-            inner, window = self._steps[index]
-            yield from run_inner(inner, window)
-            if inner.best_genome is not None:
-                start = window.lift(inner.best_genome)
-                self.best_genome, self.best_fitness = start, inner.best_fitness
+            inner = self._steps[index]
+            found = yield from run_inner(inner)
+            if found is not None:
+                start = found
+                self.best_genome, self.best_fitness = found, inner.best_fitness
         self._current = len(self._steps)

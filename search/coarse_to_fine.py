@@ -73,8 +73,8 @@ class CoarseToFine(GeneratorOptimizer[CoarseToFineParams]):
 
     def _make_inner(self, centre: tuple[int, ...], iteration: int) -> Optimizer[Any]:
         step = self.fine.grid_step / 2**iteration
-        self.window = Window(self.fine, centre, step=step, radius=self.params.levels)
-        return self.params.inner.build(self.window, seed=self._seed + iteration)
+        window = Window(self.fine, centre, step=step, radius=self.params.levels)
+        return self.params.inner.build(window, seed=self._seed + iteration)
 
     @property
     def iteration(self) -> int:
@@ -101,9 +101,9 @@ class CoarseToFine(GeneratorOptimizer[CoarseToFineParams]):
         centre = self.fine.uniform()
         for iteration in range(self.params.iterations):
             inner = self._inner if iteration == 0 else self._make_inner(centre, iteration)
-            self._inner, window, self._current = inner, self.window, iteration
-            yield from run_inner(inner, window)
-            if inner.best_genome is not None:
-                centre = window.lift(inner.best_genome)
+            self._inner, self._current = inner, iteration
+            found = yield from run_inner(inner)
+            if found is not None:
+                centre = found
                 self.consider(centre, inner.best_fitness)
             self._iteration = iteration + 1

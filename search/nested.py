@@ -13,6 +13,7 @@ from pydantic import ConfigDict, ValidationError, model_validator
 from evocomp.errors import EvocompError, choices
 from evocomp.registry import StrictModel
 from evocomp.search.base import OPTIMIZERS, Optimizer, Request
+from evocomp.spaces.base import Genome
 from evocomp.spaces.window import Window
 
 
@@ -63,12 +64,14 @@ def check_nestable(inner: Optimizer[Any], option: str, outer: str) -> None:
         )
 
 
-def run_inner(
-    inner: Optimizer[Any], window: Window
-) -> Generator[list[Request], list[float], None]:
-    """Run ``inner`` to its end, its requests lifted to genomes of the window's space
-    (what the trial store, the database and the model see)."""
+def run_inner(inner: Optimizer[Any]) -> Generator[list[Request], list[float], Genome | None]:
+    """Run ``inner`` (built by :meth:`InnerSearch.build`) to its end, its requests
+    lifted to genomes of its window's space (what the trial store, the database and
+    the model see); returns its best genome, lifted (``None`` if it found none)."""
+    window = inner.space
+    assert isinstance(window, Window), "inner searches run on a Window (InnerSearch.build)"
     inner.prepare(None)
     while requests := inner.ask():
         scores = yield [replace(r, genome=window.lift(r.genome)) for r in requests]
         inner.tell(scores)
+    return None if inner.best_genome is None else window.lift(inner.best_genome)
