@@ -265,17 +265,31 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
                 f"--set {key}: a key is section names joined by single dots "
                 "(e.g. search.generations)"
             )
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise EvocompError(f"--set {key}: {part!r} is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+            value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as err:
             raise EvocompError(
                 f"--set {key}: {raw!r} is not valid YAML ({_one_line(err)})"
             ) from None
+        node: Any = out
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list) and part.isdigit():  # a list set by an earlier --set
+                where = ".".join(parts[:depth])
+                if int(part) >= len(node):
+                    raise EvocompError(
+                        f"--set {key}: {where} has {len(node)} items (indices 0..{len(node) - 1})"
+                    )
+                if last:
+                    node[int(part)] = _merged(node[int(part)], value, key)
+                else:
+                    node = node[int(part)]
+            elif not isinstance(node, dict):
+                raise EvocompError(f"--set {key}: {parts[depth - 1]!r} is not a section")
+            elif last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
     return out
 
 
@@ -283,21 +297,32 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any], path: str = "") -> dict[str, Any]:
     """Deep-merge ``over`` into ``base``; a section that names another component
-    (``search.name=sleb``) replaces the old one, whose options would not fit."""
+    (``search.name=sleb``) replaces the old one, whose options would not fit. A
+    number addresses an item of a list (``search.steps.1.generations=5``)."""
     merged = dict(base)
     for k, v in over.items():
-        old = merged.get(k)
-        if (
-            isinstance(v, dict)
-            and isinstance(old, dict)
-            and v.get("name", old.get("name")) == old.get("name")
-        ):
-            merged[k] = _merge(old, v)
-        else:
-            merged[k] = v
+        merged[k] = _merged(merged.get(k), v, f"{path}{k}")
     return merged
+
+
+def _merged(old: Any, new: Any, path: str) -> Any:
+    """``new`` merged into ``old`` (the value at ``path``)."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        if new.get("name", old.get("name")) == old.get("name"):
+            return _merge(old, new, f"{path}.")
+    elif isinstance(new, dict) and isinstance(old, list) and new and all(map(str.isdigit, new)):
+        items = list(old)
+        for index, value in new.items():
+            if int(index) >= len(items):
+                raise EvocompError(
+                    f"--set {path}.{index}: {path} has {len(items)} items "
+                    f"(indices 0..{len(items) - 1})"
+                )
+            items[int(index)] = _merged(items[int(index)], value, f"{path}.{index}")
+        return items
+    return new
 
 
 def resolve_yaml(spec: str | Path, builtin: Path, what: str) -> Path:

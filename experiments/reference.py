@@ -27,7 +27,8 @@ A config is YAML validated by pydantic (`extra="forbid"`: misspelled fields are
 errors that suggest the right name). All sections have defaults; see
 [`experiments/configs/quickstart.yaml`](../experiments/configs/quickstart.yaml) and the
 other built-in configs (`evocomp configs`). Every value can be overridden on the
-command line with `--set section.key=value` (repeatable; values are parsed as YAML).
+command line with `--set section.key=value` (repeatable; values are parsed as YAML);
+a number picks an item of a list (`--set search.steps.1.generations=10`).
 
 The sections `compressor`, `space`, `evaluator`, `search` and `executor` each name a
 registered component (`{name: <component>, <its options>...}`); their tables list

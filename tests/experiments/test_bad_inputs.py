@@ -168,6 +168,8 @@ HAND: list[Case] = [
     Case("set.double-dot", _search("search..generations=3"), "search..generations"),
     Case("set.no-equals", ("search", "{cfg}", "--set", "search.generations"), "key=value"),
     Case("set.not-section", _search("seed=1", "seed.x=2"), "seed"),
+    Case("set.index", _search("search={name: chain, steps: [{name: ga}, {name: evopress}]}",
+                              "search.steps.2.generations=1"), "search.steps has 2 items"),
     # paths
     Case("run_dir.proc", _search("run_dir=/proc/x/run"), "run_dir"),
     Case("run_dir.file", _search("run_dir={tmp}/a-file"), "run_dir",
