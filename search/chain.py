@@ -35,9 +35,10 @@ class Chain(GeneratorOptimizer[ChainParams]):
     step's start is the ``uniform`` genome of its space, scored as such by the step
     (EvoPress scores it on its last stage, the GA puts it in its first population).
 
-    ``best_genome`` is the best of the last step that finished, at that step's
-    token budget: scores of different steps may be on different text and are not
-    compared. Needs a space of levels; every step must keep the budget."""
+    ``best_genome`` is the running step's best (at that step's token budget) once it
+    has one, else the best of the step before: scores of different steps may be on
+    different text and are never compared. Needs a space of levels; every step must
+    keep the budget."""
 
     name = "chain"
     Params = ChainParams
@@ -89,6 +90,17 @@ class Chain(GeneratorOptimizer[ChainParams]):
             return sum(planned), sum(planned)
         done = min(self._steps[self._current].progress[0], planned[self._current])
         return sum(planned[: self._current]) + done, sum(planned)
+
+    def tell(self, fitness: list[float]) -> None:
+        super().tell(fitness)
+        # The running step's best so far, so that progress and best.json follow the
+        # search within a step too (a new step keeps the last one's until it has one).
+        if self._current < len(self._steps):
+            inner = self._steps[self._current]
+            if inner.best_genome is not None:
+                assert isinstance(inner.space, Window)
+                self.best_genome = inner.space.lift(inner.best_genome)
+                self.best_fitness = inner.best_fitness
 
     def run(self) -> Generator[list[Request], list[float], None]:
         start = self.levels.uniform()

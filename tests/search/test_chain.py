@@ -73,6 +73,23 @@ def test_each_step_starts_from_the_genome_the_one_before_found():
     assert done == total == GA["generations"] + EVOPRESS["generations"]
 
 
+def test_the_best_follows_the_running_step():
+    """Progress bars and best.json read the best after every tell: within a step it
+    is that step's best so far, never lost between steps."""
+    space = sparsity_space()
+    opt = Chain(space, ChainParams(steps=STEPS), seed=0)
+    seen: dict[int, list[float]] = {}
+    while requests := opt.ask():
+        step = opt.step
+        opt.tell([loss(space, r.genome) for r in requests])
+        assert opt.best_genome is not None and space.is_feasible(opt.best_genome)
+        if opt.step == step:
+            seen.setdefault(step, []).append(opt.best_fitness)
+    # The GA's best (each genome scored on 8 tokens) falls within its step.
+    assert len(seen[0]) == GA["generations"] and seen[0] == sorted(seen[0], reverse=True)
+    assert seen[0][-1] < seen[0][0]
+
+
 def test_ga_then_evopress_beats_evopress_alone_at_equal_evaluations():
     """The reason for chains: on many near-equal genes (uniform close to the optimum,
     as on a compressed LLM) the GA's recombination gains fastest early; EvoPress goes
