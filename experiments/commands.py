@@ -96,8 +96,12 @@ def _table(report: dict[str, Any]) -> str:
         seen = report.get("seen", {})
         marks = ", ".join(f"{c} ({'seen' if seen.get(c) else 'not seen'})" for c in corpora)
         return markdown_table(pd.DataFrame(rows)[keep]) + f"\nheld-out corpora: {marks}"
-    lines = [f"held-out perplexity and KL to dense ({report['heldout_tokens']} tokens of "
-             f"{', '.join(corpora)}, seen by the search)"]
+    # The held-out sequences are never scored by the search; their corpus may be.
+    names = ", ".join(corpora)
+    seen = all(report.get("seen", {}).get(c, True) for c in corpora)
+    about = f"the search scored other {names} text" if seen else "a corpus the search never saw"
+    lines = [f"held-out perplexity and KL to dense ({report['heldout_tokens']} held-out "
+             f"tokens of {names}; {about})"]
     kl = report.get("kl", {})
     for name, ppl in report["ppl"].items():
         lines.append(f"  {name:<9} ppl {ppl:10.3f}   kl {kl.get(name, float('nan')):.5f}")

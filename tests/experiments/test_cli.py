@@ -43,6 +43,8 @@ def test_search_eval_export_reload(tmp_path, tiny_model_dir, capsys):
     assert set(report["ppl"]) == {"dense", "uniform", "searched"}
     out = capsys.readouterr().out
     assert "held-out perplexity" in out and "searched" in out
+    # Held-out sequences are never searched on; their corpus is.
+    assert "held-out tokens of wiki; the search scored other wiki text" in out
 
     assert main(["-q", "eval", str(run)]) == 0
     assert json.loads((run / "eval.json").read_text())["ppl"] == pytest.approx(report["ppl"])
