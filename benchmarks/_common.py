@@ -21,6 +21,22 @@ DEVICE = os.environ.get("EVOCOMP_BENCH_DEVICE", "cpu")
 """Where benchmarks run (``EVOCOMP_BENCH_DEVICE=cuda``); figures from a device other
 than the CPU go to ``results/<name>.<device>.json``, beside the CPU ones."""
 
+EVOPRESS = (
+    "search={name: evopress, offspring: 8, max_switches: 3, "
+    "stages: [{tokens: 512, keep: 2}, {tokens: 2048, keep: 1}]}"
+)
+"""The quickstart's EvoPress search before the quickstart became a chain (GA, then
+EvoPress): an override, put before any other ``search.`` override, for benchmarks
+that measure EvoPress itself or reproduce figures recorded with it."""
+
+
+def evopress_search(config: str, overrides: list[str]) -> list[str]:
+    """Overrides that make ``config``'s search EvoPress: none when it is already (its
+    own options then hold), else :data:`EVOPRESS`."""
+    from evocomp.config import load_config
+
+    return [] if load_config(config, overrides).search.name == "evopress" else [EVOPRESS]
+
 
 def machine() -> dict[str, Any]:
     from evocomp.supernet.latency import cpu_name

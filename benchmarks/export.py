@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, write_result
+from _common import EVOPRESS, RESULTS, write_result
 
 from evocomp.cli import main as evocomp
 
@@ -31,7 +31,7 @@ FORMATS = ("hf", "compressed-tensors", "gguf")
 RESULT = RESULTS / "export.json"
 
 RUNS: dict[str, tuple[str, list[str]]] = {
-    "quickstart": ("quickstart", []),
+    "quickstart": ("quickstart", [EVOPRESS]),  # as recorded: EvoPress, --generations
     "bits3": ("bits", ["compressor.symmetric=true", "space.target=3.0"]),
     "joint": (
         "joint",

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from _common import DEVICE, add_overrides, pruned_weights, write_result
+from _common import DEVICE, EVOPRESS, add_overrides, pruned_weights, write_result
 
 from evocomp.cli import main as evocomp
 from evocomp.config import load_config
@@ -151,6 +151,7 @@ def main() -> None:
                     "--set", f"model.device={DEVICE}",
                     "--set", f"compressor={{name: metric, expression: '{found}'}}",
                     "--set", "data.calibration=8",
+                    "--set", EVOPRESS,
                     "--set", f"search.generations={args.alloc_generations}",
                     "--set", f"database.path={tmp}/db"]
             for o in args.overrides:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 from _common import (
     add_overrides,
+    evopress_search,
     evopress_tokens_per_generation,
     heldout_metrics,
     timed_search,
@@ -38,10 +39,12 @@ def settings(name: str, budget: int, config: str, overrides: list[str]) -> list[
     """Config overrides that spend about ``budget`` evaluation tokens (at most)."""
     evals = budget // TOKENS
     if name == "evopress":
-        params = load_config(config, overrides).search.params
+        pin = evopress_search(config, overrides)
+        params = load_config(config, [*pin, *overrides]).search.params
         start = params.stages[-1].tokens  # the uniform start, scored on the last stage
         per_generation = evopress_tokens_per_generation(params)
-        return [f"search.generations={max(1, int((budget - start) // per_generation))}"]
+        generations = max(1, int((budget - start) // per_generation))
+        return [*pin, f"search.generations={generations}"]
     if name in ("ga", "ga_random"):
         return [
             "search.name=ga",

@@ -5,7 +5,8 @@ quickstart's searched model (50% sparsity on SmolLM2-135M) and the dense model
     python benchmarks/recovery.py [--run RUN_DIR] [--tokens 200000] [--method full]
         [--lr LR] [--batch-size N] [--restart] [--set k=v ...]
 
-The quickstart search runs first into ``--run`` (default ``runs/recovery``; about 13
+The search recovery.json was recorded on (the quickstart's former EvoPress search,
+20 generations) runs first into ``--run`` (default ``runs/recovery``; about 7
 minutes on 2 CPU cores; ``--set`` overrides apply to it) unless that directory
 holds a finished search, which is reused. The fine-tune goes to ``RUN/finetune``: a
 killed benchmark resumes it from its last checkpoint when rerun, and a finished one
@@ -19,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _common import DEVICE, add_overrides, write_result
+from _common import DEVICE, EVOPRESS, add_overrides, write_result
 
 from evocomp import commands
 
@@ -47,7 +48,10 @@ def main() -> None:
         if (run / "config.yaml").exists():
             commands.search(None, [], resume=str(run), final=False, progress=True)
         else:
-            overrides = [f"run_dir={run}", f"model.device={DEVICE}", *args.overrides]
+            # The search recovery.json was recorded on: the quickstart's former
+            # EvoPress search, 20 generations.
+            overrides = [f"run_dir={run}", f"model.device={DEVICE}", EVOPRESS,
+                         "search.generations=20", *args.overrides]
             commands.search("quickstart", overrides, final=False, progress=True)
     options = {"tokens": args.tokens, "method": args.method, "lr": args.lr,
                "batch_size": args.batch_size}

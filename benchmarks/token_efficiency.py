@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from _common import (
     add_overrides,
+    evopress_search,
     evopress_tokens_per_generation,
     heldout_metrics,
     timed_search,
@@ -48,11 +49,15 @@ PROBLEMS: dict[str, dict[str, Any]] = {
 }
 
 METHODS: dict[str, list[str]] = {
-    # evocomp's search as configured by default (the built-in config's search).
+    # evocomp's search as configured by default (the built-in config's search: for
+    # sparsity, the quickstart's chain of a GA and EvoPress).
     "default": [],
     "default_no_prefix": ["database.prefix_gb=0"],
-    # The default with the levers that are options, alone and together (the row
-    # recorded as "default" on 2026-12-02 is "levers": both were defaults then).
+    # EvoPress as the quickstart ran it before the chain (the rows recorded as
+    # "default" up to 2026-12-03 for sparsity), and variants of it: the levers that
+    # are options, alone and together (the row recorded as "default" on 2026-12-02 is
+    # "levers": both were defaults then).
+    "evopress": [],
     "surrogate": ["search.surrogate={pool: 64}"],
     "owl_start": ["search.start_from=[owl]"],
     "levers": ["search.surrogate={pool: 64}", "search.start_from=[owl]"],
@@ -61,18 +66,18 @@ METHODS: dict[str, list[str]] = {
         "search.offspring=8", PLAIN_STAGES, "search.surrogate=null", "search.start_from=[]",
         "database.prefix_gb=0",
     ],
-    # The default scoring each generation on a fresh draw of the search sequences
-    # (with a search split larger than the last stage, e.g. --set data.search=32).
+    # Scoring each generation on a fresh draw of the search sequences (with a search
+    # split larger than the last stage, e.g. --set data.search=32).
     "resample": ["search.resample=true"],
-    # The default with EvoPress's bias to fewer switches per child.
+    # EvoPress's bias to fewer switches per child.
     "fewer_switches": ["search.switches=fewer"],
     # A larger last stage, so the parent is chosen on more text (needs a search
-    # split of 8 and 16 sequences, e.g. --set data.search=16): the default fits
-    # its 4 sequences by 254k tokens.
+    # split of 8 and 16 sequences, e.g. --set data.search=16): EvoPress fits its 4
+    # sequences by 254k tokens.
     "final_4096": [PLAIN_STAGES],
     "final_8192": ["search.stages=[{tokens: 512, keep: 2}, {tokens: 8192, keep: 1}]"],
     # The GA (init: mutants), 8 + 8 per generation, each genome scored on one
-    # sequence (as in optimizers.py), on two, or on the 4 the default's last stage uses.
+    # sequence (as in optimizers.py), on two, or on the 4 EvoPress's last stage uses.
     "ga": ["search.name=ga", "search.population=8", "search.offspring=8", "search.tokens=512"],
     "ga_1024": [
         "search.name=ga", "search.population=8", "search.offspring=8", "search.tokens=1024",
@@ -80,9 +85,9 @@ METHODS: dict[str, list[str]] = {
     "ga_2048": [
         "search.name=ga", "search.population=8", "search.offspring=8", "search.tokens=2048",
     ],
-    # The GA for the first half of 254k tokens, then EvoPress (the default's stages)
-    # from its genome: the GA gains fastest early, EvoPress's last stage picks
-    # parents on more text later.
+    # The GA for the first half of 254k tokens, then EvoPress (stages 512 -> 2,048)
+    # from its genome, 30 + 19 generations as first measured (the quickstart's search
+    # since; "default" spends --max-tokens on its EvoPress step instead).
     "ga_then_evopress": [
         "search={name: chain, steps: [{name: ga, population: 8, offspring: 8, tokens: 512, "
         "generations: 30}, {name: evopress, offspring: 8, max_switches: 3, generations: 19, "
@@ -92,19 +97,39 @@ METHODS: dict[str, list[str]] = {
     # One level either way per unit: 2 probes per unit (radius 2 would spend ~430k tokens).
     "sensitivity": ["search.name=sensitivity", "search.radius=1"],
 }
-GROWING = {"default", "default_no_prefix", "surrogate", "owl_start", "levers",
-           "evopress_plain", "resample", "fewer_switches", "final_4096", "final_8192",
-           "ga", "ga_1024", "ga_2048"}
-"""Methods whose generations run until the token budget is spent."""
+ON_EVOPRESS = {"evopress", "surrogate", "owl_start", "levers", "evopress_plain", "resample",
+               "fewer_switches", "final_4096", "final_8192"}
+"""Methods that are EvoPress with options: on a problem whose config searches with
+another optimizer they start from the quickstart's former EvoPress search."""
+GROWING = {"default", "default_no_prefix", *ON_EVOPRESS, "ga", "ga_1024", "ga_2048"}
+"""Methods whose (last) generations run until the token budget is spent."""
 
 
-def generations(config: str, overrides: list[str], max_tokens: int) -> int:
-    """Generations (EvoPress's or the GA's) that spend about ``max_tokens``."""
+def _tokens(name: str, params: Any, generations: int) -> float:
+    """Evaluation tokens ``generations`` of optimizer ``name`` (EvoPress or the GA) spend."""
+    if name == "ga":  # a first population, then `offspring` genomes a generation
+        return params.tokens * (params.population + generations * params.offspring)
+    return generations * evopress_tokens_per_generation(params)
+
+
+def _generations(name: str, params: Any, tokens: float) -> int:
+    """Generations of ``name`` that spend about ``tokens``."""
+    if name == "ga":
+        first = params.population * params.tokens
+        return max(1, math.ceil((tokens - first) / (params.offspring * params.tokens)))
+    return max(1, math.ceil(tokens / evopress_tokens_per_generation(params)))
+
+
+def generations(config: str, overrides: list[str], max_tokens: int) -> str:
+    """The override that makes the search spend about ``max_tokens``: its generations
+    (EvoPress's, the GA's), or a chain's last step's after the steps before it."""
     search = load_config(config, overrides).search
-    if search.name == "ga":  # a first population, then `offspring` genomes a generation
-        p = search.params
-        return max(1, math.ceil((max_tokens - p.population * p.tokens) / (p.offspring * p.tokens)))
-    return max(1, math.ceil(max_tokens / evopress_tokens_per_generation(search.params)))
+    if search.name != "chain":
+        return f"search.generations={_generations(search.name, search.params, max_tokens)}"
+    *before, last = search.params.steps
+    spent = sum(_tokens(s.name, s.params(), s.params().generations) for s in before)
+    n = _generations(last.name, last.params(), max_tokens - spent)
+    return f"search.steps.{len(before)}.generations={n}"
 
 
 def checkpoints(trials: pd.DataFrame, marks: list[int]) -> dict[int, tuple]:
@@ -177,10 +202,10 @@ def main() -> None:
         exp = None
         with tempfile.TemporaryDirectory() as tmp:
             for method in args.methods:
-                overrides = [*base, *METHODS[method], f"run_dir={Path(tmp) / method}"]
+                pin = evopress_search(spec["config"], base) if method in ON_EVOPRESS else []
+                overrides = [*pin, *base, *METHODS[method], f"run_dir={Path(tmp) / method}"]
                 if method in GROWING:
-                    n = generations(spec["config"], overrides, args.max_tokens)
-                    overrides.append(f"search.generations={n}")
+                    overrides.append(generations(spec["config"], overrides, args.max_tokens))
                 exp, result, seconds = timed_search(spec["config"], overrides, loaded)
                 loaded = exp.loaded
                 trials = pd.read_parquet(Path(tmp) / method / "trials.parquet")

@@ -2,7 +2,7 @@ import pytest
 
 from evocomp.config import Config, load_config, parse_overrides
 from evocomp.errors import EvocompError
-from evocomp.search import EvoPress
+from evocomp.search import Chain, GeneticAlgorithm
 from evocomp.supernet.compressors import SparseGPT
 
 
@@ -10,7 +10,8 @@ def test_builtin_quickstart_loads_and_resolves_component_options():
     cfg = load_config("quickstart")
     assert cfg.model.name == "smollm2-135m"
     assert isinstance(cfg.compressor.params, SparseGPT.Params)
-    assert isinstance(cfg.search.params, EvoPress.Params)
+    assert isinstance(cfg.search.params, Chain.Params)
+    assert [step.name for step in cfg.search.params.steps] == ["ga", "evopress"]
     dumped = cfg.dump()
     assert dumped["compressor"] == {"name": "sparsegpt", "nm_group": None, "dampening": 0.01,
                                     "blocksize": 128, "propagate": "level"}
@@ -23,10 +24,23 @@ def test_overrides_are_yaml_values_in_nested_sections():
         "units": {"ignore": ["down_proj"]},
         "a": {"b": {"c": True}},
     }
-    cfg = load_config("quickstart", ["search.stages=[{tokens: 64, keep: 1}]", "seed=7"])
+    cfg = load_config("depth", ["search.stages=[{tokens: 64, keep: 1}]", "seed=7"])
     assert cfg.search.params.stages[0].tokens == 64 and cfg.seed == 7
     with pytest.raises(EvocompError, match="key=value"):
         parse_overrides(["generations"])
+
+
+def test_a_number_in_an_override_addresses_a_list_item():
+    cfg = load_config("quickstart", ["search.steps.1.generations=3", "search.steps.0.tokens=1024"])
+    ga, evopress = (step.params() for step in cfg.search.params.steps)
+    assert (ga.tokens, ga.population) == (1024, 8)
+    assert evopress.generations == 3
+    assert evopress.stages[1].tokens == 2048  # the step's other options are kept
+    # An item naming another component replaces the item, as it replaces a section.
+    cfg = load_config("quickstart", ["search.steps.1={name: ga, generations: 2}"])
+    assert cfg.search.params.steps[1].params() == GeneticAlgorithm.Params(generations=2)
+    with pytest.raises(EvocompError, match=r"search\.steps\.2: search\.steps has 2 items"):
+        load_config("quickstart", ["search.steps.2.generations=3"])
 
 
 def test_unknown_component_options_name_the_allowed_ones():

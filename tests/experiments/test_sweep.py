@@ -175,7 +175,8 @@ def test_built_in_sweeps_resolve_and_validate(tmp_path):
     trials = _check_trials(sweep, plan)  # every search's config is valid
     assert len(trials) == 6
     cfg = plan.config(trials[-1])
-    assert (cfg.space.params.target, cfg.seed, cfg.search.params.generations) == (0.6, 1, 8)
+    steps = [step.params().generations for step in cfg.search.params.steps]
+    assert (cfg.space.params.target, cfg.seed, steps) == (0.6, 1, [5, 4])
     root = tmp_path / "runs" / "sweeps" / "sparsity_targets"  # the default root
     assert cfg.run_dir == str(root / "runs" / "space.target-0.6_seed-1")
     with pytest.raises(EvocompError, match="not a file or a built-in sweep.*sparsity_targets"):
