@@ -275,15 +275,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
             if isinstance(node, list) and part.isdigit():  # a list set by an earlier --set
-                where = ".".join(parts[:depth])
-                if int(part) >= len(node):
-                    raise EvocompError(
-                        f"--set {key}: {where} has {len(node)} items (indices 0..{len(node) - 1})"
-                    )
+                i = _index(node, part, ".".join(parts[:depth]), key)
                 if last:
-                    node[int(part)] = _merged(node[int(part)], value, key)
+                    node[i] = _merged(node[i], value, key)
                 else:
-                    node = node[int(part)]
+                    node = node[i]
             elif not isinstance(node, dict):
                 raise EvocompError(f"--set {key}: {parts[depth - 1]!r} is not a section")
             elif last:
@@ -315,14 +311,19 @@ def _merged(old: Any, new: Any, path: str) -> Any:
     elif isinstance(new, dict) and isinstance(old, list) and new and all(map(str.isdigit, new)):
         items = list(old)
         for index, value in new.items():
-            if int(index) >= len(items):
-                raise EvocompError(
-                    f"--set {path}.{index}: {path} has {len(items)} items "
-                    f"(indices 0..{len(items) - 1})"
-                )
-            items[int(index)] = _merged(items[int(index)], value, f"{path}.{index}")
+            i = _index(items, index, path, f"{path}.{index}")
+            items[i] = _merged(items[i], value, f"{path}.{index}")
         return items
     return new
+
+
+def _index(items: list[Any], index: str, path: str, key: str) -> int:
+    """``index`` as a position in ``items`` (the list at ``path``), or the one-line
+    error of ``--set key``."""
+    if int(index) < len(items):
+        return int(index)
+    have = f"{len(items)} items (indices 0..{len(items) - 1})" if items else "no items"
+    raise EvocompError(f"--set {key}: {path} has {have}")
 
 
 def resolve_yaml(spec: str | Path, builtin: Path, what: str) -> Path:

@@ -41,6 +41,10 @@ def test_a_number_in_an_override_addresses_a_list_item():
     assert cfg.search.params.steps[1].params() == GeneticAlgorithm.Params(generations=2)
     with pytest.raises(EvocompError, match=r"search\.steps\.2: search\.steps has 2 items"):
         load_config("quickstart", ["search.steps.2.generations=3"])
+    # A list given by an earlier --set of the same command line.
+    assert parse_overrides(["a=[{b: 1}, 2]", "a.0.b=3"]) == {"a": [{"b": 3}, 2]}
+    with pytest.raises(EvocompError, match=r"--set a\.0: a has no items"):
+        parse_overrides(["a=[]", "a.0=1"])
 
 
 def test_unknown_component_options_name_the_allowed_ones():
