@@ -134,20 +134,26 @@ def generations(config: str, overrides: list[str], max_tokens: int) -> str:
 
 def checkpoints(trials: pd.DataFrame, marks: list[int]) -> dict[int, tuple]:
     """The best genome at the largest token budget the run had scored within each mark
-    of spent evaluation tokens (marks the run never reached are left out). Scores of one draw
-    compare (``search.resample`` scores each generation on its own): the answer at a
-    mark is the best of the latest draw whose final-stage scores all lie within it,
-    that is a resampling search's parent then, or its confirmed last parent."""
+    of spent evaluation tokens (a run that ended before a mark gives its answer at the
+    first mark past its end; later marks are left out). Probes (one-shot methods'
+    measurements, which may leave the budget) count as spent tokens, never as answers.
+    Scores of one draw compare (``search.resample`` scores each generation on its
+    own): the answer at a mark is the best of the latest draw whose final-stage scores
+    all lie within it, that is a resampling search's parent then, or its confirmed
+    last parent."""
     trials = trials.sort_values("number").reset_index(drop=True)
     spent = trials["tokens"].cumsum()
+    answers = trials["role"] != "probe"
     out = {}
-    for mark in marks:
-        if spent.iloc[-1] < mark and mark != marks[0]:
+    for i, mark in enumerate(marks):
+        if i and marks[i - 1] >= spent.iloc[-1]:
             break
         # The largest budget scored so far (a chain's GA step scores on less text
         # than the EvoPress step after it; other searches score it from the start).
-        budget = trials.loc[spent <= mark, "tokens"].max()
-        top = trials[trials["tokens"] == budget]
+        budget = trials.loc[(spent <= mark) & answers, "tokens"].max()
+        if pd.isna(budget):
+            continue
+        top = trials[(trials["tokens"] == budget) & answers]
         last_of_draw = top.groupby("draw")["number"].idxmax()
         resampled = top["draw"].max() > 0
         within = top[spent[top.index] <= mark]
