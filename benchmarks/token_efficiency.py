@@ -113,11 +113,10 @@ def _tokens(name: str, params: Any, generations: int) -> float:
 
 
 def _generations(name: str, params: Any, tokens: float) -> int:
-    """Generations of ``name`` that spend about ``tokens``."""
-    if name == "ga":
-        first = params.population * params.tokens
-        return max(1, math.ceil((tokens - first) / (params.offspring * params.tokens)))
-    return max(1, math.ceil(tokens / evopress_tokens_per_generation(params)))
+    """Generations of ``name`` that spend about ``tokens`` (the inverse of :func:`_tokens`)."""
+    first = _tokens(name, params, 0)
+    per_generation = _tokens(name, params, 1) - first
+    return max(1, math.ceil((tokens - first) / per_generation))
 
 
 def generations(config: str, overrides: list[str], max_tokens: int) -> str:
