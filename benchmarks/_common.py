@@ -149,13 +149,14 @@ def uniform_baseline_config(cfg: Any, compressor: str) -> Any:
 def evopress_tokens_per_generation(params: Any) -> float:
     """Evaluation tokens one EvoPress generation spends on average (``params``: its
     search options): its children on the first stage and, on average, 1.5 new genomes
-    on each later stage (the parent's scores are reused); a resampling one scores the
-    parent again at every stage."""
+    on each later stage (the parent's scores are reused), each on the sequences the
+    stage before did not score (the runner keeps rows it scored); a resampling one
+    scores the parent again at every stage."""
+    tokens = [s.tokens for s in params.stages]
+    new = [b - a for a, b in zip(tokens, tokens[1:], strict=False)]
     if getattr(params, "resample", False):
         kept = [s.keep for s in params.stages]
-        return (params.offspring + 1) * params.stages[0].tokens + sum(
-            k * s.tokens for k, s in zip(kept, params.stages[1:], strict=False)
+        return (params.offspring + 1) * tokens[0] + sum(
+            k * t for k, t in zip(kept, new, strict=False)
         )
-    return params.offspring * params.stages[0].tokens + sum(
-        1.5 * s.tokens for s in params.stages[1:]
-    )
+    return params.offspring * tokens[0] + sum(1.5 * t for t in new)

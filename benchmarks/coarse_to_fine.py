@@ -43,7 +43,7 @@ def best_within(trials: pd.DataFrame, tokens: int) -> tuple[tuple[int, ...], flo
     """The best genome at the final budget among the evaluations made before the
     search had spent ``tokens`` evaluation tokens (trials in the order they ran)."""
     ran = trials.sort_values("number")
-    ran = ran[ran.tokens.cumsum() <= tokens]
+    ran = ran[ran.spent.cumsum() <= tokens]
     final = ran[ran.tokens == trials.tokens.max()]
     row = final.loc[final.fitness.idxmin()]
     return tuple(int(g) for g in str(row.genome).split(",")), float(row.fitness)
@@ -86,7 +86,7 @@ def main() -> None:
                 best[name] = result.best
             loaded = exp.loaded
             trials[name] = pd.read_parquet(run_dir / "trials.parquet")
-            figures["tokens"][name] = int(trials[name].tokens.sum())
+            figures["tokens"][name] = int(trials[name].spent.sum())
             figures["evaluations"][name] = len(trials[name])
             # Evaluation seconds (what a search spends), comparable between reused runs.
             figures["seconds"][name] = round(float(trials[name].seconds.sum()), 1)

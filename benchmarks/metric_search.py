@@ -126,9 +126,9 @@ def main() -> None:
             "offspring": args.offspring, "propagate": args.propagate, "seeds": args.seeds,
             "evaluations": int(len(trials)),
             "invalid": int(trials.get("metric.invalid", pd.Series(dtype=float)).fillna(0).sum()),
-            "tokens": int(trials.tokens.sum()),
+            "tokens": int(trials.spent.sum()),
             # Each evaluation prunes and scores the model once per pattern.
-            "forward_tokens": int(trials.tokens.sum()) * len(patterns),
+            "forward_tokens": int(trials.spent.sum()) * len(patterns),
         }
         figures["seconds"] = round(searched, 1)
         figures["search_kl"] = best["fitness"]

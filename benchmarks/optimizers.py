@@ -108,7 +108,7 @@ def main() -> None:
                     "search_kl": result.fitness,
                     "seconds": round(seconds, 1),
                     "evaluations": len(trials),
-                    "tokens": int(trials.tokens.sum()),
+                    "tokens": int(trials.spent.sum()),
                 }
                 best[f"{name}-{seed}"] = result.best
                 print(f"{name} seed {seed}: {runs[name][seed]}", flush=True)

@@ -47,7 +47,7 @@ def main() -> None:
             "search_budget": {
                 **search,
                 "evaluations": len(trials),
-                "tokens_evaluated": int(trials.tokens.sum()),
+                "tokens_evaluated": int(trials.spent.sum()),
                 "search_seconds": round(float(trials.seconds.sum()), 1),
             },
             "best_fitness": json.loads(run.best.read_text())["fitness"],

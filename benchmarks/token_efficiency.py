@@ -141,7 +141,7 @@ def checkpoints(trials: pd.DataFrame, marks: list[int]) -> dict[int, tuple]:
     all lie within it, that is a resampling search's parent then, or its confirmed
     last parent."""
     trials = trials.sort_values("number").reset_index(drop=True)
-    spent = trials["tokens"].cumsum()
+    spent = trials["spent"].cumsum()
     answers = trials["role"] != "probe"
     out = {}
     for i, mark in enumerate(marks):
@@ -217,11 +217,11 @@ def main() -> None:
                 per_token = dense_seconds_per_token(exp)
                 best[method] = checkpoints(trials, args.checkpoints)
                 runs[method] = {
-                    "tokens": int(trials["tokens"].sum()),
+                    "tokens": int(trials["spent"].sum()),
                     "evaluations": len(trials),
                     "search_s": round(seconds, 1),
                     "candidate_cost_ratio": round(
-                        trials["seconds"].sum() / (trials["tokens"].sum() * per_token), 4
+                        trials["seconds"].sum() / (trials["spent"].sum() * per_token), 4
                     ),
                     "search_fitness": result.fitness,
                 }

@@ -75,7 +75,7 @@ def main() -> None:
             assert evocomp(argv) == 0
             searched = time.perf_counter() - started
             trials = pd.read_parquet(f"{run}/trials.parquet")
-            figures["tokens"][name] = int(trials.tokens.sum())
+            figures["tokens"][name] = int(trials.spent.sum())
             spent = trials.get("metric.train_tokens", pd.Series([0]))
             figures["train_tokens"][name] = int(spent.sum())
             figures["genome"][name] = json.loads(Path(f"{run}/best.json").read_text())["genome"]

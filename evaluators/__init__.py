@@ -1,6 +1,6 @@
 """evocomp.evaluators: HOW GOOD a candidate is (and on which tokens)."""
 
-from evocomp.evaluators.base import EVALUATORS, Evaluator, forward_logits
+from evocomp.evaluators.base import EVALUATORS, Evaluator, RowSums, RowwiseEvaluator, forward_logits
 from evocomp.evaluators.combined import CombinedEvaluator
 from evocomp.evaluators.downstream import DownstreamParams, LMEvalEvaluator, downstream_scores
 from evocomp.evaluators.dtm import DTMEvaluator
@@ -17,6 +17,8 @@ __all__ = [
     "KLEvaluator",
     "LMEvalEvaluator",
     "PerplexityEvaluator",
+    "RowSums",
+    "RowwiseEvaluator",
     "compute_reference",
     "downstream_scores",
     "forward_logits",

@@ -127,6 +127,41 @@ class Evaluator(ABC, Generic[P]):
         given (default: :func:`forward_logits` of ``model``); the others ignore it."""
 
 
+RowSums = dict[str, float]
+"""What one token row adds to a :class:`RowwiseEvaluator`'s metrics (e.g. its summed
+KL, summed NLL and token count): sums, so rows scored apart combine exactly."""
+
+
+class RowwiseEvaluator(Evaluator[P]):
+    """An evaluator whose metrics over rows follow from sums per row.
+
+    :meth:`evaluate` is :meth:`combine` of :meth:`row_sums`, so a caller that kept a
+    candidate's sums of some rows needs only the others: the runner scores each
+    (candidate, row) once per process, and a candidate that a search's second stage
+    scores on 4 rows after its first stage scored it on the first one runs 3.
+    ``combine`` adds the sums in row order, so the metrics are the same whichever
+    evaluation computed each row.
+    """
+
+    @abstractmethod
+    def row_sums(
+        self, model: nn.Module, rows: Sequence[int], *, forward: Forward | None = None
+    ) -> list[RowSums]:
+        """The sums of each of ``rows``, in their order (logits through ``forward``
+        when given, as :meth:`Evaluator.evaluate` takes them)."""
+
+    @abstractmethod
+    def combine(self, sums: Sequence[RowSums]) -> dict[str, float]:
+        """The metrics of the rows whose :meth:`row_sums` are ``sums``, in row order."""
+
+    def evaluate(
+        self, model: nn.Module, budget_tokens: int | None = None, *,
+        forward: Forward | None = None, order: Sequence[int] | None = None,
+    ) -> dict[str, float]:
+        rows = self.rows_for(budget_tokens, order)
+        return self.combine(self.row_sums(model, rows, forward=forward))
+
+
 Forward = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 """``forward(batch, rows)``: float32 logits ``[batch, seq, vocab]`` of the token rows
 ``batch``, which are rows ``rows`` of the evaluator's tokens."""

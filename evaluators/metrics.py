@@ -12,9 +12,10 @@ from torch import nn
 
 from evocomp.evaluators.base import (
     EVALUATORS,
-    Evaluator,
     EvaluatorParams,
     Forward,
+    RowSums,
+    RowwiseEvaluator,
     forward_logits,
 )
 from evocomp.evaluators.reference import (
@@ -88,7 +89,7 @@ class KLEvaluatorParams(EvaluatorParams):
 
 
 @EVALUATORS.register("kl")
-class KLEvaluator(Evaluator[KLEvaluatorParams]):
+class KLEvaluator(RowwiseEvaluator[KLEvaluatorParams]):
     """Mean per-token KL divergence from the dense model's next-token
     distribution (the EvoPress fitness); also reports the candidate's perplexity
     on the same tokens, which comes for free."""
@@ -127,31 +128,31 @@ class KLEvaluator(Evaluator[KLEvaluatorParams]):
         device = next(model.parameters()).device
         return cls(tokens, reference.to(device), batch_size=params.batch_size)
 
-    def evaluate(
-        self, model: nn.Module, budget_tokens: int | None = None, *,
-        forward: Forward | None = None, order: Sequence[int] | None = None,
-    ) -> dict[str, float]:
-        rows = self.rows_for(budget_tokens, order)
-        kl_sum, nll_sum, count = 0.0, 0.0, 0
+    def row_sums(
+        self, model: nn.Module, rows: Sequence[int], *, forward: Forward | None = None
+    ) -> list[RowSums]:
+        out: list[RowSums] = []
         with torch.inference_mode():
             for batch, chunk in self.batches(rows):
                 logits = _logits(model, batch, chunk, forward)
                 batch = batch.to(logits.device)
                 for i, row in enumerate(chunk):
                     kl, nll = _kl_and_nll(self.reference, row, logits[i], batch[i, 1:])
-                    kl_sum += kl
-                    nll_sum += nll
-                count += batch.numel()
-        n_pred = count - len(rows)  # the last position of each sequence predicts nothing we hold
+                    out.append({"kl": kl, "nll": nll, "count": float(batch.shape[1])})
+        return out
+
+    def combine(self, sums: Sequence[RowSums]) -> dict[str, float]:
+        count = sum(s["count"] for s in sums)
+        n_pred = count - len(sums)  # the last position of each sequence predicts nothing we hold
         return {
-            "kl": kl_sum / count,
-            "ppl": perplexity(nll_sum / n_pred),
-            "tokens": float(count),
+            "kl": sum(s["kl"] for s in sums) / count,
+            "ppl": perplexity(sum(s["nll"] for s in sums) / n_pred),
+            "tokens": count,
         }
 
 
 @EVALUATORS.register("ppl")
-class PerplexityEvaluator(Evaluator[EvaluatorParams]):
+class PerplexityEvaluator(RowwiseEvaluator[EvaluatorParams]):
     """Perplexity: exp of the mean next-token negative log-likelihood."""
 
     name = "ppl"
@@ -162,19 +163,23 @@ class PerplexityEvaluator(Evaluator[EvaluatorParams]):
     def resamples(cls, params: Any) -> bool:
         return True
 
-    def evaluate(
-        self, model: nn.Module, budget_tokens: int | None = None, *,
-        forward: Forward | None = None, order: Sequence[int] | None = None,
-    ) -> dict[str, float]:
-        rows = self.rows_for(budget_tokens, order)
-        nll_sum, count = 0.0, 0
+    def row_sums(
+        self, model: nn.Module, rows: Sequence[int], *, forward: Forward | None = None
+    ) -> list[RowSums]:
+        out: list[RowSums] = []
         with torch.inference_mode():
             for batch, chunk in self.batches(rows):
                 logits = _logits(model, batch, chunk, forward)[:, :-1]
                 target = batch[:, 1:].to(logits.device)
-                nll_sum += torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
-                ).item()
-                count += target.numel()
-        tokens = len(rows) * self.tokens.shape[1]
-        return {"ppl": perplexity(nll_sum / count), "tokens": float(tokens)}
+                for i in range(len(chunk)):
+                    nll = torch.nn.functional.cross_entropy(logits[i], target[i], reduction="sum")
+                    out.append({"nll": nll.item(), "count": float(target.shape[1])})
+        return out
+
+    def combine(self, sums: Sequence[RowSums]) -> dict[str, float]:
+        count = sum(s["count"] for s in sums)
+        # Every row has seq_len tokens, one of which predicts nothing.
+        return {
+            "ppl": perplexity(sum(s["nll"] for s in sums) / count),
+            "tokens": count + len(sums),
+        }

@@ -79,6 +79,8 @@ class Run:
         trials = pd.read_parquet(rundir.trials)
         if trials.empty:
             raise EvocompError(f"{rundir.path} has no evaluations yet")
+        if "spent" not in trials:  # runs from before rows were memoised scored all
+            trials["spent"] = trials["tokens"]
         self._dir = rundir
         self._config: Config = config
         self._name = name or rundir.path.name
@@ -452,16 +454,16 @@ def plot_progress(
     runs: Run | Runs | Iterable[Run], ax: Axes | None = None, *, x: str = "evaluation"
 ) -> Figure:
     """The best fitness within the budget so far (``best_so_far``) against
-    evaluations (``x="evaluation"``) or tokens evaluated (``x="tokens"``), one line
-    per run (``gid`` ``progress:<run>``), with each run's baseline (the uniform
-    genome at the largest token budget) dotted."""
+    evaluations (``x="evaluation"``) or evaluation tokens scored (``x="tokens"``, the
+    ``spent`` column), one line per run (``gid`` ``progress:<run>``), with each run's
+    baseline (the uniform genome at the largest token budget) dotted."""
     if x not in ("evaluation", "tokens"):
         raise ValueError(f"x must be 'evaluation' or 'tokens', not {x!r}")
     fig, ax = _axes(ax, figsize=(6.4, 4.0))
     for i, run in enumerate(_as_runs(runs)):
         color = f"C{i % 10}"
         t = run.trials
-        where = t.evaluation if x == "evaluation" else t.tokens.cumsum()
+        where = t.evaluation if x == "evaluation" else t.spent.cumsum()
         seen = t.best_so_far.notna()
         ax.step(where[seen], t.best_so_far[seen], where="post", color=color,
                 label=run.name, gid=f"progress:{run.name}")

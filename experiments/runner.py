@@ -14,6 +14,7 @@ import os
 import random
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,14 @@ from tqdm.auto import tqdm
 
 from evocomp.config import ComponentSpec, Config
 from evocomp.errors import EvocompError, choices
-from evocomp.evaluators.base import EVALUATORS, Evaluator, forward_logits
+from evocomp.evaluators.base import (
+    EVALUATORS,
+    Evaluator,
+    Forward,
+    RowSums,
+    RowwiseEvaluator,
+    forward_logits,
+)
 from evocomp.evaluators.data import TokenSplits, load_splits, split_tokens
 from evocomp.evaluators.metrics import PerplexityEvaluator
 from evocomp.evaluators.reference import ReferenceCache
@@ -67,6 +75,9 @@ from evocomp.supernet.training import TrainParams, training
 from evocomp.supernet.units import find_units
 
 log = logging.getLogger("evocomp")
+
+_ROWS_MEMO = 20_000
+"""(genome, row) sums a process keeps (a few MB; an EvoPress stage needs a few dozen)."""
 
 
 class Experiment:
@@ -253,14 +264,15 @@ class Experiment:
             if len(scored) > 1:
                 assert train is None, "only level genomes are trained"
                 return self._scored_as(scored, tokens, order), time.perf_counter() - started
+            if train is None and self._rows_memo is not None:
+                return self._by_rows(genome, scored[0][1], tokens, order), (
+                    time.perf_counter() - started
+                )
             with scored[0][1] as model:
-                if train is None and (prefix := self.prefix) is not None:
-                    signature = block_signature(prefix.n_blocks, self.space.placements(genome))
+                if train is None:
                     metrics = self.evaluator.evaluate(
-                        model, tokens, forward=prefix.forward(signature), order=order
+                        model, tokens, forward=self._forward(genome), order=order
                     )
-                elif train is None:
-                    metrics = self.evaluator.evaluate(model, tokens, order=order)
                 else:
                     metrics = self._trained(model, genome, tokens, train, teacher, order)
         except InvalidMetric as err:
@@ -268,6 +280,48 @@ class Experiment:
             log.info("%s", err)
             metrics = {type(self.evaluator).metric: math.inf, "invalid": 1.0}
         return metrics, time.perf_counter() - started
+
+    def _forward(self, genome: Genome) -> Forward | None:
+        """The forward that scores ``genome`` (applied): prefix reuse when on."""
+        if (prefix := self.prefix) is None:
+            return None
+        return prefix.forward(block_signature(prefix.n_blocks, self.space.placements(genome)))
+
+    @cached_property
+    def _rows_memo(self) -> OrderedDict[tuple[Genome, int], RowSums] | None:
+        """Each (genome, row)'s sums once scored, when the evaluator's metrics add up
+        over rows and a row's score does not depend on the rows batched with it
+        (prefix reuse runs rows one at a time; otherwise one row per batch): then a
+        memoised row gives the same bits as scoring it again."""
+        ev = self.evaluator
+        alone = self.prefix is not None or ev.batch_size == 1
+        return OrderedDict() if isinstance(ev, RowwiseEvaluator) and alone else None
+
+    def _by_rows(
+        self, genome: Genome, applied: AbstractContextManager[torch.nn.Module],
+        tokens: int | None, order: list[int] | None,
+    ) -> dict[str, float]:
+        """``genome``'s metrics from the sums of its rows, scoring (and applying it
+        for) only rows this process has not scored for it yet; ``scored_tokens`` is
+        what it ran."""
+        ev, memo = self.evaluator, self._rows_memo
+        assert isinstance(ev, RowwiseEvaluator) and memo is not None
+        rows = ev.rows_for(tokens, order)
+        new = [r for r in rows if (genome, r) not in memo]
+        if new:
+            with applied as model:
+                sums = ev.row_sums(model, new, forward=self._forward(genome))
+            for row, row_sums in zip(new, sums, strict=True):
+                memo[genome, row] = row_sums
+        for row in rows:
+            memo.move_to_end((genome, row))
+        while len(memo) > _ROWS_MEMO:
+            memo.popitem(last=False)
+        seq_len = ev.tokens.shape[1]
+        return {
+            **ev.combine([memo[genome, r] for r in rows]),
+            "scored_tokens": float(len(new) * seq_len),
+        }
 
     def _scored_as(
         self, scored: list[tuple[str, AbstractContextManager[torch.nn.Module]]],
@@ -930,7 +984,7 @@ def _spent(store: TrialStore) -> dict[str, int]:
     fine-tuned on (training-aware selection)."""
     records = store.records()
     return {
-        "evaluation": sum(r.tokens for r in records),
+        "evaluation": sum(r.spent for r in records),
         "training": int(sum(r.metrics.get("train_tokens", 0) for r in records)),
     }
 

@@ -107,6 +107,13 @@ class Record:
     def key(self) -> Key:
         return self.genome, self.tokens, self.draw
 
+    @property
+    def spent(self) -> int:
+        """Evaluation tokens this evaluation scored: its budget ``tokens``, less the
+        rows the evaluating process had scored for this genome before (the metric
+        ``scored_tokens``, see :class:`~evocomp.evaluators.base.RowwiseEvaluator`)."""
+        return int(self.metrics.get("scored_tokens", self.tokens))
+
 
 @dataclass(frozen=True)
 class Job:
@@ -574,13 +581,15 @@ class TrialStore:
 
     # -- export --------------------------------------------------------------------
     def to_dataframe(self) -> pd.DataFrame:
-        """One row per evaluation: number, role, tokens, draw, fitness, cost, seconds,
-        worker, every metric, and the genome as a string."""
+        """One row per evaluation: number, role, tokens (its budget), spent (the tokens
+        it scored, :attr:`Record.spent`), draw, fitness, cost, seconds, worker, every
+        metric, and the genome as a string."""
         rows = [
             {
                 "number": r.number,
                 "role": r.role,
                 "tokens": r.tokens,
+                "spent": r.spent,
                 "draw": r.draw,
                 "fitness": r.fitness,
                 "cost": r.cost,

@@ -147,3 +147,16 @@ def test_an_order_scores_its_first_rows_as_an_evaluator_of_those_rows_alone(name
     assert value != pytest.approx(drawn.evaluate(model, budget)[name], rel=1e-6)  # rows 0, 1
     with pytest.raises(ValueError, match="permutation"):
         drawn.rows_for(budget, [0, 0, 1, 2])
+
+
+@pytest.mark.parametrize("name", ["kl", "ppl"])
+def test_rows_scored_apart_combine_to_the_metrics_of_all_rows_bit_for_bit(tiny_model, name):
+    tokens = _tokens(n=5)
+    cls = EVALUATORS.get(name)
+    ev = cls.create(tiny_model, tokens, cls.Params(batch_size=1), progress=False)
+    model = _perturbed(tiny_model, 0.7)
+    whole = ev.evaluate(model, 4 * tokens.shape[1])
+    first, rest = ev.row_sums(model, [0]), ev.row_sums(model, [1, 2, 3])
+    assert ev.combine(first + rest) == whole
+    assert ev.combine(first) == ev.evaluate(model, tokens.shape[1])
+    assert whole["tokens"] == 4 * tokens.shape[1]
