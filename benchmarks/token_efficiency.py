@@ -93,6 +93,9 @@ METHODS: dict[str, list[str]] = {
         "generations: 30}, {name: evopress, offspring: 8, max_switches: 3, generations: 19, "
         "stages: [{tokens: 512, keep: 2}, {tokens: 2048, keep: 1}]}]}",
     ],
+    # The chain with racing in its EvoPress step: the last stage scores its survivors
+    # one sequence at a time and drops those significantly worse than the best.
+    "race": ["search.steps.1.race={}"],
     "owl": ["search.name=owl"],
     # One level either way per unit: 2 probes per unit (radius 2 would spend ~430k tokens).
     "sensitivity": ["search.name=sensitivity", "search.radius=1"],
@@ -101,7 +104,7 @@ ON_EVOPRESS = {"evopress", "surrogate", "owl_start", "levers", "evopress_plain",
                "fewer_switches", "final_4096", "final_8192"}
 """Methods that are EvoPress with options: on a problem whose config searches with
 another optimizer they start from the quickstart's former EvoPress search."""
-GROWING = {"default", "default_no_prefix", *ON_EVOPRESS, "ga", "ga_1024", "ga_2048"}
+GROWING = {"default", "default_no_prefix", "race", *ON_EVOPRESS, "ga", "ga_1024", "ga_2048"}
 """Methods whose (last) generations run until the token budget is spent."""
 
 
@@ -210,7 +213,10 @@ def main() -> None:
                 pin = evopress_search(spec["config"], base) if method in ON_EVOPRESS else []
                 overrides = [*pin, *base, *METHODS[method], f"run_dir={Path(tmp) / method}"]
                 if method in GROWING:
-                    overrides.append(generations(spec["config"], overrides, args.max_tokens))
+                    # Racing spends less a generation than the estimate assumes (it drops
+                    # some candidates early): planned longer, the marks cut it.
+                    planned = int(args.max_tokens * (1.3 if method == "race" else 1))
+                    overrides.append(generations(spec["config"], overrides, planned))
                 exp, result, seconds = timed_search(spec["config"], overrides, loaded)
                 loaded = exp.loaded
                 trials = pd.read_parquet(Path(tmp) / method / "trials.parquet")
@@ -218,7 +224,14 @@ def main() -> None:
                 best[method] = checkpoints(trials, args.checkpoints)
                 runs[method] = {
                     "tokens": int(trials["spent"].sum()),
+                    # What the same evaluations add up to when every one scores all
+                    # its rows (before rows were kept per genome).
+                    "budget_tokens": int(trials["tokens"].sum()),
                     "evaluations": len(trials),
+                    "by_budget": {
+                        int(b): {"evaluations": len(g), "spent": int(g["spent"].sum())}
+                        for b, g in trials.groupby("tokens")
+                    },
                     "search_s": round(seconds, 1),
                     "candidate_cost_ratio": round(
                         trials["seconds"].sum() / (trials["spent"].sum() * per_token), 4

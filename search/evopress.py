@@ -20,6 +20,7 @@ from evocomp.search.base import (
     Training,
 )
 from evocomp.search.baselines import OneShot, Probing
+from evocomp.search.racing import Race, RaceParams, look_budgets
 from evocomp.search.surrogate import Screening, SurrogateParams
 from evocomp.spaces.base import Genome, SearchSpace
 
@@ -95,6 +96,13 @@ class EvoPressParams(StrictModel):
         description="training-aware selection: {tokens: [one per stage], lr, optimizer, "
         "params: all | lora, loss: kd | lm}; none: candidates are scored as compressed",
     )
+    race: RaceParams | None = Field(
+        None,
+        description="racing: {confidence, warmup}: every stage after the first scores its "
+        "candidates one first-stage budget of tokens at a time and stops scoring one once "
+        "it is significantly worse than the last kept; null: each stage scores all its "
+        "candidates on all its tokens",
+    )
 
     @field_validator("start_from")
     @classmethod
@@ -117,6 +125,12 @@ class EvoPressParams(StrictModel):
                 "model of first-stage scores cannot mix; set one of them off"
             )
         tokens = [s.tokens for s in self.stages]
+        if self.race is not None and self.train is not None:
+            # Every look's budget would need its own training.
+            raise ValueError(
+                "race scores candidates at budgets between the stages', which train "
+                "cannot fine-tune for; set one of them off"
+            )
         if self.train is not None:
             if len(self.train.tokens) != len(self.stages):
                 raise ValueError(
@@ -128,6 +142,17 @@ class EvoPressParams(StrictModel):
             if len(set(tokens)) != len(tokens):
                 raise ValueError(f"with train, stage token budgets must all differ, got {tokens}")
         return self
+
+
+def _record(
+    means: dict[Genome, list[tuple[int, float]]], pool: list[Genome], budget: int,
+    scores: list[float],
+) -> None:
+    """Add each genome's score at ``budget`` to its running means (a genome twice in
+    the pool, two equal children, once)."""
+    for g, score in zip(pool, scores, strict=True):
+        if not means[g] or means[g][-1][0] != budget:
+            means[g].append((budget, score))
 
 
 @OPTIMIZERS.register("evopress")
@@ -182,6 +207,7 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
             assert issubclass(cls, (OneShot, Probing))  # the params validator let only these in
             self._baselines.append(cls(space, cls.Params(), seed=0))
         self._seeded: dict[int, Genome] | None = None  # one-shot genomes by index, once prepared
+        self._race = None if params.race is None else Race(params.race)
         self._generation = 0
         stage_tokens = {s.tokens for s in params.stages}
         for option, tokens in self._probe_budgets().items():
@@ -191,6 +217,34 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
                     f"search.{option}={tokens} equals a stage's tokens, which train first; "
                     "choose stage tokens that differ from it"
                 )
+
+    def _raced(
+        self, k: int, pool: list[Genome], means: dict[Genome, list[tuple[int, float]]],
+        draw: int,
+    ) -> Generator[list[Request], list[float], tuple[list[Genome], list[float]]]:
+        """Stage ``k`` as a race (:mod:`evocomp.search.racing`): the candidates still in
+        it, in pool order, and their scores on the stage's tokens."""
+        race, stages = self._race, self.params.stages
+        assert race is not None
+        keep, final = stages[k].keep, stages[k].tokens
+        looks = look_budgets(stages[k - 1].tokens, final, stages[0].tokens)
+        alive = list(pool)
+        for budget in looks:
+            if len(alive) <= keep:
+                budget = final  # nothing left to drop: straight to the stage's end
+            scores = yield [Request(g, budget, draw=draw) for g in alive]
+            _record(means, alive, budget, scores)
+            order = sorted(range(len(alive)), key=scores.__getitem__)
+            bar = alive[order[min(keep, len(alive)) - 1]]
+            if budget == final:
+                for g in alive:
+                    if g != bar:
+                        race.observe(means[g], means[bar])
+                return alive, scores
+            out = {i for i in order[keep:] if race.worse(means[alive[i]], means[bar])}
+            race.dropped += len(out)
+            alive = [g for i, g in enumerate(alive) if i not in out]
+        raise AssertionError("the last look is the stage's budget")
 
     def _switches(self) -> int:
         top = self.params.max_switches
@@ -256,10 +310,15 @@ class EvoPress(GeneratorOptimizer[EvoPressParams]):
                 children = screen.pick(children, p.offspring, self.rng, exclude=parent)
             pool = [parent, *children]
             draw = gen + 1 if p.resample else 0
+            means: dict[Genome, list[tuple[int, float]]] = {g: [] for g in pool}
             for k, stage in enumerate(p.stages):
-                scores = yield [
-                    Request(g, stage.tokens, self._train(k), draw=draw) for g in pool
-                ]
+                if k and self._race is not None:
+                    pool, scores = yield from self._raced(k, pool, means, draw)
+                else:
+                    scores = yield [
+                        Request(g, stage.tokens, self._train(k), draw=draw) for g in pool
+                    ]
+                    _record(means, pool, stage.tokens, scores)
                 if k == 0 and screen is not None:
                     screen.observe(pool, scores)  # the first stage scores them all alike
                 # sorted() is stable, so the parent (first) wins ties.
