@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from _common import heldout_metrics, timed_search, write_result
+from _common import EVOPRESS, heldout_metrics, timed_search, write_result
 
 from evocomp.search import RandomSearch
 
@@ -30,6 +30,7 @@ def main() -> None:
             exp, result, search_s = timed_search(
                 "bits",
                 [
+                    EVOPRESS,  # as recorded: the bits config's search before the chain
                     f"space.target={target}",
                     f"search.generations={args.generations}",
                     f"search.init_samples={0 if target == int(target) else 8}",

@@ -19,7 +19,7 @@ import argparse
 import tempfile
 from collections import Counter
 
-from _common import add_overrides, heldout_metrics, timed_search, write_result
+from _common import EVOPRESS, add_overrides, heldout_metrics, timed_search, write_result
 
 
 def main() -> None:
@@ -48,6 +48,7 @@ def main() -> None:
         bits, bits_result, bits_s = timed_search(
             "bits",
             [
+                EVOPRESS,  # the joint search's optimizer, as the bits config had before
                 gens,
                 f"run_dir={tmp}/bits",
                 "space.target=3.0",
