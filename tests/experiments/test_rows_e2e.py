@@ -52,3 +52,16 @@ def test_batched_rows_without_prefix_reuse_are_scored_whole(tmp_path, monkeypatc
     _, trials = _search(tmp_path, "batched", evaluator={"name": "kl", "batch_size": 2},
                         database={"path": str(tmp_path / "db"), "prefix_gb": 0})
     assert (trials["spent"] == trials["tokens"]).all()
+
+
+def test_each_look_of_a_raced_stage_scores_one_new_sequence(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOCOMP_CACHE", str(tmp_path / "cache"))
+    _saved(tiny_llama(layers=4), tmp_path / "tiny")
+    _, trials = _search(tmp_path, "raced", evaluator={"name": "kl", "batch_size": 1},
+                        search={"name": "evopress", "generations": 4, "offspring": 4,
+                                "race": {"warmup": 2},
+                                "stages": [{"tokens": 64, "keep": 2},
+                                           {"tokens": 256, "keep": 1}]})
+    looks = trials[trials.tokens.isin([128, 192]) & (trials.role == "candidate")]
+    assert len(looks) > 0 and set(looks["spent"]) <= {0, 64}
+    assert (looks["spent"] == 64).any()
