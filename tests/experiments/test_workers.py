@@ -111,6 +111,9 @@ def test_a_search_on_ray_workers_matches_the_local_search(tmp_path, tiny_model_d
     ray_workers = ["--set", "executor.name=ray", "--set", "executor.num_workers=2"]
     assert main([*common, "--set", f"run_dir={tmp_path / 'ray'}", *ray_workers]) == 0
     local, on_ray = (pd.read_parquet(tmp_path / d / "trials.parquet") for d in ("local", "ray"))
-    metrics = [c for c in local.columns if c.startswith("metric.")]
+    # Which process scored a genome's row first (so how many rows each evaluation
+    # scored) depends on where the jobs ran: every other metric must match.
+    metrics = [c for c in local.columns if c.startswith("metric.") and c != "metric.scored_tokens"]
     assert local.genome.tolist() == on_ray.genome.tolist()
     assert local[metrics].to_numpy().tolist() == on_ray[metrics].to_numpy().tolist()
+    assert on_ray.spent.sum() >= local.spent.sum()
