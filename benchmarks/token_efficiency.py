@@ -37,6 +37,7 @@ from _common import (
 )
 
 from evocomp.config import load_config
+from evocomp.errors import EvocompError
 from evocomp.evaluators.base import forward_logits
 from evocomp.search.store import decode_genome
 
@@ -217,7 +218,12 @@ def main() -> None:
                     # some candidates early): planned longer, the marks cut it.
                     planned = int(args.max_tokens * (1.3 if method == "race" else 1))
                     overrides.append(generations(spec["config"], overrides, planned))
-                exp, result, seconds = timed_search(spec["config"], overrides, loaded)
+                try:
+                    exp, result, seconds = timed_search(spec["config"], overrides, loaded)
+                except EvocompError as e:  # e.g. OWL on a space without a kept share
+                    runs[method] = {"refused": str(e)}
+                    print(f"{problem} {method}: refused: {e}", flush=True)
+                    continue
                 loaded = exp.loaded
                 trials = pd.read_parquet(Path(tmp) / method / "trials.parquet")
                 per_token = dense_seconds_per_token(exp)
@@ -263,17 +269,31 @@ def main() -> None:
             "heldout_ppl": ppl,
             "heldout_kl": kl,
             "runs": runs,
+            # The genomes behind the figures, so that "the same genome" can be checked.
+            "genomes": {
+                name: ",".join(map(str, g)) for name, g in genomes.items() if g is not None
+            },
         }
+        # Written after every problem, so a long run that dies keeps what it measured.
+        write_result(args.name, _summary(figures, args))
+
+
+def _summary(figures: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The figures of the problems run so far, with the run-wide fields."""
+    out = dict(figures)
     if "sparsity" in figures:
         runs = figures["sparsity"]["runs"]
-        figures["candidate_cost_ratio"] = {
+        out["candidate_cost_ratio"] = {
             key: runs[method]["candidate_cost_ratio"]
             for key, method in (("plain", "default_no_prefix"), ("prefix", "default"))
-            if method in runs
+            if "candidate_cost_ratio" in runs.get(method, {})
         }
-    figures["checkpoints"] = args.checkpoints
-    figures["data"] = DATA if args.data == "issue" else "as in the built-in configs"
-    write_result(args.name, figures)
+    out["checkpoints"] = args.checkpoints
+    out["data"] = DATA if args.data == "issue" else "as in the built-in configs"
+    missing = [p for p in args.problems if p not in figures]
+    if missing:
+        out["not_yet_run"] = missing
+    return out
 
 
 if __name__ == "__main__":
