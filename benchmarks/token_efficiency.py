@@ -39,7 +39,7 @@ from _common import (
 from evocomp.config import load_config
 from evocomp.errors import EvocompError
 from evocomp.evaluators.base import forward_logits
-from evocomp.search.store import decode_genome
+from evocomp.search.store import decode_genome, encode_genome
 
 DATA = ["data.calibration=64", "data.heldout=32", "data.search=8"]
 PLAIN_STAGES = "search.stages=[{tokens: 512, keep: 2}, {tokens: 4096, keep: 1}]"
@@ -270,9 +270,7 @@ def main() -> None:
             "heldout_kl": kl,
             "runs": runs,
             # The genomes behind the figures, so that "the same genome" can be checked.
-            "genomes": {
-                name: ",".join(map(str, g)) for name, g in genomes.items() if g is not None
-            },
+            "genomes": {name: encode_genome(g) for name, g in genomes.items() if g is not None},
         }
         # Written after every problem, so a long run that dies keeps what it measured.
         write_result(args.name, _summary(figures, args))
