@@ -97,6 +97,18 @@ METHODS: dict[str, list[str]] = {
     # The chain with racing in its EvoPress step: the last stage scores its survivors
     # one sequence at a time and drops those significantly worse than the best.
     "race": ["search.steps.1.race={}"],
+    # The chain with a larger last EvoPress stage (4,096 tokens: needs a search split
+    # of 8 sequences, --set data.search=8), alone and with surrogate screening in
+    # both steps: screening fits the search split faster, the larger stage fits less
+    # of it.
+    "chain_final_4096": [f"search.steps.1.{PLAIN_STAGES.removeprefix('search.')}"],
+    "chain_final_4096_surrogate": [
+        f"search.steps.1.{PLAIN_STAGES.removeprefix('search.')}",
+        "search.steps.0.surrogate={pool: 64}", "search.steps.1.surrogate={pool: 64}",
+    ],
+    "chain_surrogate": [
+        "search.steps.0.surrogate={pool: 64}", "search.steps.1.surrogate={pool: 64}",
+    ],
     "owl": ["search.name=owl"],
     # One level either way per unit: 2 probes per unit (radius 2 would spend ~430k tokens).
     "sensitivity": ["search.name=sensitivity", "search.radius=1"],
@@ -105,7 +117,9 @@ ON_EVOPRESS = {"evopress", "surrogate", "owl_start", "levers", "evopress_plain",
                "fewer_switches", "final_4096", "final_8192"}
 """Methods that are EvoPress with options: on a problem whose config searches with
 another optimizer they start from the quickstart's former EvoPress search."""
-GROWING = {"default", "default_no_prefix", "race", *ON_EVOPRESS, "ga", "ga_1024", "ga_2048"}
+GROWING = {"default", "default_no_prefix", "race", "chain_final_4096",
+           "chain_final_4096_surrogate", "chain_surrogate", *ON_EVOPRESS,
+           "ga", "ga_1024", "ga_2048"}
 """Methods whose (last) generations run until the token budget is spent."""
 
 
