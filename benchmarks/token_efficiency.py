@@ -43,6 +43,8 @@ from evocomp.search.store import decode_genome, encode_genome
 
 DATA = ["data.calibration=64", "data.heldout=32", "data.search=8"]
 PLAIN_STAGES = "search.stages=[{tokens: 512, keep: 2}, {tokens: 4096, keep: 1}]"
+CHAIN_FINAL_4096 = f"search.steps.1.{PLAIN_STAGES.removeprefix('search.')}"
+CHAIN_SURROGATE = ["search.steps.0.surrogate={pool: 64}", "search.steps.1.surrogate={pool: 64}"]
 
 PROBLEMS: dict[str, dict[str, Any]] = {
     "sparsity": {"config": "quickstart", "overrides": []},
@@ -101,14 +103,9 @@ METHODS: dict[str, list[str]] = {
     # of 8 sequences, --set data.search=8), alone and with surrogate screening in
     # both steps: screening fits the search split faster, the larger stage fits less
     # of it.
-    "chain_final_4096": [f"search.steps.1.{PLAIN_STAGES.removeprefix('search.')}"],
-    "chain_final_4096_surrogate": [
-        f"search.steps.1.{PLAIN_STAGES.removeprefix('search.')}",
-        "search.steps.0.surrogate={pool: 64}", "search.steps.1.surrogate={pool: 64}",
-    ],
-    "chain_surrogate": [
-        "search.steps.0.surrogate={pool: 64}", "search.steps.1.surrogate={pool: 64}",
-    ],
+    "chain_final_4096": [CHAIN_FINAL_4096],
+    "chain_final_4096_surrogate": [CHAIN_FINAL_4096, *CHAIN_SURROGATE],
+    "chain_surrogate": CHAIN_SURROGATE,
     "owl": ["search.name=owl"],
     # One level either way per unit: 2 probes per unit (radius 2 would spend ~430k tokens).
     "sensitivity": ["search.name=sensitivity", "search.radius=1"],
